@@ -1,0 +1,24 @@
+"""mep_hw: Equilibrium Propagation training on modeled neuromorphic and analog hardware.
+
+The names a user needs are re-exported here; everything else is private to its module. See
+README.md and docs/. (``settle`` and ``train`` here are the functions, not the subpackages of
+the same name.)
+"""
+
+from __future__ import annotations
+
+from mep_hw.errors import ConfigError, DataError, DeviceError, MepHwError, SettleError, TraceError
+from mep_hw.model import LayeredHopfield, one_hot
+from mep_hw.settle import SOLVERS, SettleConfig, SettleResult, SettleStatus, settle
+from mep_hw.ep import EPConfig, assign_grads, ep_gradients
+from mep_hw.io import load_dataset
+from mep_hw.train import TrainConfig, train
+
+__all__ = [
+    "ConfigError", "DataError", "DeviceError", "MepHwError", "SettleError", "TraceError",
+    "LayeredHopfield", "one_hot",
+    "SOLVERS", "SettleConfig", "SettleResult", "SettleStatus", "settle",
+    "EPConfig", "assign_grads", "ep_gradients",
+    "load_dataset",
+    "TrainConfig", "train",
+]

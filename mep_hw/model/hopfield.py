@@ -1,0 +1,361 @@
+"""Layered Hopfield network: its energy, the analytic vector field −∂F/∂s and ∂F/∂θ.
+
+Energy (Scellier & Bengio 2017, eq. 1), with states s_1..s_L, input clamped as ρ(s_0) := x::
+
+    E(s) = ½ Σ_l ‖s_l‖² − Σ_l ρ(s_{l+1})ᵀ W_l ρ(s_l) − Σ_l b_lᵀ ρ(s_l)
+
+Cost, either mean squared error on the output state or a softmax cross-entropy readout
+(Laborieux et al. 2021, where the last weight matrix reads the last state out and is not part of
+E)::
+
+    C_mse(s) = ½ ‖s_L − y‖²          C_ce(s) = −log softmax(W_out ρ(s_L) + b_out)_y
+
+Total energy F = E + βC. The settle integrates ds/dt = −∂F/∂s (time in units of τ)::
+
+    −∂F/∂s_l = −s_l + ρ'(s_l) ⊙ (W_{l−1} ρ(s_{l−1}) + W_lᵀ ρ(s_{l+1}) + b_l) − β ∂C/∂s_l
+
+For an activation with a box (the hard sigmoid) the states stay in the box [0, 1], where
+ρ(s) = s and ρ'(s) = 1; the settle engine projects every state it evaluates onto the box.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mep_hw.errors import ConfigError, DataError
+from mep_hw.model.activations import Activation, get_activation
+
+__all__ = ["COSTS", "LayeredHopfield", "HopfieldDynamics"]
+
+COSTS = ("mse", "ce")
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
+        raise DataError(
+            f"{name} contains NaN or infinite values (samples {bad[:8].tolist()}"
+            f"{' …' if bad.numel() > 8 else ''}); clean or drop these samples before settling"
+        )
+
+
+class HopfieldDynamics:
+    """The vector field of one batch: the constant input drive, the target and β are bound.
+
+    Implements the protocol of the settle engine: ``sizes``, ``box``, ``field(s)`` on the packed
+    state (batch, Σ n_l) and ``restrict(index)``. ``beta`` is a float or a (batch, 1) tensor (one
+    β per sample, so the ±β phases of the symmetric estimator settle as one batch).
+    """
+
+    def __init__(
+        self,
+        *,
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor],
+        act: Activation,
+        cost: str,
+        input_drive: Tensor,
+        beta: float | Tensor,
+        target: Tensor | None,
+    ):
+        self.weights = tuple(weights)
+        self.weights_t = tuple(w.T for w in self.weights)
+        self.biases = tuple(biases)
+        self.act = act
+        self.cost = cost
+        self.input_drive = input_drive
+        self.beta = beta
+        self.nudged = not (isinstance(beta, float) and beta == 0.0)
+        self.target = target
+        self.box = act.box
+        self.n_states = len(self.weights) - (1 if cost == "ce" else 0)
+        self.sizes = tuple(w.shape[0] for w in self.weights[: self.n_states])
+        if self.box is not None and cost == "mse" and self.nudged:
+            self._out_scale, self._out_shift, self._out_concave = _mse_output_map(beta, target)
+
+    def restrict(self, index: Tensor) -> "HopfieldDynamics":
+        return HopfieldDynamics(
+            weights=self.weights,
+            biases=self.biases,
+            act=self.act,
+            cost=self.cost,
+            input_drive=self.input_drive[index],
+            beta=self.beta[index] if isinstance(self.beta, Tensor) else self.beta,
+            target=None if self.target is None else self.target[index],
+        )
+
+    def nudge(self, beta: float | Tensor, target: Tensor) -> "HopfieldDynamics":
+        """The same batch at nudging strength ``beta`` towards ``target``. A (k·batch, 1) tensor
+        of β repeats the batch k times (target given for all k·batch rows), so several nudged
+        phases settle together."""
+        drive = self.input_drive
+        if isinstance(beta, Tensor) and beta.shape[0] != drive.shape[0]:
+            drive = drive.repeat(beta.shape[0] // drive.shape[0], 1)
+        return HopfieldDynamics(
+            weights=self.weights,
+            biases=self.biases,
+            act=self.act,
+            cost=self.cost,
+            input_drive=drive,
+            beta=beta,
+            target=target,
+        )
+
+    def drives(self, rho: Sequence[Tensor]) -> list[Tensor]:
+        """d_l = W_{l−1}ρ(s_{l−1}) + W_lᵀρ(s_{l+1}) + b_l − β ∂C/∂ρ(s_l) (the CE readout's
+        nudge acts through ρ(s_L); the MSE nudge acts on s_L itself and is not included)."""
+        n, W, Wt, b = self.n_states, self.weights, self.weights_t, self.biases
+        out = []
+        for l in range(n):
+            d = self.input_drive if l == 0 else torch.addmm(b[l], rho[l - 1], Wt[l])
+            if l + 1 < n:
+                d = torch.addmm(d, rho[l + 1], W[l + 1])
+            out.append(d)
+        if self.cost == "ce" and self.nudged:
+            logits = torch.addmm(b[-1], rho[-1], Wt[-1])
+            err = (torch.softmax(logits, dim=1) - self.target) * self.beta
+            out[-1] = torch.addmm(out[-1], err, W[-1], alpha=-1.0)
+        return out
+
+    def grad_energy(self, states: Sequence[Tensor]) -> list[Tensor]:
+        """∂F/∂s_l = s_l − ρ'(s_l) ⊙ d_l + β ∂C/∂s_l, per layer, for any states."""
+        d = self.drives([self.act.fn(t) for t in states])
+        g = [torch.addcmul(t, self.act.deriv(t), dl, value=-1.0) for t, dl in zip(states, d)]
+        if self.cost == "mse" and self.nudged:
+            g[-1] = g[-1] + (states[-1] - self.target) * self.beta
+        return g
+
+    def field(self, s: Tensor) -> Tensor:
+        """The settle's vector field ds/dt on the packed state s = [s_1, …, s_L].
+
+        Without a box: −∂F/∂s. With a box [lo, hi] (states kept inside it, where ρ(s) = s and
+        ρ'(s) = 1): the projected-gradient flow ds/dt = Π(s − ∂F/∂s) − s = clip(d, lo, hi) − s
+        (the MSE nudge −β(s_L − y) inside the clip). It has the fixed points of the projected
+        gradient flow of F on the box, F decreases along it (dF/dt ≤ −‖ds/dt‖², the projection
+        inequality), and it is the rate equation τ ds/dt = −s + ρ(drive) of an analog neuron
+        with a saturating amplifier.
+        """
+        views = torch.split_with_sizes(s, self.sizes, dim=1)
+        if self.box is None:
+            return torch.cat(self.grad_energy(views), dim=1).neg_()
+        d = self.drives(views)
+        if self.cost == "mse" and self.nudged:
+            a, c, concave = self._out_scale, self._out_shift, self._out_concave
+            out = torch.addcmul(c, d[-1], a) if isinstance(a, Tensor) else torch.add(c, d[-1], alpha=a)
+            if concave is not None:  # rows with 1 + β ≤ 0: d − β(s_L − y), the βy part is in c
+                out = torch.addcmul(out, views[-1], concave, value=-1.0)
+            d[-1] = out
+        f = torch.cat(d, dim=1) if len(d) > 1 else d[0].clone()
+        return f.clamp_(self.box[0], self.box[1]).sub_(s)
+
+
+def _mse_output_map(beta: float | Tensor, target: Tensor):
+    """Constants of the MSE output's relaxation target s_L − D⁻¹∂F/∂s_L = a·d_L + c − b·s_L.
+
+    F is quadratic in each output unit, ½(1+β)s² − s(d + βy), so with D = 1 + β the target is
+    its exact per-unit minimiser (d + βy)/(1 + β): a = 1/(1+β), c = βy/(1+β), b = 0. Where
+    1 + β ≤ 0 (F concave in s_L) D = 1 is used: a = 1, c = βy, b = β.
+    """
+    if not isinstance(beta, Tensor):
+        if beta > -1.0:
+            return 1.0 / (1.0 + beta), target * (beta / (1.0 + beta)), None
+        return 1.0, target * beta, target.new_full((target.shape[0], 1), beta)
+    ok = beta > -1.0
+    a = torch.where(ok, 1.0 / (1.0 + beta.clamp_min(-0.5)), 1.0)  # clamp only guards unused rows
+    c = target * (beta * a)
+    concave = None if bool(ok.all()) else torch.where(ok, 0.0, beta)
+    return a, c, concave
+
+
+class LayeredHopfield(nn.Module):
+    """A layered Hopfield network of any depth for EP (see the module docstring for F).
+
+    ``layers`` lists the layer sizes from input to output, e.g. ``(784, 500, 10)``. With
+    ``cost='mse'`` every layer after the input is a dynamic state; with ``cost='ce'`` the last
+    weight matrix is a softmax readout of the last hidden state (at least one hidden layer).
+    Weights follow ``nn.Linear``: ``weights[l]`` has shape ``(layers[l+1], layers[l])``.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        *,
+        activation: str = "hard_sigmoid",
+        cost: str = "mse",
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        layers = tuple(int(n) for n in layers)
+        if len(layers) < 2 or any(n < 1 for n in layers):
+            raise ConfigError(
+                f"layers={layers} is invalid; give at least an input and an output size, all ≥ 1 "
+                "(e.g. 784,500,10)"
+            )
+        if cost not in COSTS:
+            raise ConfigError(f"unknown cost {cost!r}; valid costs: {', '.join(COSTS)}")
+        if cost == "ce" and len(layers) < 3:
+            raise ConfigError(
+                f"cost='ce' uses the last weight matrix as a readout and needs at least one hidden "
+                f"layer, but layers={layers}; add a hidden layer or use cost='mse'"
+            )
+        self.layers = layers
+        self.act = get_activation(activation)
+        self.cost = cost
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for n_in, n_out in zip(layers[:-1], layers[1:]):
+            # U(±1/√fan_in), the nn.Linear default: about half Glorot's bound for 784-500-10,
+            # which keeps the hard-sigmoid output units away from saturation at the start.
+            bound = 1.0 / math.sqrt(n_in)
+            w = torch.empty(n_out, n_in, dtype=dtype, device=device)
+            w.uniform_(-bound, bound, generator=generator)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.zeros(n_out, dtype=dtype, device=device)))
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def n_states(self) -> int:
+        return len(self.layers) - (2 if self.cost == "ce" else 1)
+
+    @property
+    def state_sizes(self) -> tuple[int, ...]:
+        return self.layers[1 : 1 + self.n_states]
+
+    def param_list(self) -> list[nn.Parameter]:
+        """Parameters in the order of :meth:`ep_contrast`: W_0, b_0, W_1, b_1, …"""
+        out = []
+        for w, b in zip(self.weights, self.biases):
+            out += [w, b]
+        return out
+
+    # ----------------------------------------------------------------- inputs
+    def check_batch(self, x: Tensor, y: Tensor | None = None) -> None:
+        """Validate shapes and values of a batch; raises ConfigError or DataError."""
+        if x.ndim != 2 or x.shape[1] != self.layers[0]:
+            raise ConfigError(
+                f"input x has shape {tuple(x.shape)} but the network expects (batch, "
+                f"{self.layers[0]}); flatten images and check --layers"
+            )
+        _check_finite("input x", x)
+        if y is not None:
+            if y.shape != (x.shape[0], self.layers[-1]):
+                raise ConfigError(
+                    f"target has shape {tuple(y.shape)} but expected (batch={x.shape[0]}, "
+                    f"{self.layers[-1]}); pass one-hot targets (see mep_hw.model.one_hot)"
+                )
+            _check_finite("target", y)
+
+    def dynamics(
+        self, x: Tensor, *, beta: float | Tensor = 0.0, target: Tensor | None = None, check: bool = True
+    ) -> HopfieldDynamics:
+        """The vector field for batch ``x`` at nudging strength ``beta`` towards ``target``.
+
+        The input drive W_0 x + b_0 is constant during a settle and computed once here.
+        """
+        if isinstance(beta, Tensor):
+            if beta.shape != (x.shape[0], 1):
+                raise ConfigError(f"a per-sample beta must have shape (batch, 1), got {tuple(beta.shape)}")
+        else:
+            beta = float(beta)
+        if check:
+            self.check_batch(x, target)
+            if not bool(torch.isfinite(torch.as_tensor(beta)).all()):
+                raise ConfigError(f"beta={beta} is not finite; use a finite nudging strength")
+        if not (isinstance(beta, float) and beta == 0.0) and target is None:
+            raise ConfigError("a nudged phase (beta ≠ 0) needs a target")
+        W = [w.detach() for w in self.weights]
+        b = [v.detach() for v in self.biases]
+        return HopfieldDynamics(
+            weights=W,
+            biases=b,
+            act=self.act,
+            cost=self.cost,
+            input_drive=torch.addmm(b[0], x, W[0].T),
+            beta=beta,
+            target=target,
+        )
+
+    def forward_init(self, dyn: HopfieldDynamics) -> list[Tensor]:
+        """A feed-forward pass s_l = ρ(W_{l−1}ρ(s_{l−1}) + b_l): the usual warm start of the
+        free phase (each state sees its bottom-up drive only)."""
+        act, W, b = self.act, dyn.weights, dyn.biases
+        s = [act.fn(dyn.input_drive)]
+        for l in range(1, self.n_states):
+            s.append(act.fn(torch.addmm(b[l], s[-1], W[l].T)))
+        return s
+
+    def zero_init(self, x: Tensor) -> list[Tensor]:
+        return [x.new_zeros(x.shape[0], n) for n in self.state_sizes]
+
+    def rho(self, states: Sequence[Tensor]) -> list[Tensor]:
+        """ρ of settled states (identity for a box activation: settled states lie in its box)."""
+        if self.act.box is not None:
+            return list(states)
+        return [self.act.fn(s) for s in states]
+
+    # ----------------------------------------------------------------- energies (autograd-able)
+    def energy(self, x: Tensor, states: Sequence[Tensor]) -> Tensor:
+        """E(s) per sample, shape (batch,)."""
+        rho = [x] + [self.act.fn(s) for s in states]
+        e = sum(0.5 * (s * s).sum(1) for s in states)
+        for l in range(self.n_states):
+            e = e - ((rho[l] @ self.weights[l].T) * rho[l + 1]).sum(1) - rho[l + 1] @ self.biases[l]
+        return e
+
+    def logits(self, states: Sequence[Tensor]) -> Tensor:
+        """The network's output scores: the output state (mse) or the readout logits (ce)."""
+        if self.cost == "mse":
+            return states[-1]
+        return torch.addmm(self.biases[-1], self.act.fn(states[-1]), self.weights[-1].T)
+
+    def cost_fn(self, states: Sequence[Tensor], target: Tensor) -> Tensor:
+        """C(s) per sample, shape (batch,)."""
+        if self.cost == "mse":
+            return 0.5 * ((states[-1] - target) ** 2).sum(1)
+        return -(torch.log_softmax(self.logits(states), dim=1) * target).sum(1)
+
+    def total_energy(self, x: Tensor, states: Sequence[Tensor], beta: float, target: Tensor | None) -> Tensor:
+        """F = E + βC per sample."""
+        f = self.energy(x, states)
+        if beta != 0.0:
+            f = f + beta * self.cost_fn(states, target)
+        return f
+
+    # ----------------------------------------------------------------- EP parameter gradients
+    @torch.no_grad()
+    def ep_contrast(
+        self,
+        x: Tensor,
+        sa: Sequence[Tensor],
+        beta_a: float,
+        sb: Sequence[Tensor],
+        beta_b: float,
+        target: Tensor,
+    ) -> list[Tensor]:
+        """[∂F/∂θ(s^a, β_a) − ∂F/∂θ(s^b, β_b)] / (β_a − β_b), batch-averaged, as local
+        Hebbian terms (Scellier & Bengio 2017, eq. 13): for W_l it is
+        −[ρ(s^a_{l+1}) ρ(s^a_l)ᵀ − ρ(s^b_{l+1}) ρ(s^b_l)ᵀ] / (β_a − β_b).
+        Returned in the order of :meth:`param_list`.
+        """
+        k = 1.0 / ((beta_a - beta_b) * x.shape[0])
+        ra = [x] + self.rho(sa)
+        rb = [x] + self.rho(sb)
+        grads = []
+        for l in range(self.n_states):
+            if l == 0:  # the input is clamped: one product instead of two
+                gw = (rb[1] - ra[1]).T @ x
+            else:
+                gw = torch.addmm(rb[l + 1].T @ rb[l], ra[l + 1].T, ra[l], alpha=-1.0)
+            grads += [gw.mul_(k), (rb[l + 1] - ra[l + 1]).sum(0).mul_(k)]
+        if self.cost == "ce":  # ∂(βC)/∂θ for the readout: β (p − y) ρ(s_L)ᵀ
+            ea = (torch.softmax(self.logits(sa), 1) - target) * beta_a
+            eb = (torch.softmax(self.logits(sb), 1) - target) * beta_b
+            gw = torch.addmm(ea.T @ ra[-1], eb.T, rb[-1], alpha=-1.0)
+            grads += [gw.mul_(k), (ea - eb).sum(0).mul_(k)]
+        return grads

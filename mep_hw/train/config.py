@@ -1,0 +1,172 @@
+"""The run configuration: one frozen dataclass whose fields are the ``mep-hw train`` options.
+
+Each field's long option is its name with dashes (``batch_size`` → ``--batch-size``); the same
+names are the keys of ``config.toml`` in a run folder and of the ``[base]`` and ``[axes]``
+tables of a sweep. Validation happens here, at the entry point, with ConfigError messages that
+name the option, the value and the valid range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from mep_hw.ep import ESTIMATORS, INITS, EPConfig
+from mep_hw.errors import ConfigError
+from mep_hw.io import DATASETS
+from mep_hw.model import ACTIVATIONS, COSTS
+from mep_hw.settle import SOLVERS, SettleConfig
+
+__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "DTYPES", "parse_layers", "option_names"]
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def parse_layers(value) -> tuple[int, ...] | None:
+    """Layer sizes from "784,500,10", a list of ints, or None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ConfigError(f"layers={value!r} must be comma-separated integers, e.g. 784,500,10") from None
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"layers={value!r} must be a list of integers, e.g. [784, 500, 10]") from None
+    if len(out) < 2 or any(n < 1 for n in out) or any(isinstance(v, bool) for v in value):
+        raise ConfigError(f"layers={value!r} needs at least an input and an output size, all ≥ 1")
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything needed to reproduce an EP training run."""
+
+    dataset: str = _opt("digits", "dataset to train on", choices=DATASETS)
+    data_dir: str | None = _opt(None, "folder with the IDX files (else $MEP_HW_DATA, else download into the cache)", metavar="DIR")
+    layers: tuple[int, ...] | None = _opt(
+        None, "layer sizes from input to output, e.g. 784,500,10 (default: input,500,classes)", metavar="N,N,…"
+    )
+    activation: str = _opt("hard_sigmoid", "activation ρ of the Hopfield energy", choices=tuple(ACTIVATIONS))
+    cost: str = _opt("mse", "cost: mse on the output state, or ce (softmax cross-entropy readout)", choices=COSTS)
+    epochs: int = _opt(15, "number of passes over the training set", metavar="N")
+    batch_size: int = _opt(100, "minibatch size", metavar="B")
+    optimizer: str = _opt("adam", "host optimizer that applies the EP gradient", choices=OPTIMIZERS)
+    lr: float = _opt(1e-3, "learning rate of the host optimizer", metavar="F")
+    momentum: float = _opt(0.9, "momentum of sgd", metavar="F")
+    weight_decay: float = _opt(0.0, "L2 weight decay of the host optimizer", metavar="F")
+    schedule: str = _opt("cosine", "learning-rate schedule over the whole run", choices=SCHEDULES)
+    beta: float = _opt(0.5, "nudging strength β > 0", metavar="F")
+    estimator: str = _opt("symmetric", "EP estimator: one-sided (+β) or symmetric (±β)", choices=ESTIMATORS)
+    random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
+    solver: str = _opt("euler", "ODE solver of the settle", choices=tuple(SOLVERS))
+    dt: float = _opt(1.0, "solver step (first step of adaptive solvers), in units of τ", metavar="F")
+    atol: float = _opt(1e-4, "free phase: absolute steady-state tolerance on rms(ds/dt)", metavar="F")
+    rtol: float = _opt(1e-2, "free phase: tolerance relative to rms(s)", metavar="F")
+    max_steps: int = _opt(100, "free phase: step limit", metavar="N")
+    nudged_atol: float = _opt(1e-5, "nudged phases: absolute steady-state tolerance", metavar="F")
+    nudged_rtol: float = _opt(0.0, "nudged phases: relative steady-state tolerance", metavar="F")
+    nudged_max_steps: int = _opt(20, "nudged phases: step limit (samples past it are counted, not fatal)", metavar="N")
+    init: str = _opt("forward", "initial state of the free phase", choices=INITS)
+    seed: int = _opt(0, "seed of every random generator of the run", metavar="S")
+    limit_train: int | None = _opt(None, "use only the first N training samples", metavar="N")
+    limit_test: int | None = _opt(None, "use only the first N test samples", metavar="N")
+    eval_batch_size: int = _opt(1000, "batch size of evaluation", metavar="B")
+    torch_device: str = _opt("cpu", "torch device: cpu, cuda, cuda:1, …", metavar="DEV")
+    dtype: str = _opt("float32", "floating-point type of states and weights", choices=tuple(DTYPES))
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", parse_layers(self.layers))
+        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype"):
+            choices = _field(name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(choices)}")
+        for name in ("epochs", "batch_size", "max_steps", "nudged_max_steps", "eval_batch_size"):
+            _int(name, getattr(self, name), lo=1)
+        _int("seed", self.seed, lo=0)
+        for name in ("limit_train", "limit_test"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), lo=1)
+        for name in ("lr", "beta", "dt"):
+            _float(name, getattr(self, name), positive=True)
+        for name in ("momentum", "weight_decay", "atol", "rtol", "nudged_atol", "nudged_rtol"):
+            _float(name, getattr(self, name), positive=False)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
+        if not isinstance(self.random_sign, bool):
+            raise ConfigError(f"random_sign={self.random_sign!r} must be true or false")
+        try:
+            dev = torch.device(self.torch_device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"torch_device={self.torch_device!r} is not a torch device (cpu, cuda, cuda:0, …)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"torch_device={self.torch_device!r} but CUDA is not available here; use --torch-device cpu")
+        self.ep_config()  # validates the settle and EP settings
+
+    # ------------------------------------------------------------------ derived configs
+    def ep_config(self) -> EPConfig:
+        free = SettleConfig(solver=self.solver, dt=self.dt, atol=self.atol, rtol=self.rtol, max_steps=self.max_steps)
+        nudged = SettleConfig(
+            solver=self.solver, dt=self.dt, atol=self.nudged_atol, rtol=self.nudged_rtol, max_steps=self.nudged_max_steps
+        )
+        return EPConfig(
+            beta=self.beta, estimator=self.estimator, random_sign=self.random_sign, init=self.init, free=free, nudged=nudged
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, None dropped (TOML has no null), layers as a list."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        unknown = sorted(set(d) - set(option_names()))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(option_names())}"
+            )
+        return cls(**d)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def option_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(TrainConfig))
+
+
+def _field(name: str):
+    return next(f for f in fields(TrainConfig) if f.name == name)
+
+
+def _int(name: str, v, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"{name}={v!r} must be an integer ≥ {lo}")
+
+
+def _float(name: str, v, positive: bool) -> None:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if positive else v >= 0)
+    if not ok:
+        raise ConfigError(f"{name}={v!r} must be a finite number {'> 0' if positive else '≥ 0'}")

@@ -1,0 +1,279 @@
+"""The EP training loop: minibatches, host optimizer step, evaluation, checkpoints, metrics.
+
+Randomness comes only from generators seeded by the run's seed: the weight initialisation from
+``seed``, the shuffle (and β signs) of epoch e from a generator seeded by (seed, e). A run
+therefore resumes from the checkpoint of its last finished epoch exactly as if it had never
+stopped, and the same seed gives the same metrics on the same machine.
+
+A run folder holds ``config.toml`` (the full configuration), ``checkpoint.pt`` (weights,
+optimizer and schedule state, history; rewritten atomically after every epoch) and
+``metrics.json`` (also rewritten after every epoch, and when the run is interrupted or
+diverges, with ``status`` saying which).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mep_hw.ep import assign_grads, ep_gradients, free_phase
+from mep_hw.errors import ConfigError, SettleError
+from mep_hw.io import Dataset, load_dataset
+from mep_hw.io.runs import load_checkpoint, read_toml, save_checkpoint, write_json, write_toml
+from mep_hw.model import LayeredHopfield, one_hot
+from mep_hw.settle import SettleStatus
+from mep_hw.train.config import TrainConfig
+
+__all__ = ["EpochStats", "TrainResult", "train", "evaluate", "build_model", "build_optimizer", "epoch_generator", "iterate_batches"]
+
+CONFIG_FILE = "config.toml"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+
+
+class EpochStats(NamedTuple):
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    epoch_seconds: float  # the training pass only
+    eval_seconds: float
+    free_steps_mean: float
+    nudged_steps_mean: float
+    free_step_limit_frac: float  # share of samples that ended at the step limit
+    nudged_step_limit_frac: float
+    lr: float
+
+
+class TrainResult(NamedTuple):
+    run_dir: Path
+    test_accuracy: float
+    history: tuple[EpochStats, ...]
+    status: str  # completed
+
+
+def epoch_generator(seed: int, epoch: int, device="cpu") -> torch.Generator:
+    """The generator of epoch ``epoch`` (1-based) of a run seeded with ``seed``."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+
+
+def iterate_batches(n: int, batch_size: int, generator: torch.Generator):
+    """Index tensors of a shuffled pass over n samples (the last batch may be smaller)."""
+    perm = torch.randperm(n, generator=generator)
+    return perm.split(batch_size)
+
+
+def build_model(cfg: TrainConfig, input_dim: int, n_classes: int) -> LayeredHopfield:
+    layers = cfg.layers or (input_dim, 500, n_classes)
+    if layers[0] != input_dim or layers[-1] != n_classes:
+        raise ConfigError(
+            f"layers={','.join(map(str, layers))} do not fit dataset {cfg.dataset!r}, which has "
+            f"{input_dim} inputs and {n_classes} classes; use --layers {input_dim},…,{n_classes}"
+        )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = LayeredHopfield(layers, activation=cfg.activation, cost=cfg.cost, generator=gen, dtype=cfg.torch_dtype)
+    return model.to(cfg.torch_device)
+
+
+def build_optimizer(cfg: TrainConfig, params, steps_total: int):
+    fused = {"fused": True} if cfg.torch_device == "cpu" or cfg.torch_device.startswith("cuda") else {}
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = None
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps_total))
+    return opt, sched
+
+
+@torch.no_grad()
+def evaluate(model: LayeredHopfield, x: Tensor, y: Tensor, cfg: TrainConfig) -> tuple[float, float, float]:
+    """(accuracy, mean cost, mean free-phase steps) of the free phase on (x, y)."""
+    ep = cfg.ep_config()
+    correct, loss, steps = 0, 0.0, 0
+    for i in range(0, x.shape[0], cfg.eval_batch_size):
+        xb, yb = x[i : i + cfg.eval_batch_size], y[i : i + cfg.eval_batch_size]
+        res = free_phase(model, xb, ep, check=False)
+        correct += int((model.logits(res.states).argmax(1) == yb).sum())
+        loss += float(model.cost_fn(res.states, one_hot(yb, model.layers[-1], x.dtype)).sum())
+        steps += int(res.steps.sum())
+    n = max(1, x.shape[0])
+    return correct / n, loss / n, steps / n
+
+
+def _tensors(ds: Dataset, cfg: TrainConfig):
+    dev, dt = cfg.torch_device, cfg.torch_dtype
+    return (
+        torch.as_tensor(ds.x_train, dtype=dt, device=dev),
+        torch.as_tensor(ds.y_train, device=dev),
+        torch.as_tensor(ds.x_test, dtype=dt, device=dev),
+        torch.as_tensor(ds.y_test, device=dev),
+    )
+
+
+def _check_resume(cfg: TrainConfig, run_dir: Path, explicit: set[str]) -> TrainConfig:
+    """The stored configuration of ``run_dir``; options given again must agree (epochs may grow)."""
+    stored = TrainConfig.from_dict(read_toml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
+    clash = [n for n in explicit - {"epochs"} if getattr(cfg, n) != getattr(stored, n)]
+    if clash:
+        detail = ", ".join(f"{n}={getattr(cfg, n)!r} (run has {getattr(stored, n)!r})" for n in sorted(clash))
+        raise ConfigError(
+            f"--resume continues the run in {run_dir} with its stored config, but {detail}; drop those "
+            "options or start a new run with a different --out"
+        )
+    if "epochs" in explicit and cfg.epochs != stored.epochs:
+        stored = stored.replace(epochs=cfg.epochs)
+    return stored
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    explicit: set[str] | None = None,
+    progress: bool | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    dataset: Dataset | None = None,
+) -> TrainResult:
+    """Train with EP and write the run folder (see the module docstring).
+
+    ``resume`` continues the run in ``run_dir`` from its last checkpoint; ``explicit`` names the
+    options the user gave, which must agree with the stored config. ``progress`` shows a bar
+    (None: only on a terminal). ``on_batch(epoch, batch)`` is called after every step.
+    ``dataset`` overrides loading by name (for tests and embedding).
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    state = None
+    if resume:
+        if not (run_dir / CONFIG_FILE).exists():
+            raise ConfigError(f"--resume: {run_dir} holds no run ({CONFIG_FILE} is missing); drop --resume to start one")
+        cfg = _check_resume(cfg, run_dir, explicit or set())
+        if ckpt_path.exists():
+            state = load_checkpoint(ckpt_path)
+    elif (run_dir / CONFIG_FILE).exists() or ckpt_path.exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out "
+            "(nothing was overwritten)"
+        )
+
+    ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    model = build_model(cfg, ds.input_dim, ds.n_classes)
+    cfg = cfg.replace(layers=model.layers)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_toml(run_dir / CONFIG_FILE, cfg.to_dict())
+
+    xtr, ytr, xte, yte = _tensors(ds, cfg)
+    n = xtr.shape[0]
+    n_batches = -(-n // cfg.batch_size)
+    params = model.param_list()
+    opt, sched = build_optimizer(cfg, params, cfg.epochs * n_batches)
+    history: list[EpochStats] = []
+    start = 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        history = [EpochStats(**h) for h in state["history"]]
+        start = int(state["epoch"]) + 1
+    ep_cfg = cfg.ep_config()
+    n_out = model.layers[-1]
+
+    def write_metrics(status: str, error: str | None = None) -> None:
+        last = history[-1] if history else None
+        write_json(
+            run_dir / METRICS_FILE,
+            {
+                "status": status,
+                "error": error,
+                "test_accuracy": last.test_accuracy if last else None,
+                "train_loss": last.train_loss if last else None,
+                "epochs_completed": len(history),
+                "history": [h._asdict() for h in history],
+                "config": cfg.to_dict(),
+            },
+        )
+
+    show = progress if progress is not None else None
+    try:
+        for epoch in range(start, cfg.epochs + 1):
+            gen = epoch_generator(cfg.seed, epoch)
+            batches = iterate_batches(n, cfg.batch_size, gen)
+            t0 = time.perf_counter()
+            loss_sum = correct = f_steps = n_steps = f_lim = n_lim = n_nudged = 0.0
+            bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                       disable=(not show) if show is not None else None)
+            for b, idx in enumerate(bar):
+                idx = idx.to(xtr.device)
+                x, y = xtr.index_select(0, idx), ytr.index_select(0, idx)
+                res = ep_gradients(model, x, one_hot(y, n_out, x.dtype), ep_cfg, generator=gen)
+                assign_grads(params, res.grads)
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                loss_sum += float(res.loss.sum())
+                correct += int((res.logits.argmax(1) == y).sum())
+                f_steps += int(res.free.steps.sum())
+                f_lim += int((res.free.status == SettleStatus.STEP_LIMIT).sum())
+                for r in res.nudged:
+                    n_steps += int(r.steps.sum())
+                    n_lim += int((r.status == SettleStatus.STEP_LIMIT).sum())
+                    n_nudged += r.steps.numel()
+                if b % 10 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / ((b + 1) * cfg.batch_size):.4f}")
+                if on_batch is not None:
+                    on_batch(epoch, b)
+            epoch_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            test_acc, test_loss, _ = evaluate(model, xte, yte, cfg)
+            stats = EpochStats(
+                epoch=epoch,
+                train_loss=loss_sum / n,
+                train_accuracy=correct / n,
+                test_loss=test_loss,
+                test_accuracy=test_acc,
+                epoch_seconds=epoch_seconds,
+                eval_seconds=time.perf_counter() - t1,
+                free_steps_mean=f_steps / n,
+                nudged_steps_mean=n_steps / max(1, n_nudged),
+                free_step_limit_frac=f_lim / n,
+                nudged_step_limit_frac=n_lim / max(1, n_nudged),
+                lr=float(opt.param_groups[0]["lr"]),
+            )
+            history.append(stats)
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "history": [h._asdict() for h in history],
+                },
+            )
+            write_metrics("running" if epoch < cfg.epochs else "completed")
+            if show is not False:
+                tqdm.write(
+                    f"epoch {epoch}/{cfg.epochs}: train loss {stats.train_loss:.4f} acc {stats.train_accuracy:.4f} | "
+                    f"test acc {stats.test_accuracy:.4f} | {epoch_seconds:.1f}s | steps free "
+                    f"{stats.free_steps_mean:.1f} nudged {stats.nudged_steps_mean:.1f}"
+                )
+    except KeyboardInterrupt:
+        write_metrics("interrupted", f"interrupted during epoch {len(history) + 1}; resume with --resume")
+        raise
+    except SettleError as e:
+        write_metrics("diverged", str(e))
+        raise
+    write_metrics("completed")
+    return TrainResult(run_dir, history[-1].test_accuracy, tuple(history), "completed")

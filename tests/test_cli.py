@@ -1,0 +1,72 @@
+"""The mep-hw command line: help, a real run, and bad arguments."""
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+from mep_hw.cli import main
+from mep_hw.train import TrainConfig
+
+
+def run_cli(capsys, *args):
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse exits on --help and on its own errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_explains_every_option(capsys):
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out, flag
+    for flag in ("--out", "--resume", "--config"):
+        assert flag in out
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "train" in out
+
+
+def test_train_writes_the_run_folder(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(
+        capsys, "train", "--dataset", "digits", "--layers", "64,32,10", "--epochs", "2",
+        "--limit-train", "150", "--limit-test", "60", "--out", str(out_dir),
+    )
+    assert code == 0, err
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert m["status"] == "completed" and len(m["history"]) == 2
+    assert "test accuracy" in out
+    # --config reruns it exactly
+    code, _, err = run_cli(capsys, "train", "--config", str(out_dir / "config.toml"), "--out", str(tmp_path / "again"), "--quiet")
+    assert code == 0, err
+    m2 = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert [h["test_accuracy"] for h in m2["history"]] == [h["test_accuracy"] for h in m["history"]]
+
+
+@pytest.mark.parametrize(
+    "args,code,match",
+    [
+        (["--beta", "0"], 2, "beta=0.0 must be a finite number > 0"),
+        (["--beta", "-0.5"], 2, "beta=-0.5"),
+        (["--solver", "rk45"], 2, "invalid choice: 'rk45'"),
+        (["--layers", "10,10"], 2, "do not fit dataset 'digits'"),
+        (["--epochs", "two"], 2, "invalid int value"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent"], 2, "is not a folder"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, args, code, match):
+    got, _, err = run_cli(capsys, "train", "--dataset", "digits", "--out", str(tmp_path / "r"), *args)
+    assert got == code
+    assert match in err
+    assert "Traceback" not in err
+
+
+def test_the_console_script_is_installed():
+    r = subprocess.run([sys.executable, "-m", "mep_hw.cli", "train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--estimator" in r.stdout

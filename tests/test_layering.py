@@ -1,0 +1,24 @@
+"""DESIGN §1: imports go downward only (import-linter contracts in pyproject.toml)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_hold():
+    code = "import sys, importlinter.cli as c; sys.exit(c.lint_imports(config_filename='pyproject.toml'))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 broken" in r.stdout
+
+
+def test_public_names_are_the_functions_not_the_subpackages():
+    code = (
+        "import mep_hw, mep_hw.settle.engine, mep_hw.train.loop, mep_hw.benchmarks.foundation\n"
+        "assert callable(mep_hw.settle) and callable(mep_hw.train), (mep_hw.settle, mep_hw.train)\n"
+        "assert all(getattr(mep_hw, n) is not None for n in mep_hw.__all__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
