@@ -36,17 +36,18 @@ def parse_layers(value) -> tuple[int, ...] | None:
     """Layer sizes from "784,500,10", a list of ints, or None."""
     if value is None:
         return None
+    given = value
     if isinstance(value, str):
         try:
             value = [int(v) for v in value.replace(" ", "").split(",") if v]
         except ValueError:
-            raise ConfigError(f"layers={value!r} must be comma-separated integers, e.g. 784,500,10") from None
+            raise ConfigError(f"layers={given!r} must be comma-separated integers, e.g. 784,500,10") from None
     try:
         out = tuple(int(v) for v in value)
     except (TypeError, ValueError):
-        raise ConfigError(f"layers={value!r} must be a list of integers, e.g. [784, 500, 10]") from None
+        raise ConfigError(f"layers={given!r} must be a list of integers, e.g. [784, 500, 10]") from None
     if len(out) < 2 or any(n < 1 for n in out) or any(isinstance(v, bool) for v in value):
-        raise ConfigError(f"layers={value!r} needs at least an input and an output size, all ≥ 1")
+        raise ConfigError(f"layers={given!r} needs at least an input and an output size, all ≥ 1 (e.g. 784,500,10)")
     return out
 
 

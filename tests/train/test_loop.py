@@ -118,3 +118,17 @@ def test_bad_options_are_config_errors(change, match):
 def test_unknown_keys_in_a_config_file_are_named():
     with pytest.raises(ConfigError, match="unknown option\\(s\\) learning_rate; valid options: dataset"):
         TrainConfig.from_dict({"learning_rate": 0.1}, source="x.toml")
+
+
+def test_a_corrupt_checkpoint_or_config_is_a_typed_error_and_is_left_alone(tmp_path):
+    from mep_hw.errors import DataError
+
+    run = tmp_path / "r"
+    train(TrainConfig(**{**SMALL, "epochs": 1}), run, progress=False)
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="checkpoint .* is corrupt"):
+        train(TrainConfig(**SMALL), run, resume=True, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+    (run / "config.toml").write_text("dataset = [")
+    with pytest.raises(ConfigError, match="config.toml is not valid TOML"):
+        train(TrainConfig(**SMALL), run, resume=True, progress=False)
