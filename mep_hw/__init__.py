@@ -13,6 +13,11 @@ from mep_hw.settle import SOLVERS, SettleConfig, SettleResult, SettleStatus, set
 from mep_hw.ep import EPConfig, assign_grads, ep_gradients
 from mep_hw.io import load_dataset
 from mep_hw.train import TrainConfig, train
+from mep_hw.optimizers import (
+    DionUpdate, EPGradient, ErrorFeedback, LocalEPGradient, MuonUpdate, NaturalGradient,
+    SDMEPOptimizer, SMEPOptimizer, SpectralConstraint, local_ep, muon_backprop, natural_ep, sdmep, smep,
+)
+from mep_hw.model import FeedforwardEnergy
 
 __all__ = [
     "ConfigError", "DataError", "DeviceError", "MepHwError", "SettleError", "TraceError",
@@ -21,4 +26,7 @@ __all__ = [
     "EPConfig", "assign_grads", "ep_gradients",
     "load_dataset",
     "TrainConfig", "train",
+    "SMEPOptimizer", "SDMEPOptimizer", "smep", "sdmep", "local_ep", "natural_ep", "muon_backprop",
+    "EPGradient", "LocalEPGradient", "NaturalGradient", "MuonUpdate", "DionUpdate", "SpectralConstraint",
+    "ErrorFeedback", "FeedforwardEnergy",
 ]

@@ -88,15 +88,32 @@ def free_phase(model, x: Tensor, cfg: EPConfig, *, check: bool = True) -> Settle
 
 @torch.no_grad()
 def ep_gradients(
-    model, x: Tensor, target: Tensor, cfg: EPConfig, *, generator: torch.Generator | None = None
+    model,
+    x: Tensor,
+    target: Tensor,
+    cfg: EPConfig,
+    *,
+    generator: torch.Generator | None = None,
+    free_states: Sequence[Tensor] | None = None,
+    contrast=None,
 ) -> EPResult:
     """Free phase, nudged phase(s) and the EP estimate of dL/dθ for one batch.
 
-    The two phases of the symmetric estimator settle together as one batch of 2B samples with
-    β = (+β, …, −β, …), both warm-started from the free state.
+    ``model`` is an energy: a :class:`~mep_hw.model.LayeredHopfield` or a
+    :class:`~mep_hw.model.FeedforwardEnergy`. The two phases of the symmetric estimator settle
+    together as one batch of 2B samples with β = (+β, …, −β, …), both warm-started from the free
+    state. ``free_states``, if given, is a known free fixed point (a forward pass already run):
+    the free settle then starts there and only checks it. ``contrast`` replaces
+    ``model.ep_contrast`` (same signature), e.g. by a layer-local computation.
     """
+    contrast = contrast or model.ep_contrast
     model.check_batch(x, target)
-    dyn, free = _free(model, x, cfg, check=False)
+    if free_states is None:
+        dyn, free = _free(model, x, cfg, check=False)
+    else:
+        dyn = model.dynamics(x, check=False, free_states=free_states)
+        free = settle(dyn, free_states, cfg.free, throw=False)
+        _check(free, "free", cfg.strict)
     s0 = free.states
     B = x.shape[0]
     beta = float(cfg.beta)
@@ -106,7 +123,7 @@ def ep_gradients(
                      cfg.nudged, throw=False)
         _check(res, f"nudged (beta=±{beta:g})", cfg.strict)
         nudged = (_rows(res, slice(0, B)), _rows(res, slice(B, 2 * B)))
-        grads = model.ep_contrast(x, nudged[0].states, beta, nudged[1].states, -beta, target)
+        grads = contrast(x, nudged[0].states, beta, nudged[1].states, -beta, target)
     else:
         sign = 1.0
         if cfg.random_sign:
@@ -115,7 +132,7 @@ def ep_gradients(
         res = settle(dyn.nudge(b, target), s0, cfg.nudged, throw=False)
         _check(res, f"nudged (beta={b:+g})", cfg.strict)
         nudged = (res,)
-        grads = model.ep_contrast(x, res.states, b, s0, 0.0, target)
+        grads = contrast(x, res.states, b, s0, 0.0, target)
     return EPResult(grads, free, nudged, model.cost_fn(s0, target), model.logits(s0))
 
 

@@ -2,6 +2,7 @@
 
 from mep_hw.model.activations import ACTIVATIONS, Activation, get_activation
 from mep_hw.model.hopfield import COSTS, HopfieldDynamics, LayeredHopfield
+from mep_hw.model.sequential import LOSS_TYPES, SUPPORTED_MODULES, FeedforwardEnergy, SequentialDynamics
 
 
 def one_hot(labels, n_classes: int, dtype=None):
@@ -11,4 +12,4 @@ def one_hot(labels, n_classes: int, dtype=None):
     return torch.nn.functional.one_hot(labels.long(), n_classes).to(dtype or torch.get_default_dtype())
 
 
-__all__ = ["ACTIVATIONS", "Activation", "COSTS", "HopfieldDynamics", "LayeredHopfield", "get_activation", "one_hot"]
+__all__ = ["ACTIVATIONS", "Activation", "COSTS", "FeedforwardEnergy", "HopfieldDynamics", "LOSS_TYPES", "LayeredHopfield", "SUPPORTED_MODULES", "SequentialDynamics", "get_activation", "one_hot"]

@@ -252,11 +252,13 @@ class LayeredHopfield(nn.Module):
             _check_finite("target", y)
 
     def dynamics(
-        self, x: Tensor, *, beta: float | Tensor = 0.0, target: Tensor | None = None, check: bool = True
+        self, x: Tensor, *, beta: float | Tensor = 0.0, target: Tensor | None = None, check: bool = True,
+        free_states=None,
     ) -> HopfieldDynamics:
         """The vector field for batch ``x`` at nudging strength ``beta`` towards ``target``.
 
         The input drive W_0 x + b_0 is constant during a settle and computed once here.
+        (``free_states`` is accepted for protocol compatibility; it implies nothing here.)
         """
         if isinstance(beta, Tensor):
             if beta.shape != (x.shape[0], 1):
