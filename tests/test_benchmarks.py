@@ -1,8 +1,16 @@
-"""The benchmark scripts run end to end on a tiny problem and write their JSON."""
+"""The benchmark scripts run end to end on tiny problems and write what they promise."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-from mep_hw.benchmarks import foundation
+import pytest
+
+from mep_hw.benchmarks import foundation, runner
+from mep_hw.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_foundation_benchmark_writes_its_figures(tmp_path):
@@ -14,3 +22,68 @@ def test_foundation_benchmark_writes_its_figures(tmp_path):
     assert len(r["ep"]["epoch_seconds"]) == 2 and len(r["backprop"]["epoch_seconds"]) == 2
     assert r["ep_over_backprop_epoch_time"] > 0
     assert r["ep"]["free_steps_mean_all"] >= 0 and r["ep"]["nudged_steps_mean_all"] >= 0
+
+
+def tiny_config(tmp_path, **over):
+    cfg = {"name": "tiny", "dataset": "digits", "model": {"type": "mlp", "layers": [64, 32, 10]}, "epochs": 2,
+           "batch_size": 64, "limit_train": 300, "limit_test": 100,
+           "optimizers": {"smep": {"lr": 0.05}, "sgd": {"lr": 0.1}, "adam": {"lr": 0.003}}}
+    cfg.update(over)
+    import yaml
+
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_runner_writes_logs_table_and_plots(tmp_path):
+    out = tmp_path / "out"
+    code = runner.main(["--config", str(tiny_config(tmp_path)), "--baselines", "smep", "sdmep", "local_ep",
+                        "natural_ep", "muon_backprop", "sgd", "adam", "--output", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert set(res) == {"smep", "sdmep", "local_ep", "natural_ep", "muon_backprop", "sgd", "adam"}
+    for name, r in res.items():
+        assert len(r["history"]) == 2 and 0 <= r["test_accuracy"] <= 1, name
+        assert (out / f"{name}.json").exists()
+    assert res["smep"]["mode"] == "ep" and res["adam"]["mode"] == "backprop"
+    assert res["smep"]["history"][-1]["nudged_steps_mean"] >= 0
+    table = (out / "summary.md").read_text()
+    assert "| smep | ep |" in table and "step ÷ backprop step" in table
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_shipped_configs_load_and_build():
+    import torch
+
+    for name, shape in (("mnist_mlp", (1, 784)), ("mnist_cnn", (1, 1, 28, 28))):
+        cfg = runner.load_config(name)
+        model = runner.build_model(cfg.model, shape, 0)
+        assert model(torch.zeros(*shape)).shape == (1, 10)
+
+
+def test_runner_rejects_bad_configs(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="no shipped config of that name"):
+        runner.load_config("cifar_resnet")
+    bad = tiny_config(tmp_path, learning_rate=1)
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) learning_rate"):
+        runner.load_config(str(bad))
+    bad = tiny_config(tmp_path, optimizers={"lion": {}})
+    with pytest.raises(ConfigError, match="unknown baseline\\(s\\) lion"):
+        runner.load_config(str(bad))
+    assert runner.main(["--config", "nope", "--output", str(tmp_path / "o")]) == 2
+    assert "runner: error" in capsys.readouterr().err
+
+
+def test_runner_is_a_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "mep_hw.benchmarks.runner", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "--baselines" in r.stdout
+
+
+@pytest.mark.parametrize("script", ["quickstart.py", "demo_ep_vs_backprop.py"])
+def test_examples_run(script, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--epochs", "2"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout

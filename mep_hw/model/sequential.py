@@ -13,9 +13,9 @@ moves the states, and EP's contrast of ∂E/∂θ estimates the gradient of the 
 pass (it equals backprop's as β → 0; Scellier & Bengio 2017, Whittington & Bogacz 2017).
 
 Gradient: ∂F/∂s_l = e_l − J_{l+1}(s_l)ᵀ e_{l+1} (+ β ∂C/∂s_L), e_l = s_l − g_l(s_{l−1}). The
-settle follows the gradient flow preconditioned by the inverse Hessian of E (see
-:meth:`SequentialDynamics.field`), which converges in a few steps whatever the weights' scale;
-the plain flow needs dt < 2/(1 + ‖W‖²) and stalls once training grows the weights.
+settle follows a Newton-type flow (see :meth:`SequentialDynamics.field`) that converges in a few
+steps whatever the weights' scale; the plain flow −∇F needs dt < 2/(1 + ‖W‖²) and stalls once
+training grows the weights.
 """
 
 from __future__ import annotations
@@ -95,42 +95,42 @@ class SequentialDynamics:
         target = self.energy.one_hot(target, self.sizes[-1], first.dtype)
         return SequentialDynamics(self.energy, first, beta, target, self.shapes)
 
-    def _block_fn(self, l: int, B: int):
-        block, shape = self.energy.blocks[l], self.shapes[l - 1]
-        return lambda z: block(z.reshape(B, *shape)).reshape(B, -1)
-
     def field(self, s: Tensor) -> Tensor:
-        """ds/dt = −P ∇F with P = (I − 𝒥)⁻¹(I − 𝒥)⁻ᵀ, the inverse of E's Gauss–Newton matrix
-        (I − 𝒥)ᵀ(I − 𝒥), which is its Hessian where e = 0 (at the free state).
+        """ds/dt = T(s) − s, with T the forward pass with the nudge's errors injected:
 
-        𝒥 is the block-subdiagonal Jacobian (J_l = ∂g_l/∂s_{l−1} at the current state) and
-        ∇F = (I − 𝒥)ᵀ e + β ∂C/∂s_L, so (I − 𝒥)⁻ᵀ∇F = e + βδ with δ the cost gradient swept
-        back through the blocks (vector–Jacobian products), and P∇F = (I − 𝒥)⁻¹(e + βδ) by a
-        forward sweep (Jacobian–vector products). P is symmetric positive definite, so F
-        decreases along the flow and its fixed points are those of −∇F; an Euler step of 1 is
-        a Newton step on E, exact to first order in β from the free state.
+            T(s)_1 = g_1(s_0) − βδ_1(s),    T(s)_l = g_l(T(s)_{l−1}) − βδ_l(s)
+
+        where δ is ∂C/∂s_L at the current output swept back through the blocks (vector–Jacobian
+        products: δ_L = ∂C/∂s_L, δ_{l−1} = J_lᵀ δ_l). Its zeros are the nudged fixed points
+        (e_l = −βδ_l ⇔ ∇F = 0). To first order it is the Gauss–Newton-preconditioned gradient
+        flow −P∇F, P = (I − 𝒥)⁻¹(I − 𝒥)⁻ᵀ (𝒥 the block-subdiagonal Jacobian), with the linearised
+        forward sweep (I − 𝒥)⁻¹ replaced by the forward pass itself; an Euler step of 1 is a
+        Newton step, exact to first order in β from the free state. A step costs one backward
+        sweep and one forward pass through blocks 2…L (the first block's output is clamped).
         """
         B = s.shape[0]
         views = list(torch.split_with_sizes(s, self.sizes, dim=1))
         L = len(views)
-        outs, vjps = [None], [None]
-        with torch.enable_grad():
-            for l in range(1, L):
-                out, fn = torch.func.vjp(self._block_fn(l, B), views[l - 1])
-                outs.append(out)
-                vjps.append(fn)
-        v = [views[0] - self.first] + [views[l] - outs[l] for l in range(1, L)]  # e
+        blocks, shapes = self.energy.blocks, self.shapes
+        inj = [None] * L  # −βδ_l
         if self.nudged:
             w = self.energy.cost_grad(views[-1], self.target) * self.beta
-            v[-1] = v[-1] + w
-            for l in range(L - 1, 0, -1):  # backward sweep of βδ
-                (w,) = vjps[l](w)
-                v[l - 1] = v[l - 1] + w
-        u = v
-        for l in range(1, L):  # forward sweep: u_l = v_l + J_l u_{l−1}
-            _, jv = torch.func.jvp(self._block_fn(l, B), (views[l - 1],), (u[l - 1],))
-            u[l] = u[l] + jv
-        return torch.cat(u, dim=1).neg_()
+            inj[-1] = w
+            with torch.enable_grad():
+                for l in range(L - 1, 0, -1):  # backward sweep: w ← J_lᵀ w at the current state
+                    z = views[l - 1].detach().reshape(B, *shapes[l - 1]).requires_grad_(True)
+                    (w,) = torch.autograd.grad(blocks[l](z).reshape(B, -1), z, w)
+                    w = w.reshape(B, -1)
+                    inj[l - 1] = w
+        t = self.first if inj[0] is None else self.first - inj[0]
+        out = [t]
+        with torch.no_grad():
+            for l in range(1, L):
+                t = blocks[l](t.reshape(B, *shapes[l - 1])).reshape(B, -1)
+                if inj[l] is not None:
+                    t = t - inj[l]
+                out.append(t)
+        return torch.cat(out, dim=1).sub_(s)
 
 
 class FeedforwardEnergy:

@@ -11,7 +11,7 @@ PRESETS = {
     "smep": dict(mode="ep", use_spectral_constraint=True, gamma="auto"),
     "sdmep": dict(mode="ep", use_spectral_constraint=True, gamma="auto"),
     "local_ep": dict(mode="ep", gradient="local", use_spectral_constraint=True, gamma="auto"),
-    "natural_ep": dict(mode="ep", use_natural_gradient=True, matrix_update="momentum", momentum=0.9, lr=0.05),
+    "natural_ep": dict(mode="ep", use_natural_gradient=True, matrix_update="momentum", momentum=0.9, lr=0.02, natural_damping=1.0),
     "muon_backprop": dict(mode="backprop"),
 }
 

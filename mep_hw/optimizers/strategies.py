@@ -12,8 +12,9 @@ Update rules and the preconditioner keep their state in a per-parameter dict (th
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -287,6 +288,7 @@ class SpectralConstraint:
         return est.sigma
 
 
+@functools.lru_cache(maxsize=64)
 def settle_safe_gamma(beta: float, n_blocks: int, loss_type: str) -> float:
     """The largest per-block bound γ that guarantees the nudged settle of a feedforward energy
     converges: the Newton settle's error contracts by β ‖∇²C‖ ‖(I − 𝒥)⁻¹‖², and with every
