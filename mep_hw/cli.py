@@ -40,6 +40,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"] + shown)
             continue
+        if meta.get("cli") == "kv":
+            p.add_argument(flag, action="append", default=None, metavar=meta["metavar"], help=meta["help"])
+            continue
         kw = {"default": None, "help": meta["help"] + shown}
         if "choices" in meta:
             kw["choices"] = meta["choices"]
@@ -50,7 +53,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 _INT = {"epochs", "batch_size", "max_steps", "nudged_max_steps", "seed", "limit_train", "limit_test", "eval_batch_size"}
-_FLOAT = {"lr", "momentum", "weight_decay", "beta", "dt", "atol", "rtol", "nudged_atol", "nudged_rtol"}
+_FLOAT = {"lr", "momentum", "weight_decay", "beta", "dt", "atol", "rtol", "nudged_atol", "nudged_rtol", "spectral_gamma"}
 _TYPES = {**{n: int for n in _INT}, **{n: float for n in _FLOAT}}
 
 
@@ -75,14 +78,53 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--config", metavar="TOML", help="read options from a config.toml (options given here override it)")
     tp.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_train_options(tp)
+
+    dp = sub.add_parser("devices", help="list or show device cards", description="Device cards: the physical parameters of each modeled device, with their sources.")
+    dsub = dp.add_subparsers(dest="devices_command", metavar="ACTION")
+    dsub.required = True
+    dsub.add_parser("list", help="list the shipped cards")
+    show = dsub.add_parser("show", help="show every field of a card, with units and sources")
+    show.add_argument("name", metavar="NAME_OR_PATH", help="a shipped card name or a path to a .toml card")
+    show.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE", help="override a field, as mep-hw train --set")
+
+    sp = sub.add_parser(
+        "sweep", help="run a grid of training runs over device-card fields, bit-widths and seeds",
+        description="Run every point of SWEEP.toml ([base] train options, [axes] lists, optional [zip]); one run folder per "
+        "point, DIR/results.csv with one row per point. Completed points are skipped when the sweep is run again.",
+    )
+    sp.add_argument("spec", metavar="SWEEP.toml", help="the sweep file (see docs/sweeps.md)")
+    sp.add_argument("--out", required=True, metavar="DIR", help="sweep folder (created; rerunning resumes it)")
+    sp.add_argument("--workers", type=int, default=None, metavar="N", help="parallel points on the local process pool (default: one per core)")
+    sp.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT", help="run the points on this Dask scheduler instead of the local pool")
+    sp.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per point (default: cores/workers locally, 1 on Dask)")
+    sp.add_argument("--dry-run", action="store_true", help="validate the sweep and list its points without running them")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cp = sub.add_parser(
+        "compare", help="report hardware vs ideal runs and sweeps: Markdown and PNG plots",
+        description="Read run folders and sweep folders and write REPORT_DIR/report.md with PNG plots: accuracy and loss "
+        "curves, accuracy vs noise and bit-width, weights vs conductances, weights over training, settle steps, pulse counts.",
+    )
+    cp.add_argument("inputs", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run folders (metrics.json) or sweep folders (results.csv)")
+    cp.add_argument("--out", required=True, metavar="REPORT_DIR", help="folder for report.md and the plots")
+    cp.add_argument("--pdf", action="store_true", help="also write each plot as PDF")
+
+    trp = sub.add_parser("trace", help="inspect an HDF5 training trace", description="Read the trace.h5 a run writes with --trace-every.")
+    trsub = trp.add_subparsers(dest="trace_command", metavar="ACTION")
+    trsub.required = True
+    ins = trsub.add_parser("inspect", help="print a summary: run, intervals, datasets with shapes and units, last metrics")
+    ins.add_argument("file", metavar="TRACE_H5", help="a trace.h5 file (or a run folder holding one)")
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mep_hw.hw import parse_sets
     from mep_hw.io.runs import read_toml
     from mep_hw.train import TrainConfig, option_names, train
 
     given = {n: getattr(args, n) for n in option_names() if getattr(args, n) is not None}
+    if "set" in given:
+        given["set"] = parse_sets(given["set"])
     base = {}
     if args.config:
         base = read_toml(args.config)
@@ -91,6 +133,88 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, Path(args.out), resume=args.resume, explicit=set(given), progress=False if args.quiet else None)
     if not args.quiet:
         print(f"test accuracy {result.test_accuracy:.4f}; run folder {result.run_dir}")
+        _print_cost(Path(args.out))
+    return 0
+
+
+def _print_cost(run_dir: Path) -> None:
+    from mep_hw.io.runs import read_json
+
+    cost = read_json(run_dir / "metrics.json").get("cost")
+    if not cost:
+        return
+    for phase in ("train", "inference"):
+        c = cost[phase]
+        e, lat = c["energy_J_per_sample"], c["latency_s_per_sample"]
+        print(f"{phase}: {c['per_sample']['macs']:.3g} MACs, {c['per_sample']['pulses']:.3g} pulses per sample; "
+              f"energy {'%.3g J' % e['total'] if e else 'n/a'}, settle latency {'%.3g s' % lat if lat is not None else 'n/a'} per sample")
+    if cost["missing"]:
+        print(f"cost: the card lacks {', '.join(cost['missing'])} (add them to its [cost] table or --set them)")
+
+
+def _unit(name: str) -> str:
+    for suffix, unit in (("_uS", "µS"), ("_s", "s"), ("_rad", "rad"), ("_dB", "dB"), ("_bits", "bits"), ("_J", "J"), ("_hz", "Hz")):
+        if name.endswith(suffix):
+            return unit
+    return ""
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from mep_hw.hw import list_cards, load_card, parse_sets
+
+    if args.devices_command == "list":
+        cards = list_cards()
+        width = max(len(c.name) for c in cards)
+        for c in cards:
+            print(f"{c.name:<{width}}  {c.kind:<12}  {c.description}")
+        return 0
+    card = load_card(args.name, parse_sets(args.set) if args.set else None)
+    print(f"{card.name} ({card.kind}): {card.description}")
+    print(f"source: {card.source}")
+    for title, obj in (("device", card.device), ("periphery", card.periphery), ("cost", card.cost)):
+        print(f"[{title}]")
+        for f in fields(obj):
+            if f.name == "name":
+                continue
+            v = getattr(obj, f.name)
+            src = card.sources.get(f.name, "")
+            unit = _unit(f.name)
+            print(f"  {f.name:<20} = {v!s:<24} {unit:<4} {('— ' + src) if src else ''}".rstrip())
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from mep_hw.jobs.sweep import expand, load_sweep, run_sweep
+
+    if args.dry_run:
+        points = expand(load_sweep(args.spec))
+        for p in points:
+            print(f"{p.name}: " + ", ".join(f"{k}={v}" for k, v in p.values.items()))
+        print(f"{len(points)} points, all valid")
+        return 0
+    results = run_sweep(args.spec, args.out, workers=args.workers, scheduler=args.scheduler, threads=args.threads, progress=False if args.quiet else None)
+    counts: dict[str, int] = {}
+    for r in results.values():
+        counts[r.status] = counts.get(r.status, 0) + 1
+    print(f"sweep {args.out}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; results in {Path(args.out) / 'results.csv'}")
+    return 0 if all(r.status in ("completed", "skipped") for r in results.values()) else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from mep_hw.jobs.compare import compare
+
+    report = compare([Path(p) for p in args.inputs], Path(args.out), pdf=args.pdf)
+    print(f"report: {report}")
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from mep_hw.io.trace import describe_trace
+
+    path = Path(args.file)
+    print(describe_trace(path / "trace.h5" if path.is_dir() else path))
     return 0
 
 
@@ -100,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "devices":
+            return _devices(args)
+        if args.command == "trace":
+            return _trace(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "compare":
+            return _compare(args)
     except SettleError as e:
         print(f"mep-hw: settle failed: {e}", file=sys.stderr)
         return 3
@@ -107,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mep-hw: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mep-hw: interrupted; the last finished epoch is saved, continue with --resume", file=sys.stderr)
+        if args.command == "sweep":
+            print("mep-hw: interrupted; finished points are kept, run the same sweep again to continue", file=sys.stderr)
+        else:
+            print("mep-hw: interrupted; the last finished epoch is saved, continue with --resume", file=sys.stderr)
         return 130
     return 0
 

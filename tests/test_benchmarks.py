@@ -87,3 +87,18 @@ def test_examples_run(script, tmp_path):
                        text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout
+
+
+def test_brian2_benchmark_writes_agreement_times_and_accuracy(tmp_path):
+    import importlib
+
+    bench = importlib.import_module("mep_hw.benchmarks.brian2")
+    out = tmp_path / "b2.json"
+    assert bench.main(["--networks", "64-32-10@50", "--rounds", "1", "--seeds", "0", "--no-cython", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    s = r["settle"]["64-32-10@50"]
+    assert s["train_defaults"]["max_abs_diff_states_vs_torch"]["brian2"] < 1e-5
+    assert s["float64_tight"]["max_abs_diff_states"] < 1e-12 and s["float64_tight"]["steps_equal"]
+    assert s["per_step_ms"]["brian2"] > 0 and s["train_defaults"]["seconds_median"]["euler"] > 0
+    acc = r["accuracy"]["runs"]["0"]
+    assert abs(acc["brian2"]["test_accuracy"] - acc["euler"]["test_accuracy"]) <= 0.02

@@ -70,3 +70,25 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, args, code, match
 def test_the_console_script_is_installed():
     r = subprocess.run([sys.executable, "-m", "mep_hw.cli", "train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--estimator" in r.stdout
+
+
+def test_devices_list_and_show(capsys):
+    code, out, _ = run_cli(capsys, "devices", "list")
+    assert code == 0 and "pcm" in out and "crossbar" in out and "fpga_q16" in out and "mzi" in out
+    code, out, _ = run_cli(capsys, "devices", "show", "pcm", "--set", "levels=16")
+    assert code == 0 and "levels" in out and "16" in out and "µS" in out and "Nandakumar" in out
+    code, _, err = run_cli(capsys, "devices", "show", "graphene")
+    assert code == 2 and "unknown device 'graphene'" in err
+
+
+def test_train_on_a_device_with_set(tmp_path, capsys):
+    code, out, err = run_cli(
+        capsys, "train", "--dataset", "digits", "--layers", "64,16,10", "--epochs", "1", "--limit-train", "100",
+        "--limit-test", "50", "--device", "pcm", "--set", "levels=16", "--set", "read_noise=0.02",
+        "--set", "dac_bits=8", "--set", "adc_bits=8", "--out", str(tmp_path / "r"), "--quiet",
+    )
+    assert code == 0, err
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["device"]["device"]["read_noise"] == 0.02 and m["device"]["periphery"]["adc_bits"] == 8
+    code, _, err = run_cli(capsys, "train", "--dataset", "digits", "--device", "pcm", "--set", "levels", "--out", str(tmp_path / "x"))
+    assert code == 2 and "expected FIELD=VALUE" in err

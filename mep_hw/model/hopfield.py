@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from mep_hw.errors import ConfigError, DataError
 from mep_hw.model.activations import Activation, get_activation
 
-__all__ = ["COSTS", "LayeredHopfield", "HopfieldDynamics"]
+__all__ = ["COSTS", "DenseCoupling", "LayeredHopfield", "HopfieldDynamics"]
 
 COSTS = ("mse", "ce")
 
@@ -43,82 +43,107 @@ def _check_finite(name: str, t: Tensor) -> None:
         )
 
 
+class DenseCoupling:
+    """An exact weight matrix as a coupling operator: ``mvm(x, add) = add + x Wᵀ`` and
+    ``mvm_t(u, add) = add + u W``. A device tile (:class:`mep_hw.hw.Tile`) offers the same two
+    methods, read through its physics and periphery."""
+
+    def __init__(self, W: Tensor):
+        self.W, self.Wt = W, W.T
+
+    def mvm(self, x: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
+        return x @ self.Wt if add is None else torch.addmm(add, x, self.Wt)
+
+    def mvm_t(self, u: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
+        return u @ self.W if add is None else torch.addmm(add, u, self.W)
+
+
 class HopfieldDynamics:
-    """The vector field of one batch: the constant input drive, the target and β are bound.
+    """The vector field of one batch: the input, the target and β are bound.
 
     Implements the protocol of the settle engine: ``sizes``, ``box``, ``field(s)`` on the packed
     state (batch, Σ n_l) and ``restrict(index)``. ``beta`` is a float or a (batch, 1) tensor (one
-    β per sample, so the ±β phases of the symmetric estimator settle as one batch).
+    β per sample, so the ±β phases of the symmetric estimator settle as one batch). The weights
+    are read through coupling operators ``ops`` (one per weight matrix); with
+    ``input_drive`` given (exact weights) the constant drive W₀x + b₀ is computed once, otherwise
+    the input array is read again at every evaluation, as a device does.
     """
 
     def __init__(
         self,
         *,
-        weights: Sequence[Tensor],
+        ops: Sequence,
         biases: Sequence[Tensor],
         act: Activation,
         cost: str,
-        input_drive: Tensor,
+        x: Tensor,
+        input_drive: Tensor | None,
         beta: float | Tensor,
         target: Tensor | None,
+        noise_floor: float = 0.0,
     ):
-        self.weights = tuple(weights)
-        self.weights_t = tuple(w.T for w in self.weights)
+        self.ops = tuple(ops)
         self.biases = tuple(biases)
         self.act = act
         self.cost = cost
+        self.x = x
         self.input_drive = input_drive
         self.beta = beta
         self.nudged = not (isinstance(beta, float) and beta == 0.0)
         self.target = target
         self.box = act.box
-        self.n_states = len(self.weights) - (1 if cost == "ce" else 0)
-        self.sizes = tuple(w.shape[0] for w in self.weights[: self.n_states])
+        self.noise_floor = noise_floor
+        self.n_states = len(self.ops) - (1 if cost == "ce" else 0)
+        self.sizes = tuple(b.shape[0] for b in self.biases[: self.n_states])
         if self.box is not None and cost == "mse" and self.nudged:
             self._out_scale, self._out_shift, self._out_concave = _mse_output_map(beta, target)
 
+    def _with(self, **kw) -> "HopfieldDynamics":
+        args = dict(ops=self.ops, biases=self.biases, act=self.act, cost=self.cost, x=self.x,
+                    input_drive=self.input_drive, beta=self.beta, target=self.target, noise_floor=self.noise_floor)
+        args.update(kw)
+        return HopfieldDynamics(**args)
+
     def restrict(self, index: Tensor) -> "HopfieldDynamics":
-        return HopfieldDynamics(
-            weights=self.weights,
-            biases=self.biases,
-            act=self.act,
-            cost=self.cost,
-            input_drive=self.input_drive[index],
+        return self._with(
+            x=self.x[index],
+            input_drive=None if self.input_drive is None else self.input_drive[index],
             beta=self.beta[index] if isinstance(self.beta, Tensor) else self.beta,
             target=None if self.target is None else self.target[index],
         )
+
+    def drive0(self) -> Tensor:
+        """W₀x + b₀: precomputed, or read through the input array now."""
+        if self.input_drive is not None:
+            return self.input_drive
+        return self.ops[0].mvm(self.x, self.biases[0])
 
     def nudge(self, beta: float | Tensor, target: Tensor) -> "HopfieldDynamics":
         """The same batch at nudging strength ``beta`` towards ``target``. A (k·batch, 1) tensor
         of β repeats the batch k times (target given for all k·batch rows), so several nudged
         phases settle together."""
-        drive = self.input_drive
-        if isinstance(beta, Tensor) and beta.shape[0] != drive.shape[0]:
-            drive = drive.repeat(beta.shape[0] // drive.shape[0], 1)
-        return HopfieldDynamics(
-            weights=self.weights,
-            biases=self.biases,
-            act=self.act,
-            cost=self.cost,
-            input_drive=drive,
-            beta=beta,
-            target=target,
-        )
+        x, drive = self.x, self.input_drive
+        if isinstance(beta, Tensor) and beta.shape[0] != x.shape[0]:
+            k = beta.shape[0] // x.shape[0]
+            x = x.repeat(k, 1)
+            drive = None if drive is None else drive.repeat(k, 1)
+        return self._with(x=x, input_drive=drive, beta=beta, target=target)
 
     def drives(self, rho: Sequence[Tensor]) -> list[Tensor]:
         """d_l = W_{l−1}ρ(s_{l−1}) + W_lᵀρ(s_{l+1}) + b_l − β ∂C/∂ρ(s_l) (the CE readout's
         nudge acts through ρ(s_L); the MSE nudge acts on s_L itself and is not included)."""
-        n, W, Wt, b = self.n_states, self.weights, self.weights_t, self.biases
+        n, ops, b = self.n_states, self.ops, self.biases
+        inb = self.box is not None  # states of a box activation lie in [0, 1], within the DAC bound
         out = []
         for l in range(n):
-            d = self.input_drive if l == 0 else torch.addmm(b[l], rho[l - 1], Wt[l])
+            d = self.drive0() if l == 0 else ops[l].mvm(rho[l - 1], b[l], x_in_bound=inb)
             if l + 1 < n:
-                d = torch.addmm(d, rho[l + 1], W[l + 1])
+                d = ops[l + 1].mvm_t(rho[l + 1], d, x_in_bound=inb)
             out.append(d)
         if self.cost == "ce" and self.nudged:
-            logits = torch.addmm(b[-1], rho[-1], Wt[-1])
+            logits = ops[-1].mvm(rho[-1], b[-1], x_in_bound=inb)
             err = (torch.softmax(logits, dim=1) - self.target) * self.beta
-            out[-1] = torch.addmm(out[-1], err, W[-1], alpha=-1.0)
+            out[-1] = ops[-1].mvm_t(err.neg_(), out[-1])
         return out
 
     def grad_energy(self, states: Sequence[Tensor]) -> list[Tensor]:
@@ -253,11 +278,14 @@ class LayeredHopfield(nn.Module):
 
     def dynamics(
         self, x: Tensor, *, beta: float | Tensor = 0.0, target: Tensor | None = None, check: bool = True,
-        free_states=None,
+        free_states=None, ops: Sequence | None = None, noise_floor: float = 0.0,
     ) -> HopfieldDynamics:
         """The vector field for batch ``x`` at nudging strength ``beta`` towards ``target``.
 
-        The input drive W_0 x + b_0 is constant during a settle and computed once here.
+        ``ops`` are the coupling operators the weights are read through (one per weight matrix,
+        e.g. device tiles); by default the network's own weights, exactly, with the constant
+        input drive W₀x + b₀ computed once here. ``noise_floor`` (rms, per state component) is
+        added to the settle's absolute tolerance: a noisy device cannot settle below its noise.
         (``free_states`` is accepted for protocol compatibility; it implies nothing here.)
         """
         if isinstance(beta, Tensor):
@@ -271,25 +299,25 @@ class LayeredHopfield(nn.Module):
                 raise ConfigError(f"beta={beta} is not finite; use a finite nudging strength")
         if not (isinstance(beta, float) and beta == 0.0) and target is None:
             raise ConfigError("a nudged phase (beta ≠ 0) needs a target")
-        W = [w.detach() for w in self.weights]
         b = [v.detach() for v in self.biases]
-        return HopfieldDynamics(
-            weights=W,
-            biases=b,
-            act=self.act,
-            cost=self.cost,
-            input_drive=torch.addmm(b[0], x, W[0].T),
-            beta=beta,
-            target=target,
-        )
+        if ops is None:
+            ops = [DenseCoupling(w.detach()) for w in self.weights]
+            drive = ops[0].mvm(x, b[0])
+        else:
+            if len(ops) != len(self.weights):
+                raise ConfigError(f"{len(ops)} coupling operators given for {len(self.weights)} weight matrices")
+            drive = None
+        return HopfieldDynamics(ops=ops, biases=b, act=self.act, cost=self.cost, x=x, input_drive=drive,
+                                beta=beta, target=target, noise_floor=noise_floor)
 
     def forward_init(self, dyn: HopfieldDynamics) -> list[Tensor]:
         """A feed-forward pass s_l = ρ(W_{l−1}ρ(s_{l−1}) + b_l): the usual warm start of the
-        free phase (each state sees its bottom-up drive only)."""
-        act, W, b = self.act, dyn.weights, dyn.biases
-        s = [act.fn(dyn.input_drive)]
+        free phase (each state sees its bottom-up drive only), read through the same operators."""
+        act, ops, b = self.act, dyn.ops, dyn.biases
+        inb = act.box is not None
+        s = [act.fn(dyn.drive0())]
         for l in range(1, self.n_states):
-            s.append(act.fn(torch.addmm(b[l], s[-1], W[l].T)))
+            s.append(act.fn(ops[l].mvm(s[-1], b[l], x_in_bound=inb)))
         return s
 
     def zero_init(self, x: Tensor) -> list[Tensor]:

@@ -7,9 +7,14 @@ holds (L2 norms over all of the sample's state components, N of them)::
 
     rms(f(s)) ≤ atol + rtol · rms(s)        with rms(v) = ‖v‖ / √N
 
-A sample also stops at ``max_steps`` (status STEP_LIMIT) or when its residual is not finite
-(NONFINITE). Finished samples are dropped from the working batch (in bulk, once they make up a
+A dynamics read through noisy hardware may declare ``noise_floor``, the rms of its field noise per
+component; 2 × noise_floor is then added to atol. A sample also stops at ``max_steps`` (status
+STEP_LIMIT) or when its residual is not finite (NONFINITE). Finished samples are dropped from the working batch (in bulk, once they make up a
 fraction ``compact_frac`` of it), so they stop costing work.
+
+A solver name may also name a backend (:data:`mep_hw.settle.BACKENDS`): ``brian2`` settles the
+layered Hopfield network as Brian2 rate units, with this contract
+(:mod:`mep_hw.settle.brian2_backend`).
 
 The state of all layers is packed into one tensor of shape (batch, N) (the dynamics' ``sizes``
 give the layer widths), so each solver step costs a fixed number of tensor operations whatever
@@ -29,7 +34,7 @@ import torch
 from torch import Tensor
 
 from mep_hw.errors import ConfigError, SettleError
-from mep_hw.settle.solvers import Tableau, get_solver
+from mep_hw.settle.solvers import SOLVERS, Backend, Tableau, get_backend, get_solver
 
 __all__ = ["Dynamics", "SettleConfig", "SettleResult", "SettleStatus", "settle", "integrate", "rk_step"]
 
@@ -81,7 +86,9 @@ class SettleConfig:
     """How to settle.
 
     ``dt`` is the step (fixed-step solvers) or the first step (adaptive), in units of τ.
-    ``atol``/``rtol`` define the steady-state test; ``max_steps`` bounds the solver steps.
+    ``atol``/``rtol`` define the steady-state test; ``max_steps`` bounds the solver steps;
+    no sample stops before ``min_steps`` (on noisy hardware the test can hold at step 0 although
+    a nudge has not yet reached the hidden layers).
     ``err_atol``/``err_rtol`` control the local error of adaptive solvers; ``dt_max`` caps their
     step.
     """
@@ -94,22 +101,30 @@ class SettleConfig:
     err_atol: float = 1e-4
     err_rtol: float = 1e-3
     dt_max: float = 1.0
+    min_steps: int = 0
 
     def __post_init__(self):
-        tab = get_solver(self.solver)
+        get_backend(self.solver)  # validates the name against every solver and backend
+        tab = SOLVERS.get(self.solver)
         _positive("dt", self.dt)
         _positive("dt_max", self.dt_max)
         for name in ("atol", "rtol", "err_atol", "err_rtol"):
             _nonneg(name, getattr(self, name))
         if self.atol == 0 and self.rtol == 0:
             raise ConfigError("atol and rtol are both 0: the steady-state test can never hold; set one > 0")
-        if tab.adaptive and self.err_atol == 0 and self.err_rtol == 0:
+        if tab is not None and tab.adaptive and self.err_atol == 0 and self.err_rtol == 0:
             raise ConfigError("err_atol and err_rtol are both 0; the adaptive solver needs one > 0")
         if isinstance(self.max_steps, bool) or not (isinstance(self.max_steps, int) and self.max_steps >= 1):
             raise ConfigError(f"max_steps={self.max_steps!r} must be an integer ≥ 1")
+        if isinstance(self.min_steps, bool) or not (isinstance(self.min_steps, int) and 0 <= self.min_steps <= self.max_steps):
+            raise ConfigError(f"min_steps={self.min_steps!r} must be an integer in [0, max_steps={self.max_steps}]")
 
     def get_tableau(self) -> Tableau:
         return get_solver(self.solver)
+
+    def get_backend(self) -> Backend | None:
+        """The backend that runs this solver (e.g. brian2), or None for the torch engine."""
+        return get_backend(self.solver)
 
 
 class SettleResult(NamedTuple):
@@ -186,6 +201,17 @@ def _proj(s: Tensor, box) -> Tensor:
     return s if box is None else s.clamp_(box[0], box[1])
 
 
+def check_init(init: Sequence[Tensor], sizes: Sequence[int]) -> tuple[int, ...]:
+    """The layer widths, after checking that ``init`` holds one (batch, width) tensor per layer."""
+    sizes = tuple(int(n) for n in sizes)
+    if len(init) != len(sizes) or any(t.ndim != 2 or t.shape[1] != n for t, n in zip(init, sizes)):
+        raise ConfigError(
+            f"initial state has layer shapes {[tuple(t.shape) for t in init]} but the dynamics "
+            f"has layer widths {sizes}; pass one (batch, width) tensor per layer"
+        )
+    return sizes
+
+
 def settle(
     dynamics: Dynamics,
     init: Sequence[Tensor],
@@ -203,18 +229,19 @@ def settle(
     only for enough rows; 0 and 0: at once). Until then they keep relaxing, which only lowers
     their residual. Their step count is the step at which they first met the test.
 
+    A solver registered as a backend (``solver="brian2"``, see :data:`BACKENDS`) hands the
+    settle, with all these arguments, to that backend, which has the same contract.
+
     Raises :class:`SettleError` (with the result attached) if any sample ends at the step limit
     or non-finite, unless ``throw=False``, in which case the status is in the result.
     """
     cfg = config or SettleConfig()
+    backend = cfg.get_backend()
+    if backend is not None:
+        return backend.load()(dynamics, init, cfg, throw=throw, compact_frac=compact_frac, compact_min=compact_min)
     tab = cfg.get_tableau()
     box = dynamics.box
-    sizes = tuple(int(n) for n in dynamics.sizes)
-    if len(init) != len(sizes) or any(t.ndim != 2 or t.shape[1] != n for t, n in zip(init, sizes)):
-        raise ConfigError(
-            f"initial state has layer shapes {[tuple(t.shape) for t in init]} but the dynamics "
-            f"has layer widths {sizes}; pass one (batch, width) tensor per layer"
-        )
+    sizes = check_init(init, dynamics.sizes)
     s = _proj(torch.cat(list(init), dim=1), box)  # our own copy, updated in place below
     B, N = s.shape
     dev, dtype = s.device, s.dtype
@@ -226,7 +253,9 @@ def settle(
     chunks = []  # (original index, state, ‖f‖, finish step, finish time) of samples taken out
     dyn = dynamics
     field = dyn.field
-    atol_n = cfg.atol * math.sqrt(N)
+    # a dynamics read through noisy devices declares the rms of its field noise per component:
+    # twice that is added to the absolute tolerance (a settle cannot get below its own noise)
+    atol_n = (cfg.atol + 2.0 * float(getattr(dynamics, "noise_floor", 0.0))) * math.sqrt(N)
     use_rtol = cfg.rtol > 0
     # Euler with dt ≤ 1 on a box field of the form clip(·) − s moves each state to a convex
     # combination of two points of the box: projection is then a no-op and is skipped.
@@ -251,7 +280,9 @@ def settle(
 
     for n in range(cfg.max_steps + 1):
         rn = torch.linalg.vector_norm(k, dim=1)
-        if use_rtol:
+        if n < cfg.min_steps:  # too early to stop anyone
+            pending = torch.ones_like(running)
+        elif use_rtol:
             pending = rn > torch.linalg.vector_norm(s, dim=1).mul_(cfg.rtol).add_(atol_n)
         else:
             pending = rn > atol_n
@@ -328,7 +359,7 @@ def settle(
 def integrate(field, y0: Tensor, t_end: float, n_steps: int, solver: str = "rk4") -> Tensor:
     """Integrate dy/dt = field(y) from 0 to ``t_end`` in ``n_steps`` fixed steps with any tableau
     (an adaptive one propagates its higher-order solution). For solver checks and small ODEs."""
-    tab = get_solver(solver)
+    tab = get_solver(solver)  # a backend name is an error here: integrate runs tableaus only
     h = float(t_end) / n_steps
     y = y0
     for _ in range(n_steps):

@@ -4,15 +4,23 @@ Fixed step: ``euler`` (order 1), ``heun`` (explicit trapezoid, order 2), ``rk4``
 order 4). Adaptive with an embedded error estimate: ``bosh3`` (Bogacki & Shampine 1989, 3(2))
 and ``dopri5`` (Dormand & Prince 1980, 5(4)); both are first-same-as-last, so an accepted step
 hands its last stage on as the next step's first.
+
+Backends: solvers that are not tableaus run by the torch engine but separate simulators, in a
+second registry ``BACKENDS`` (the settle function of each is imported only when it is used):
+``brian2`` settles the layered Hopfield network as Brian2 rate units, integrated by Brian2's
+``euler`` method with Brian2's numpy code generation (no compiler), ``brian2_cython`` the same
+compiled by Cython (see :mod:`mep_hw.settle.brian2_backend`). ``SOLVER_NAMES`` lists every valid
+``solver`` name, tableaus first.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import importlib
+from typing import Callable, NamedTuple
 
 from mep_hw.errors import ConfigError
 
-__all__ = ["Tableau", "SOLVERS", "get_solver"]
+__all__ = ["Backend", "BACKENDS", "SOLVER_NAMES", "SOLVERS", "Tableau", "check_solver", "get_backend", "get_solver"]
 
 
 class Tableau(NamedTuple):
@@ -71,9 +79,51 @@ SOLVERS: dict[str, Tableau] = {
 }
 
 
+class Backend(NamedTuple):
+    """A settle backend: ``name`` is its solver name, ``method`` the backend's own integration method,
+    ``order`` that method's order, ``target`` the code it generates to run (``numpy``: needs no
+    compiler; ``cython``: a C compiler), and ``module``:``function`` the settle function with the
+    contract of :func:`mep_hw.settle.settle` (imported lazily by :meth:`load`)."""
+
+    name: str
+    method: str
+    order: int
+    target: str
+    module: str
+    function: str
+
+    def load(self) -> Callable:
+        return getattr(importlib.import_module(self.module), self.function)
+
+
+BACKENDS: dict[str, Backend] = {
+    "brian2": Backend("brian2", "euler", 1, "numpy", "mep_hw.settle.brian2_backend", "settle_brian2"),
+    "brian2_cython": Backend("brian2_cython", "euler", 1, "cython", "mep_hw.settle.brian2_backend", "settle_brian2"),
+}
+
+SOLVER_NAMES: tuple[str, ...] = (*SOLVERS, *BACKENDS)
+
+
+def check_solver(name: str) -> None:
+    """Raise ConfigError unless ``name`` is a registered solver (a tableau or a backend)."""
+    if name not in SOLVERS and name not in BACKENDS:
+        raise ConfigError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVER_NAMES)}")
+
+
+def get_backend(name: str) -> Backend | None:
+    """The backend registered under ``name``, or None for a tableau; unknown names list the
+    valid ones."""
+    check_solver(name)
+    return BACKENDS.get(name)
+
+
 def get_solver(name: str) -> Tableau:
     """The tableau registered under ``name``; unknown names list the valid ones."""
+    check_solver(name)
     try:
         return SOLVERS[name]
     except KeyError:
-        raise ConfigError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}") from None
+        raise ConfigError(
+            f"solver {name!r} is a backend ({BACKENDS[name].module}), not a Runge–Kutta tableau of the "
+            f"torch engine; use one of {', '.join(SOLVERS)} here"
+        ) from None

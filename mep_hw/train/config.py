@@ -19,11 +19,11 @@ from mep_hw.ep import ESTIMATORS, INITS, EPConfig
 from mep_hw.errors import ConfigError
 from mep_hw.io import DATASETS
 from mep_hw.model import ACTIVATIONS, COSTS
-from mep_hw.settle import SOLVERS, SettleConfig
+from mep_hw.settle import SOLVER_NAMES as SOLVERS, SettleConfig  # tableaus and backends (brian2)
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "DTYPES", "parse_layers", "option_names"]
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "muon", "dion")
 SCHEDULES = ("cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -64,7 +64,9 @@ class TrainConfig:
     cost: str = _opt("mse", "cost: mse on the output state, or ce (softmax cross-entropy readout)", choices=COSTS)
     epochs: int = _opt(15, "number of passes over the training set", metavar="N")
     batch_size: int = _opt(100, "minibatch size", metavar="B")
-    optimizer: str = _opt("adam", "host optimizer that applies the EP gradient", choices=OPTIMIZERS)
+    optimizer: str = _opt(
+        "adam", "host optimizer that applies the EP gradient (muon/dion: Muon or Dion on the weight matrices, "
+        "Adam at lr/10 on the biases, momentum 0.95; use --lr 0.02)", choices=OPTIMIZERS)
     lr: float = _opt(1e-3, "learning rate of the host optimizer", metavar="F")
     momentum: float = _opt(0.9, "momentum of sgd", metavar="F")
     weight_decay: float = _opt(0.0, "L2 weight decay of the host optimizer", metavar="F")
@@ -87,6 +89,22 @@ class TrainConfig:
     eval_batch_size: int = _opt(1000, "batch size of evaluation", metavar="B")
     torch_device: str = _opt("cpu", "torch device: cpu, cuda, cuda:1, …", metavar="DEV")
     dtype: str = _opt("float32", "floating-point type of states and weights", choices=tuple(DTYPES))
+    device: str | None = _opt(
+        None, "device card the weights live on: a shipped name (mep-hw devices list) or a .toml path; default: ideal weights",
+        metavar="NAME_OR_PATH",
+    )
+    set: dict = field(
+        default_factory=dict,
+        metadata={"help": "override a device-card field, e.g. --set levels=16 --set read_noise=0.02 (repeatable)",
+                  "metavar": "FIELD=VALUE", "cli": "kv"},
+    )
+    spectral_gamma: float | None = _opt(
+        None, "after every step bound the coupling operator of the (held) weights by this γ", metavar="F"
+    )
+    trace_every: str | None = _opt(
+        None, "write RUN_DIR/trace.h5 (weights, conductances, pulses, settle stats, energies) every N optimizer "
+        "steps (200) or N epochs (1epoch)", metavar="N[epoch]",
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
@@ -115,6 +133,19 @@ class TrainConfig:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"torch_device={self.torch_device!r} but CUDA is not available here; use --torch-device cpu")
         self.ep_config()  # validates the settle and EP settings
+        if not isinstance(self.set, dict):
+            raise ConfigError(f"set={self.set!r} must be a table of device-card fields")
+        if self.set and not self.device:
+            raise ConfigError("--set changes a device card's fields; give the card with --device")
+        if self.spectral_gamma is not None:
+            _float("spectral_gamma", self.spectral_gamma, positive=True)
+        if self.device is not None:
+            self.card()  # validates the card and the overrides
+        if self.trace_every is not None:
+            from mep_hw.train.tracing import parse_trace_every
+
+            object.__setattr__(self, "trace_every", str(self.trace_every).strip())
+            parse_trace_every(self.trace_every)
 
     # ------------------------------------------------------------------ derived configs
     def ep_config(self) -> EPConfig:
@@ -126,6 +157,14 @@ class TrainConfig:
             beta=self.beta, estimator=self.estimator, random_sign=self.random_sign, init=self.init, free=free, nudged=nudged
         )
 
+    def card(self):
+        """The device card with the ``set`` overrides applied (None without ``device``)."""
+        if self.device is None:
+            return None
+        from mep_hw.hw import load_card
+
+        return load_card(self.device, self.set)
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -136,7 +175,7 @@ class TrainConfig:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is None:
+            if v is None or (isinstance(v, dict) and not v):
                 continue
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out

@@ -8,11 +8,13 @@ stopped, and the same seed gives the same metrics on the same machine.
 A run folder holds ``config.toml`` (the full configuration), ``checkpoint.pt`` (weights,
 optimizer and schedule state, history; rewritten atomically after every epoch) and
 ``metrics.json`` (also rewritten after every epoch, and when the run is interrupted or
-diverges, with ``status`` saying which).
+diverges, with ``status`` saying which), and with ``--trace-every`` an HDF5 ``trace.h5``
+(see :mod:`mep_hw.train.tracing` and :mod:`mep_hw.io.trace`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -26,8 +28,14 @@ from mep_hw.errors import ConfigError, SettleError
 from mep_hw.io import Dataset, load_dataset
 from mep_hw.io.runs import load_checkpoint, read_toml, save_checkpoint, write_json, write_toml
 from mep_hw.model import LayeredHopfield, one_hot
+from mep_hw.optimizers import SDMEPOptimizer, SMEPOptimizer
+from mep_hw.optimizers.strategies import SpectralConstraint
 from mep_hw.settle import SettleStatus
 from mep_hw.train.config import TrainConfig
+from mep_hw.host.flops import ep_estimate_flops, host_step_flops
+from mep_hw.train.cost import CostAccumulator
+from mep_hw.train.hardware import HardwareNetwork
+from mep_hw.train.tracing import IntervalAccumulator, epoch_units, interval_values, open_trace, parse_trace_every
 
 __all__ = ["EpochStats", "TrainResult", "train", "evaluate", "build_model", "build_optimizer", "epoch_generator", "iterate_batches"]
 
@@ -49,6 +57,11 @@ class EpochStats(NamedTuple):
     free_step_limit_frac: float  # share of samples that ended at the step limit
     nudged_step_limit_frac: float
     lr: float
+    pulses_up: int = 0  # device pulses in this epoch (0 on ideal weights)
+    pulses_down: int = 0
+    refreshes: int = 0
+    free_time_mean: float = 0.0  # settle time per sample, units of τ (× the card's tau_s: seconds)
+    nudged_time_mean: float = 0.0  # per sample and nudged phase
 
 
 class TrainResult(NamedTuple):
@@ -85,6 +98,9 @@ def build_optimizer(cfg: TrainConfig, params, steps_total: int):
     fused = {"fused": True} if cfg.torch_device == "cpu" or cfg.torch_device.startswith("cuda") else {}
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    elif cfg.optimizer in ("muon", "dion"):  # the EP gradient arrives in .grad: the optimizer's backprop mode
+        cls = SMEPOptimizer if cfg.optimizer == "muon" else SDMEPOptimizer
+        opt = cls(params, mode="backprop", lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = None
@@ -94,18 +110,20 @@ def build_optimizer(cfg: TrainConfig, params, steps_total: int):
 
 
 @torch.no_grad()
-def evaluate(model: LayeredHopfield, x: Tensor, y: Tensor, cfg: TrainConfig) -> tuple[float, float, float]:
-    """(accuracy, mean cost, mean free-phase steps) of the free phase on (x, y)."""
+def evaluate(model: LayeredHopfield, x: Tensor, y: Tensor, cfg: TrainConfig, dynamics_kw: dict | None = None) -> tuple[float, float, float, float]:
+    """(accuracy, mean cost, mean free-phase steps, mean free-phase settle time in τ) of the free
+    phase on (x, y); with ``dynamics_kw`` (device tiles) the weights are read through the devices."""
     ep = cfg.ep_config()
-    correct, loss, steps = 0, 0.0, 0
+    correct, loss, steps, stime = 0, 0.0, 0, 0.0
     for i in range(0, x.shape[0], cfg.eval_batch_size):
         xb, yb = x[i : i + cfg.eval_batch_size], y[i : i + cfg.eval_batch_size]
-        res = free_phase(model, xb, ep, check=False)
+        res = free_phase(model, xb, ep, check=False, dynamics_kw=dynamics_kw)
         correct += int((model.logits(res.states).argmax(1) == yb).sum())
         loss += float(model.cost_fn(res.states, one_hot(yb, model.layers[-1], x.dtype)).sum())
         steps += int(res.steps.sum())
+        stime += float(res.time.sum())
     n = max(1, x.shape[0])
-    return correct / n, loss / n, steps / n
+    return correct / n, loss / n, steps / n, stime / n
 
 
 def _tensors(ds: Dataset, cfg: TrainConfig):
@@ -180,6 +198,12 @@ def train(
     opt, sched = build_optimizer(cfg, params, cfg.epochs * n_batches)
     history: list[EpochStats] = []
     start = 1
+    card = cfg.card()
+    hw = HardwareNetwork(model, card, cfg.seed) if card is not None else None
+    spectral_state: dict = {}
+    cost_acc = CostAccumulator(phases=1 + (2 if cfg.estimator == "symmetric" else 1))
+    shapes = [tuple(w.shape) for w in model.weights]
+    bias_sizes = [b.numel() for b in model.biases]
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -187,8 +211,16 @@ def train(
             sched.load_state_dict(state["scheduler"])
         history = [EpochStats(**h) for h in state["history"]]
         start = int(state["epoch"]) + 1
+        if hw is not None:
+            hw.load_state_dict(state["hardware"], model)
+        cost_acc.load_state_dict(state.get("cost"))
     ep_cfg = cfg.ep_config()
+    if hw is not None and hw.noise_floor() > 0:
+        # on noisy hardware the steady-state test can hold before a nudge has reached the hidden
+        # layers: let every nudged settle take at least one step per layer (and one more)
+        ep_cfg = dataclasses.replace(ep_cfg, nudged=dataclasses.replace(ep_cfg.nudged, min_steps=min(model.n_states + 1, ep_cfg.nudged.max_steps)))
     n_out = model.layers[-1]
+    weights = list(model.weights)
 
     def write_metrics(status: str, error: str | None = None) -> None:
         last = history[-1] if history else None
@@ -202,8 +234,17 @@ def train(
                 "epochs_completed": len(history),
                 "history": [h._asdict() for h in history],
                 "config": cfg.to_dict(),
+                "device": card.to_dict() if card is not None else None,
+                "pulses": hw.per_layer() if hw is not None else None,
+                "cost": cost_acc.summary(card, cfg, model) if hw is not None else None,
             },
         )
+
+    every = parse_trace_every(cfg.trace_every)
+    tracer = open_trace(run_dir, cfg, card, resume_epoch=(start - 1) if resume else None, steps_per_epoch=n_batches) if every else None
+    acc = IntervalAccumulator()
+    if tracer is not None and start == 1 and tracer.count() == 0:
+        tracer.interval(0, 0, interval_values(model, hw, acc))
 
     show = progress if progress is not None else None
     try:
@@ -211,32 +252,61 @@ def train(
             gen = epoch_generator(cfg.seed, epoch)
             batches = iterate_batches(n, cfg.batch_size, gen)
             t0 = time.perf_counter()
-            loss_sum = correct = f_steps = n_steps = f_lim = n_lim = n_nudged = 0.0
+            loss_sum = correct = f_steps = n_steps = f_lim = n_lim = n_nudged = f_time = n_time = 0.0
+            host_flops = 0
             bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                        disable=(not show) if show is not None else None)
+            counts0 = hw.totals() if hw is not None else None
+            dyn_kw = hw.dynamics_kw() if hw is not None else None
             for b, idx in enumerate(bar):
                 idx = idx.to(xtr.device)
                 x, y = xtr.index_select(0, idx), ytr.index_select(0, idx)
-                res = ep_gradients(model, x, one_hot(y, n_out, x.dtype), ep_cfg, generator=gen)
+                res = ep_gradients(model, x, one_hot(y, n_out, x.dtype), ep_cfg, generator=gen, dynamics_kw=dyn_kw)
                 assign_grads(params, res.grads)
+                before = [w.detach().clone() for w in weights] if hw is not None else None
                 opt.step()
+                if hw is not None:
+                    hw.write(model, before)
+                if cfg.spectral_gamma is not None:
+                    if hw is not None:
+                        hw.constrain(model, cfg.spectral_gamma, spectral_state)
+                    elif model.n_states > 1:
+                        SpectralConstraint(gamma=cfg.spectral_gamma).apply_coupled(
+                            [w.data for w in weights[1 : model.n_states]], spectral_state)
                 if sched is not None:
                     sched.step()
                 loss_sum += float(res.loss.sum())
                 correct += int((res.logits.argmax(1) == y).sum())
                 f_steps += int(res.free.steps.sum())
+                f_time += float(res.free.time.sum())
                 f_lim += int((res.free.status == SettleStatus.STEP_LIMIT).sum())
+                if hw is not None:
+                    host_flops += ep_estimate_flops(x.shape[0], shapes) + host_step_flops(cfg.optimizer, shapes, bias_sizes)
                 for r in res.nudged:
                     n_steps += int(r.steps.sum())
+                    n_time += float(r.time.sum())
                     n_lim += int((r.status == SettleStatus.STEP_LIMIT).sum())
                     n_nudged += r.steps.numel()
                 if b % 10 == 0:
                     bar.set_postfix(loss=f"{loss_sum / ((b + 1) * cfg.batch_size):.4f}")
+                if tracer is not None:
+                    with torch.no_grad():
+                        acc.add(res, model.energy(x, res.free.states), y)
+                    step = (epoch - 1) * n_batches + b + 1
+                    if every.due_step(step) or (b == n_batches - 1 and every.due_epoch(epoch)):
+                        tracer.interval(step, epoch, interval_values(model, hw, acc))
+                        acc.reset()
                 if on_batch is not None:
                     on_batch(epoch, b)
             epoch_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            test_acc, test_loss, _ = evaluate(model, xte, yte, cfg)
+            ops_train = hw.totals() if hw is not None else None
+            test_acc, test_loss, test_steps, test_time = evaluate(model, xte, yte, cfg, dyn_kw)
+            if hw is not None:
+                cost_acc.add_epoch(counts0, ops_train, hw.totals(), n=n, host_flops=host_flops,
+                                   settle=(f_time + n_time, f_steps + n_steps),
+                                   test=(xte.shape[0], test_time, test_steps))
+            counts = {k: hw.totals()[k] - counts0[k] for k in ("pulses_up", "pulses_down", "refreshes")} if hw is not None else {}
             stats = EpochStats(
                 epoch=epoch,
                 train_loss=loss_sum / n,
@@ -250,6 +320,9 @@ def train(
                 free_step_limit_frac=f_lim / n,
                 nudged_step_limit_frac=n_lim / max(1, n_nudged),
                 lr=float(opt.param_groups[0]["lr"]),
+                **counts,
+                free_time_mean=f_time / n,
+                nudged_time_mean=n_time / max(1, n_nudged),
             )
             history.append(stats)
             save_checkpoint(
@@ -260,9 +333,13 @@ def train(
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict() if sched is not None else None,
                     "history": [h._asdict() for h in history],
+                    "hardware": hw.state_dict() if hw is not None else None,
+                    "cost": cost_acc.state_dict(),
                 },
             )
             write_metrics("running" if epoch < cfg.epochs else "completed")
+            if tracer is not None:
+                tracer.epoch(epoch, {k: (v, epoch_units(k)) for k, v in stats._asdict().items() if k != "epoch"})
             if show is not False:
                 tqdm.write(
                     f"epoch {epoch}/{cfg.epochs}: train loss {stats.train_loss:.4f} acc {stats.train_accuracy:.4f} | "
@@ -275,5 +352,8 @@ def train(
     except SettleError as e:
         write_metrics("diverged", str(e))
         raise
+    finally:
+        if tracer is not None:
+            tracer.close()
     write_metrics("completed")
     return TrainResult(run_dir, history[-1].test_accuracy, tuple(history), "completed")

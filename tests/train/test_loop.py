@@ -1,23 +1,14 @@
 """The training loop: run folder, resume after interruption, determinism, failure handling."""
 
-import json
-
 import pytest
 import torch
 
 from mep_hw.errors import ConfigError, SettleError
 from mep_hw.io.runs import load_checkpoint
 from mep_hw.train import TrainConfig, train
+from tests.train.runs import metrics, run_interrupted, strip_times
 
 SMALL = dict(dataset="digits", layers=(64, 32, 10), epochs=3, batch_size=50, limit_train=200, limit_test=100)
-
-
-def metrics(run):
-    return json.loads((run / "metrics.json").read_text())
-
-
-def strip_times(history):
-    return [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in history]
 
 
 def test_run_folder_has_config_checkpoint_and_metrics(tmp_path):
@@ -47,13 +38,7 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path):
     cfg = TrainConfig(**SMALL)
     train(cfg, tmp_path / "full", progress=False)
-
-    def stop(epoch, batch):
-        if epoch == 2 and batch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", progress=False, on_batch=stop)
+    run_interrupted(cfg, tmp_path / "cut", epoch=2, batch=1)
     m = metrics(tmp_path / "cut")
     assert m["status"] == "interrupted" and m["epochs_completed"] == 1 and "--resume" in m["error"]
     train(cfg, tmp_path / "cut", resume=True, progress=False)

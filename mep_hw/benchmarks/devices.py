@@ -1,0 +1,136 @@
+"""Benchmarks of the device layer: settle-step overhead, and hardware-faithful MNIST accuracy.
+
+    python -m mep_hw.benchmarks.devices overhead --out benchmarks/results/device_overhead.json
+    python -m mep_hw.benchmarks.devices accuracy --data-dir ../shared/data --epochs 10 \\
+        --cards ideal pcm:levels=16 --out benchmarks/results/device_accuracy.json
+
+``overhead``: one settle step (a field evaluation and an Euler update) of the 784-500-10 layered
+Hopfield network at a training batch, with every weight matrix read through a tile at every step,
+on the Ideal device and on the Crossbar device (the PCM card at 16 levels: read noise, 8-bit DAC
+and ADC, output noise). The two are timed in interleaved rounds; the figure is the median of the
+per-round ratios (each round times both, back to back), with the ratio of medians and of minima.
+
+``accuracy``: ``mep-hw train`` on MNIST 784-500-10 (symmetric EP, defaults) for each card, the
+same number of epochs, one run folder per card; the JSON lists test accuracy, wall time, pulses
+and refreshes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mep_hw.hw import load_card, parse_sets
+from mep_hw.io import load_dataset
+from mep_hw.io.runs import read_json, write_json
+from mep_hw.model import LayeredHopfield
+from mep_hw.train import TrainConfig, train
+from mep_hw.train.hardware import HardwareNetwork
+
+
+def _step(dyn, s):
+    k = dyn.field(s)
+    return s.add_(k)  # Euler, dt = 1
+
+
+def overhead(out: Path, batch: int = 100, rounds: int = 15, steps: int = 40, pcm_set=None) -> dict:
+    torch.manual_seed(0)
+    model = LayeredHopfield((784, 500, 10), generator=torch.Generator().manual_seed(0))
+    x = torch.rand(batch, 784, generator=torch.Generator().manual_seed(1))
+    nets = {name: HardwareNetwork(model, load_card(name, over), seed=0) for name, over in
+            (("ideal", None), ("pcm", pcm_set or {"levels": 16}))}
+    dyns = {n: model.dynamics(x, **h.dynamics_kw()) for n, h in nets.items()}
+    s0 = torch.cat(model.forward_init(dyns["ideal"]), 1)
+    times = {n: [] for n in dyns}
+    for _ in range(3):  # warm up
+        for n, d in dyns.items():
+            _step(d, s0.clone())
+    for _ in range(rounds):
+        for n, d in dyns.items():
+            s = s0.clone()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                _step(d, s)
+            times[n].append((time.perf_counter() - t0) / steps)
+    med = {n: 1e6 * statistics.median(t) for n, t in times.items()}
+    best = {n: 1e6 * min(t) for n, t in times.items()}
+    paired = [p / i for p, i in zip(times["pcm"], times["ideal"])]  # rounds are interleaved: pair them
+    card = load_card("pcm", pcm_set or {"levels": 16})
+    report = {
+        "benchmark": "device_overhead", "network": "784-500-10", "batch": batch, "rounds": rounds, "steps_per_round": steps,
+        "step_us_median": med, "step_us_min": best,
+        "ratio_crossbar_over_ideal": statistics.median(paired),
+        "ratio_of_medians": med["pcm"] / med["ideal"], "ratio_of_minima": best["pcm"] / best["ideal"],
+        "ratio_per_round_quartiles": statistics.quantiles(paired, n=4),
+        "crossbar": {"card": "pcm", "levels": card.device.levels, "read_noise": card.device.read_noise,
+                     "dac_bits": card.periphery.dac_bits, "adc_bits": card.periphery.adc_bits, "out_noise": card.periphery.out_noise},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    write_json(out, report)
+    return report
+
+
+def accuracy(data_dir, cards: list[str], epochs: int, out: Path, runs_dir: Path | None, limit_train=None, limit_test=None) -> dict:
+    ds = load_dataset("mnist", data_dir, limit_train=limit_train, limit_test=limit_test)
+    report = read_json(out) if out.exists() else {"benchmark": "device_accuracy", "network": "784-500-10", "runs": {}}
+    for spec in cards:
+        name, _, over = spec.partition(":")
+        sets = parse_sets(over.split(",")) if over else {}
+        label = spec
+        cfg = TrainConfig(dataset="mnist", data_dir=data_dir, layers=(784, 500, 10), epochs=epochs,
+                          device=None if name == "ideal_float" else name, set=sets,
+                          limit_train=limit_train, limit_test=limit_test)
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = (runs_dir / label.replace(":", "_").replace("=", "").replace(",", "_")) if runs_dir else Path(tmp) / "run"
+            t0 = time.perf_counter()
+            res = train(cfg, run_dir, dataset=ds, progress=False)
+            wall = time.perf_counter() - t0
+            m = read_json(run_dir / "metrics.json")
+        report["runs"][label] = {
+            "card": name, "set": sets, "epochs": epochs, "test_accuracy": res.test_accuracy,
+            "test_accuracy_history": [h.test_accuracy for h in res.history],
+            "wall_seconds": wall, "epoch_seconds": [h.epoch_seconds for h in res.history],
+            "pulses_up": sum(h.pulses_up for h in res.history), "pulses_down": sum(h.pulses_down for h in res.history),
+            "refreshes": sum(h.refreshes for h in res.history),
+            "nudged_steps_mean": [h.nudged_steps_mean for h in res.history],
+            "device": m.get("device"),
+        }
+        write_json(out, report)
+        print(f"{label}: test accuracy {res.test_accuracy:.4f} after {epochs} epochs ({wall:.0f} s)", flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    o = sub.add_parser("overhead")
+    o.add_argument("--batch", type=int, default=100)
+    o.add_argument("--rounds", type=int, default=15)
+    o.add_argument("--out", default="benchmarks/results/device_overhead.json")
+    a = sub.add_parser("accuracy")
+    a.add_argument("--data-dir", default=None)
+    a.add_argument("--epochs", type=int, default=10)
+    a.add_argument("--cards", nargs="+", default=["ideal", "pcm:levels=16"],
+                   help="card names, optionally with overrides: pcm:levels=16,read_noise=0.02 (ideal_float: no device)")
+    a.add_argument("--limit-train", type=int, default=None)
+    a.add_argument("--limit-test", type=int, default=None)
+    a.add_argument("--runs-dir", default=None, help="keep the run folders here")
+    a.add_argument("--out", default="benchmarks/results/device_accuracy.json")
+    args = p.parse_args(argv)
+    if args.what == "overhead":
+        r = overhead(Path(args.out), batch=args.batch, rounds=args.rounds)
+        print(f"settle step: ideal {r['step_us_median']['ideal']:.0f} us, crossbar {r['step_us_median']['pcm']:.0f} us, "
+              f"ratio {r['ratio_crossbar_over_ideal']:.2f} (median of paired rounds; of medians {r['ratio_of_medians']:.2f}, of minima {r['ratio_of_minima']:.2f})")
+    else:
+        accuracy(args.data_dir, args.cards, args.epochs, Path(args.out), Path(args.runs_dir) if args.runs_dir else None,
+                 args.limit_train, args.limit_test)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

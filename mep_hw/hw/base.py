@@ -1,0 +1,355 @@
+"""The device abstraction, the ideal device, and a tile: one weight matrix held by a device.
+
+A :class:`Device` is a frozen, keyword-only dataclass of physical parameters (units in the field
+names) plus pure maps between normalised weights w̃ ∈ [−1, 1] and the physical state. The
+per-cell state (conductances, per-cell variations sampled once, phases, integers) lives in a
+NamedTuple the device creates from an explicit ``torch.Generator``. Verbs:
+
+* ``program(state, w̃)``: write intended weights; the device decides what it holds;
+* ``mean(state)``: the logical weights it holds now, without read noise (drift, IR drop…);
+* ``read(state, noise)``: one noisy read;
+* ``update(state, Δw̃)``: apply an intended change as the device would (pulses), returning the
+  new state and the pulse counts;
+* ``physical(state)``: the physical quantities with their units, for traces.
+
+A :class:`Tile` composes a device, a :class:`~mep_hw.hw.periphery.Periphery` and the mapping
+scale W = w_scale · w̃, and offers ``mvm`` (x Wᵀ) and ``mvm_t`` (u W, the transpose read from the
+same cells) with DAC, read noise, output noise and ADC applied.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from mep_hw.errors import ConfigError, DeviceError
+from mep_hw.hw.noise import NoiseBank
+from mep_hw.hw.periphery import Periphery, quantize
+
+__all__ = ["Device", "IdealDevice", "IdealState", "UpdateCounts", "Tile"]
+
+
+def check_range(name, v, lo=None, hi=None, lo_open=False, integer=False):
+    """Raise ConfigError naming ``name`` unless ``v`` is a finite number (an integer if asked) in range."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if integer:
+        ok = ok and isinstance(v, int)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '−∞'}, {hi if hi is not None else '∞'}]"
+        raise ConfigError(f"{name}={v!r} is out of range: expected {'an integer' if integer else 'a number'} in {rng}")
+
+
+class UpdateCounts(NamedTuple):
+    pulses_up: int  # potentiating pulses (all cells of the tile)
+    pulses_down: int  # depressing pulses
+    refreshes: int  # cells re-programmed because a device saturated
+    programmed: int  # cells written by a program operation
+
+
+class Device(ABC):
+    """One kind of weight store (see the module docstring)."""
+
+    kind: ClassVar[str] = "device"
+
+    @abstractmethod
+    def init_state(self, shape, generator: torch.Generator, dtype: torch.dtype, device) -> Any: ...
+
+    @abstractmethod
+    def program(self, state, w: Tensor, generator: torch.Generator) -> Any: ...
+
+    @abstractmethod
+    def mean(self, state) -> Tensor: ...
+
+    def read_std(self, state) -> float | Tensor | None:
+        """Per-cell standard deviation of one read, in normalised weight units (None: exact)."""
+        return None
+
+    def read(self, state, noise: NoiseBank | None) -> Tensor:
+        m = self.mean(state)
+        std = self.read_std(state)
+        if std is None or noise is None:
+            return m.clone()
+        return m + noise.normal(m.shape) * std
+
+    @abstractmethod
+    def update(self, state, dw: Tensor, generator: torch.Generator) -> tuple[Any, UpdateCounts]: ...
+
+    def advance(self, state, seconds: float) -> Any:
+        """Let time pass (drift); by default nothing changes."""
+        return state
+
+    def physical(self, state) -> dict[str, tuple[Tensor, str]]:
+        return {"weight": (self.mean(state), "1")}
+
+    def scale_of(self, W: Tensor) -> float:
+        """The magnitude that maps to w̃ = 1 (times the periphery's headroom): max |W|."""
+        return float(W.abs().max())
+
+    def mapping_scale(self, W: Tensor, headroom: float) -> float:
+        """w_scale of a tile holding W: headroom × scale_of(W) (a digital device holding absolute
+        values returns 1)."""
+        scale = self.scale_of(W)
+        return headroom * (scale if scale > 0 else 1.0)
+
+    def device_mvm(self, state, x: Tensor, transpose: bool) -> Tensor | None:
+        """A device with its own arithmetic (a digital datapath) returns x w̃ᵀ (or x w̃ when
+        ``transpose``) in normalised units; None uses the analog path of the tile."""
+        return None
+
+    def output_noise_var(self, y: Tensor) -> Tensor | None:
+        """Extra signal-dependent output noise variance (normalised units), e.g. shot noise."""
+        return None
+
+    def noise_rms(self, state) -> float:
+        """rms of the read noise over cells (normalised units), for settle tolerances."""
+        std = self.read_std(state)
+        if std is None:
+            return 0.0
+        return float(std) if not isinstance(std, Tensor) else float(std.square().mean().sqrt())
+
+
+class IdealState(NamedTuple):
+    w: Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdealDevice(Device):
+    """Exact float weights: programs, reads and updates are exact, no noise, no bounds."""
+
+    kind: ClassVar[str] = "ideal"
+    name: str = "ideal"
+
+    def init_state(self, shape, generator, dtype, device) -> IdealState:
+        return IdealState(torch.zeros(shape, dtype=dtype, device=device))
+
+    def program(self, state, w, generator) -> IdealState:
+        return IdealState(w.clone())
+
+    def mean(self, state) -> Tensor:
+        return state.w
+
+    def update(self, state, dw, generator):
+        return IdealState(state.w + dw), UpdateCounts(0, 0, 0, 0)
+
+
+class Tile:
+    """One weight matrix (out × in) held by ``device`` behind ``periphery``.
+
+    ``W`` is programmed at construction; w_scale = periphery.w_headroom × device.scale_of(W) maps
+    logical weights to w̃ ∈ [−1, 1]. Inputs are divided by ``in_scale`` before the DAC.
+    """
+
+    def __init__(self, device: Device, periphery: Periphery, W: Tensor, *, seed: int, noise: NoiseBank | None = None,
+                 in_scale: float = 1.0, name: str = "tile"):
+        if W.ndim != 2:
+            raise DeviceError(f"{name}: a tile holds a matrix, got shape {tuple(W.shape)}")
+        self.device, self.periphery, self.name = device, periphery, name
+        self.shape = tuple(W.shape)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.noise = noise
+        self.in_scale = float(in_scale)
+        self.w_scale = device.mapping_scale(W.detach(), periphery.w_headroom)
+        self.state = device.init_state(self.shape, self.gen, W.dtype, W.device)
+        # pulse counts, and the operations of every read: multiply-accumulates in the array and
+        # DAC / ADC conversions (only where the periphery has a converter); see mep_hw.hw.cost
+        self.totals = {"pulses_up": 0, "pulses_down": 0, "refreshes": 0, "programmed": 0, "macs": 0, "dac": 0, "adc": 0}
+        self._cache: dict = {}
+        self._dac_cache: dict = {}
+        self._read_std = None
+        self._dac_unit = periphery.dac_step if periphery.dac_bits else 1.0
+        self._k = self._dac_unit / periphery.adc_step if periphery.adc_bits else 1.0
+        self._shot = type(device).output_noise_var is not Device.output_noise_var
+        self.program(W)
+
+    # ------------------------------------------------------------------ state
+    def _changed(self):
+        self._cache = {}
+        self._dac_cache = {}  # the cached noise std depends on the state
+        self._read_std = self.device.read_std(self.state)
+        # constants of the read path, fixed until the state (or the mapping) changes
+        p = self.periphery
+        self._is_digital = type(self.device).device_mvm is not Device.device_mvm
+        self._is_exact = self._read_std is None and p.dac_bits == 0 and p.adc_bits == 0 and p.out_noise == 0
+        self._alpha = self.w_scale * self.in_scale * self._dac_unit / self._k
+        self._adc_b = p.adc_bound / p.adc_step if p.adc_bits else 0.0
+
+    def _cached(self, key: str):
+        c = self._cache
+        if key not in c:
+            if key == "held":
+                c[key] = self.device.mean(self.state) * self.w_scale
+            elif key == "norm":  # normalised weights, (out, in)
+                c[key] = self.device.mean(self.state)
+            elif key == "held_t":
+                c[key] = self._cached("held").T
+            elif key == "norm_k":  # normalised weights in ADC codes per DAC code
+                c[key] = self._cached("norm") * self._k
+            elif key == "norm_k_t":
+                c[key] = self._cached("norm_k").T
+            elif key == "var":  # per-cell read variance, (out, in)
+                std = self._read_std
+                c[key] = std.square() if isinstance(std, Tensor) else (None if std is None else float(std) ** 2)
+            elif key == "var_t":
+                v = self._cached("var")
+                c[key] = v.T.contiguous() if isinstance(v, Tensor) else v
+        return c[key]
+
+    def _count(self, c: UpdateCounts):
+        for k, v in c._asdict().items():
+            self.totals[k] += int(v)
+
+    def program(self, W: Tensor) -> Tensor:
+        """Write logical weights W; returns what the tile holds afterwards."""
+        w = W.detach() / self.w_scale
+        self.state = self.device.program(self.state, w, self.gen)
+        self._count(UpdateCounts(0, 0, 0, int(w.numel())))
+        self._changed()
+        return self.held()
+
+    def held(self) -> Tensor:
+        """The logical weights held now, without read noise (cached until the state changes)."""
+        return self._cached("held")
+
+    def read(self) -> Tensor:
+        """One noisy read of the logical weights."""
+        return self.device.read(self.state, self.noise) * self.w_scale
+
+    def write(self, dW: Tensor, seconds: float = 0.0) -> Tensor:
+        """Apply an intended change dW through the device; returns the change achieved."""
+        before = self.held()
+        self.state, counts = self.device.update(self.state, (dW / self.w_scale).to(before.dtype), self.gen)
+        if seconds:
+            self.state = self.device.advance(self.state, seconds)
+        self._count(counts)
+        self._changed()
+        return self.held() - before
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass for the device (drift)."""
+        if seconds:
+            self.state = self.device.advance(self.state, seconds)
+            self._changed()
+
+    # ------------------------------------------------------------------ MVM through the periphery
+    @property
+    def digital(self) -> bool:
+        """The device computes the product itself (a digital datapath)."""
+        return self._is_digital
+
+    @property
+    def exact(self) -> bool:
+        """No read noise and ideal converters: the read is a plain matrix product."""
+        return self._is_exact
+
+    def _dac(self, x: Tensor, x_in_bound: bool, slot: str):
+        """(DAC codes, ‖codes‖ per row) of the inputs. A settle reads the same clamped input x at
+        every step: the codes of the last input tensor of each read direction (``slot``) are
+        kept (a DAC holds its output), with the noise std that goes with them."""
+        last = self._dac_cache.get(slot)
+        if last is not None and last[0] is x and last[4] == x._version:  # same tensor, not modified since
+            return last[1], last[2], last
+        p = self.periphery
+        xs = x if self.in_scale == 1.0 else x / self.in_scale
+        if p.dac_bits:
+            xs = xs.mul(1.0 / p.dac_step) if x_in_bound else xs.clamp(-p.dac_bound, p.dac_bound).mul_(1.0 / p.dac_step)
+            xs = xs.round_()  # integer DAC codes; the DAC step is folded into the output scale
+        norm = torch.linalg.vector_norm(xs, dim=1, keepdim=True)
+        entry = [x, xs, norm, None, x._version]
+        self._dac_cache[slot] = entry
+        return xs, norm, entry
+
+    def _mvm(self, x: Tensor, Wk: Tensor, var, add: Tensor | None, x_in_bound: bool, slot: str) -> Tensor:
+        """add + α·ADC(DAC(x̃) w̃ + noise). ``Wk`` is w̃ (oriented (in, out)) pre-scaled by
+        k = DAC step / ADC step, so the product of the DAC codes with it is already in ADC codes;
+        ``var`` the per-cell read variance in the same orientation (or one number, or None)."""
+        p = self.periphery
+        xs, norm, entry = self._dac(x, x_in_bound, slot)
+        step, k = self._dac_unit, self._k
+        y = xs @ Wk  # in ADC codes (in DAC steps when there is no ADC)
+        extra = self.device.output_noise_var(y * (step / k)) if self._shot else None
+        if var is not None or p.out_noise or extra is not None:
+            # noise std in ADC codes per sample, std = value · u with u (B, 1) or (B, out)
+            cached = entry[3]
+            if cached is not None and extra is None:
+                u, value = cached
+            else:
+                ok = p.out_noise * k / step  # output noise in ADC codes
+                value = 1.0
+                if var is None:
+                    u = torch.full((y.shape[0], 1), ok, dtype=y.dtype, device=y.device)
+                elif isinstance(var, Tensor):  # per-cell read noise: Var(ỹ_j) = Σ_i x̃_i² σ_ij²
+                    u = ((xs * xs) @ var).mul_(k * k).add_(ok * ok).sqrt_()
+                else:  # one σ for all cells: std = √(σ² ‖x̃‖² + o²) = σk · hypot(‖x̃‖, o/(σk))
+                    value = math.sqrt(var) * k
+                    u = torch.hypot(norm, self._scalar(ok / value, norm)) if ok else norm
+                if extra is not None:
+                    u = (u.square().mul_(value * value) + extra * (k / step) ** 2).sqrt_()
+                    value = 1.0
+                else:
+                    entry[3] = (u, value)
+            noise = self.noise.normal(y.shape) if self.noise is not None else torch.randn(y.shape, generator=self.gen, dtype=y.dtype)
+            y = y.addcmul_(u, noise, value=value)  # y is the fresh product: in place, no new buffer
+        b = self._adc_b
+        if b:
+            y = y.clamp_(-b, b).round_()
+        alpha = self._alpha
+        return y.mul_(alpha) if add is None else torch.add(add, y, alpha=alpha, out=y)
+
+    def _ops(self, batch: int, n_in: int, n_out: int) -> None:
+        t = self.totals
+        t["macs"] += batch * n_in * n_out
+        if self.periphery.dac_bits:
+            t["dac"] += batch * n_in
+        if self.periphery.adc_bits:
+            t["adc"] += batch * n_out
+
+    def _scalar(self, v: float, like: Tensor) -> Tensor:
+        t = self._cache.get(("scalar", v))
+        if t is None or t.dtype != like.dtype or t.device != like.device:
+            t = self._cache[("scalar", v)] = torch.tensor(v, dtype=like.dtype, device=like.device)
+        return t
+
+    def mvm(self, x: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
+        """add + x Wᵀ through DAC, device read (noise resampled per sample) and ADC.
+        ``x_in_bound`` says the inputs already lie within the DAC bound (skips the clip)."""
+        self._ops(x.shape[0], self.shape[1], self.shape[0])
+        if self._is_digital:
+            return self._digital(x, add, False)
+        if self._is_exact:
+            Wt = self._cached("held_t")
+            return x @ Wt if add is None else torch.addmm(add, x, Wt)
+        return self._mvm(x, self._cached("norm_k_t"), self._cached("var_t"), add, x_in_bound, "fwd")
+
+    def mvm_t(self, u: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
+        """add + u W: the transpose read from the same cells."""
+        self._ops(u.shape[0], self.shape[0], self.shape[1])
+        if self._is_digital:
+            return self._digital(u, add, True)
+        if self._is_exact:
+            W = self.held()
+            return u @ W if add is None else torch.addmm(add, u, W)
+        return self._mvm(u, self._cached("norm_k"), self._cached("var"), add, x_in_bound, "bwd")
+
+    def _digital(self, x: Tensor, add: Tensor | None, transpose: bool) -> Tensor | None:
+        xs = x if self.in_scale == 1.0 else x / self.in_scale
+        y = self.device.device_mvm(self.state, xs, transpose)
+        if y is None:
+            return None
+        alpha = self.w_scale * self.in_scale
+        return y.mul_(alpha) if add is None else torch.add(add, y, alpha=alpha)
+
+    def noise_rms_out(self, x_rms: float, n_in: int) -> float:
+        """Expected rms of one output's noise (logical units) for inputs of rms ``x_rms``: read
+        noise, output noise and ADC rounding (step/√12)."""
+        p = self.periphery
+        var = (self.device.noise_rms(self.state) ** 2) * n_in * x_rms**2 + p.out_noise**2 + (p.adc_step**2) / 12.0
+        return math.sqrt(var) * self.w_scale * self.in_scale

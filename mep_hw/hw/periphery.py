@@ -1,0 +1,65 @@
+"""Periphery of an analog array: DAC on the inputs, ADC on the outputs, output noise.
+
+Composed with any device (DESIGN §4.3), in the normalised units of aihwkit's IOParameters: inputs
+x̃ = x / in_scale, weights w̃ = W / w_scale ∈ [−1, 1], outputs ỹ = x̃ w̃ᵀ. A b-bit signed
+converter over [−bound, bound] has 2^b − 1 levels, step 2·bound/(2^b − 2); values beyond the
+bound saturate. ``*_bits = 0`` is an ideal converter (no quantisation, no bound). aihwkit's
+defaults are 7-bit DAC with bound 1, 9-bit ADC with bound 12 and output noise 0.06 (std, in ỹ
+units).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from mep_hw.errors import ConfigError
+
+__all__ = ["Periphery", "quantize"]
+
+
+def quantize(x: Tensor, bits: int, bound: float) -> Tensor:
+    """Signed uniform quantiser: clip to [−bound, bound], round to the step 2·bound/(2^bits − 2).
+    Returns a new tensor; ``bits = 0`` returns ``x`` itself."""
+    if bits == 0:
+        return x
+    step = 2.0 * bound / (2**bits - 2)
+    return x.clamp(-bound, bound).mul_(1.0 / step).round_().mul_(step)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Periphery:
+    dac_bits: int = 0
+    dac_bound: float = 1.0
+    adc_bits: int = 0
+    adc_bound: float = 12.0
+    out_noise: float = 0.0
+    w_headroom: float = 2.0  # mapping: w_scale = w_headroom × (largest weight magnitude at the first program)
+
+    def __post_init__(self):
+        for name in ("dac_bits", "adc_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not (v == 0 or 2 <= v <= 24):
+                raise ConfigError(f"{name}={v!r} must be 0 (ideal converter) or an integer in [2, 24]")
+        for name in ("dac_bound", "adc_bound", "w_headroom"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name}={v!r} must be a finite number > 0")
+        v = self.out_noise
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"out_noise={v!r} must be a finite number ≥ 0 (std in normalised output units)")
+
+    @property
+    def dac_step(self) -> float:
+        return 0.0 if self.dac_bits == 0 else 2.0 * self.dac_bound / (2**self.dac_bits - 2)
+
+    @property
+    def adc_step(self) -> float:
+        return 0.0 if self.adc_bits == 0 else 2.0 * self.adc_bound / (2**self.adc_bits - 2)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

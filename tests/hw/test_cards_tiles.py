@@ -1,0 +1,145 @@
+"""Device cards (every card loads; bad cards name the field) and tiles (ideal limits, noise
+bank, reproducibility)."""
+
+import math
+
+import pytest
+import torch
+
+from mep_hw.errors import ConfigError
+from mep_hw.hw import (
+    CrossbarDevice,
+    FixedPointDevice,
+    IdealDevice,
+    NoiseBank,
+    OpticalMZI,
+    Periphery,
+    Tile,
+    card_names,
+    list_cards,
+    load_card,
+)
+
+F64 = torch.float64
+EXPECTED = {"ideal", "pcm", "reram_taox", "reram_agsi", "ecram", "fefet", "mzi", "fpga_q16"}
+
+
+def test_every_shipped_card_loads_with_a_source():
+    names = set(card_names())
+    assert EXPECTED <= names
+    for card in list_cards():
+        assert card.source.strip() and card.description.strip(), card.name
+        assert card.kind in ("ideal", "crossbar", "optical_mzi", "fixed_point")
+        for field in card.sources:
+            assert hasattr(card.device, field) or hasattr(card.periphery, field), (card.name, field)
+        d = card.to_dict()
+        assert d["name"] == card.name and "device" in d and "periphery" in d
+
+
+def test_the_figure_overrides_work_on_every_crossbar_card():
+    for card in list_cards():
+        if card.kind != "crossbar":
+            continue
+        c = load_card(card.name, {"levels": 16, "read_noise": 0.02, "dac_bits": 8, "adc_bits": 8})
+        assert (c.device.levels, c.device.read_noise, c.periphery.dac_bits, c.periphery.adc_bits) == (16, 0.02, 8, 8)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "card.toml"
+    p.write_text(text)
+    return str(p)
+
+
+GOOD = 'name = "x"\nkind = "crossbar"\nsource = "a paper, 2024, Table 1"\n[device]\ng_max_uS = 10.0\n'
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        (GOOD.replace('source = "a paper, 2024, Table 1"\n', ""), "no 'source'"),
+        (GOOD + "colour = 3\n", r"\[device\]: unknown field\(s\) colour; valid fields: .*g_max_uS"),
+        (GOOD.replace("g_max_uS = 10.0", "g_max_uS = -5.0"), r"g_max_uS=-5.0 is out of range: expected a number in \(0.0, ∞\]"),
+        (GOOD.replace("g_max_uS = 10.0", "read_noise = 11.0"), r"read_noise=11.0 is out of range: expected a number in \[0.0, 10.0\]"),
+        (GOOD.replace('kind = "crossbar"', 'kind = "memristor"'), "kind='memristor' is not valid; choose one of: ideal, crossbar"),
+        (GOOD + "[periphery]\nadc_bits = 99\n", r"\[periphery\]: adc_bits=99 must be 0"),
+        ("name = \n", "is not valid TOML"),
+        (GOOD + "[sources]\nnope = 'x'\n", r"\[sources\] names unknown field\(s\) nope"),
+        ('vendor = "x"\n' + GOOD, r"unknown key\(s\) vendor"),
+    ],
+)
+def test_bad_cards_fail_naming_the_field(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_card(write(tmp_path, text))
+
+
+def test_bad_names_and_overrides():
+    with pytest.raises(ConfigError, match="unknown device 'nope'; shipped cards: .*pcm"):
+        load_card("nope")
+    with pytest.raises(ConfigError, match="--set colour: no such field on a crossbar card"):
+        load_card("pcm", {"colour": 1})
+    with pytest.raises(ConfigError, match="levels=1 is out of range"):
+        load_card("pcm", {"levels": 1})
+
+
+def test_noise_bank_statistics_and_independence():
+    bank = NoiseBank(3, size=1 << 20, dtype=F64)
+    draws = torch.stack([bank.normal((1000,)) for _ in range(200)])
+    assert abs(float(draws.mean())) < 0.01 and abs(float(draws.std()) - 1) < 0.01
+    c = draws - draws.mean()
+    assert abs(float((c[1:] * c[:-1]).mean())) < 0.01  # consecutive reads are independent
+    assert torch.equal(NoiseBank(3, size=1 << 20, dtype=F64).normal((5,)), NoiseBank(3, size=1 << 20, dtype=F64).normal((5,)))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [CrossbarDevice(), OpticalMZI(mesh_size=8), FixedPointDevice(weight_bits=32, weight_frac=28, act_bits=32, act_frac=24, acc_bits=53)],
+)
+def test_every_device_at_its_ideal_limit_equals_the_ideal_device(device):
+    W = torch.randn(6, 9, generator=torch.Generator().manual_seed(4), dtype=F64) * 0.3
+    x = torch.rand(5, 9, generator=torch.Generator().manual_seed(5), dtype=F64)
+    ideal = Tile(IdealDevice(), Periphery(), W, seed=0)
+    t = Tile(device, Periphery(), W, seed=0)
+    tol = 1e-6 if isinstance(device, FixedPointDevice) else 1e-10
+    assert float((t.held() - ideal.held()).abs().max()) < tol
+    assert float((t.mvm(x) - ideal.mvm(x)).abs().max()) < 1e-5
+    assert float((t.mvm_t(x[:, :6]) - ideal.mvm_t(x[:, :6])).abs().max()) < 1e-5
+
+
+def test_the_same_seed_reproduces_a_noisy_tile():
+    card = load_card("pcm", {"levels": 16})
+    W = torch.randn(20, 30, generator=torch.Generator().manual_seed(6)) * 0.1
+    x = torch.rand(8, 30, generator=torch.Generator().manual_seed(7))
+    outs = []
+    for _ in range(2):
+        t = Tile(card.device, card.periphery, W, seed=11, noise=NoiseBank(12))
+        t.write(torch.full_like(W, 0.01))
+        outs.append((t.held().clone(), t.mvm(x).clone(), dict(t.totals)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]) and outs[0][2] == outs[1][2]
+    t3 = Tile(card.device, card.periphery, W, seed=13, noise=NoiseBank(12))
+    assert not torch.equal(t3.held(), outs[0][0])
+
+
+def test_dac_and_adc_quantise_the_mvm():
+    W = torch.randn(4, 50, generator=torch.Generator().manual_seed(8), dtype=F64) * 0.2
+    t = Tile(IdealDevice(), Periphery(dac_bits=4, adc_bits=6, adc_bound=3.0), W, seed=0)
+    x = torch.rand(100, 50, generator=torch.Generator().manual_seed(9), dtype=F64)
+    y = t.mvm(x)
+    step = 2 * 3.0 / 62 * t.w_scale
+    assert torch.allclose(y / step, (y / step).round(), atol=1e-9)  # ADC codes
+    assert float(y.abs().max()) <= 3.0 * t.w_scale + 1e-12  # saturates at the bound
+    xq = (x * 7).round() / 7  # 4-bit DAC over [−1, 1]: step 2/14
+    exact = ((xq @ (W.T / t.w_scale)).clamp(-3, 3) / (6 / 62)).round() * (6 / 62) * t.w_scale
+    torch.testing.assert_close(y, exact)
+    assert math.isclose(t.periphery.adc_step, 6 / 62)
+
+
+def test_the_held_dac_codes_follow_an_input_modified_in_place():
+    W = torch.randn(4, 50, generator=torch.Generator().manual_seed(8), dtype=F64) * 0.2
+    t = Tile(IdealDevice(), Periphery(dac_bits=6, adc_bits=10, adc_bound=3.0), W, seed=0)
+    x = torch.rand(10, 50, generator=torch.Generator().manual_seed(9), dtype=F64)
+    y0 = t.mvm(x).clone()
+    torch.testing.assert_close(t.mvm(x), y0)  # the held codes give the same read
+    x.mul_(0.5)
+    fresh = Tile(IdealDevice(), Periphery(dac_bits=6, adc_bits=10, adc_bound=3.0), W, seed=0)
+    torch.testing.assert_close(t.mvm(x), fresh.mvm(x.clone()))
+    assert not torch.allclose(t.mvm(x), y0)

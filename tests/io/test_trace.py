@@ -1,0 +1,87 @@
+"""HDF5 traces: round trip, commit marker, trimming on resume, corrupt and foreign files."""
+
+import h5py
+import numpy as np
+import pytest
+
+from mep_hw.errors import TraceError
+from mep_hw.io.trace import TraceWriter, describe_trace, read_trace
+
+ATTRS = {"config_toml": 'dataset = "digits"\nlayers = [4, 3, 2]\nepochs = 2\nseed = 0\n', "device_json": "null", "trace_every": "1"}
+
+
+def _values(rng, k):
+    return {"layers/W0/weight": (rng.standard_normal((3, 4)).astype(np.float32), "1"),
+            "layers/W0/g_plus": (rng.uniform(0, 25, (3, 4)), "uS"),
+            "layers/W0/pulses_up": (np.int64(10 * k), "pulses"),
+            "metrics/train_loss": (1.0 / (k + 1), "1")}
+
+
+def _write(path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    written = []
+    with TraceWriter.open(path, ATTRS) as w:
+        for k in range(n):
+            v = _values(rng, k)
+            w.interval(step=5 * k, epoch=k // 2, values=v)
+            written.append(v)
+        w.epoch(1, {"test_accuracy": (0.5, "1")})
+    return written
+
+
+def test_round_trip_with_units_and_plain_h5py(tmp_path):
+    p = tmp_path / "trace.h5"
+    written = _write(p, 4)
+    t = read_trace(p)
+    assert list(t.intervals["step"]) == [0, 5, 10, 15]
+    for k, v in enumerate(written):
+        np.testing.assert_array_equal(t.intervals["layers/W0/weight"][k], v["layers/W0/weight"][0])
+        np.testing.assert_array_equal(t.intervals["layers/W0/g_plus"][k], v["layers/W0/g_plus"][0])
+    assert t.units["intervals/layers/W0/g_plus"] == "uS" and t.units["intervals/step"] == "steps"
+    assert t.config["layers"] == [4, 3, 2] and t.epochs["test_accuracy"].tolist() == [0.5]
+    with h5py.File(p, "r") as f:  # plain h5py, no mep_hw
+        ds = f["intervals/layers/W0/weight"]
+        assert ds.shape == (4, 3, 4) and ds.maxshape[0] is None and ds.compression == "gzip" and ds.chunks == (1, 3, 4)
+        assert ds.attrs["units"] == "1"
+    text = describe_trace(p)
+    assert "intervals: 4 (steps 0–15" in text and "g_plus" in text and "uS" in text
+
+
+def test_an_interval_cut_mid_write_is_not_read_and_is_trimmed_on_resume(tmp_path):
+    p = tmp_path / "trace.h5"
+    _write(p, 3)
+    with h5py.File(p, "r+") as f:  # what a kill between the datasets and the commit marker leaves
+        ds = f["intervals/layers/W0/weight"]
+        ds.resize(4, axis=0)
+        ds[3] = 7.0
+    t = read_trace(p)
+    assert t.intervals["layers/W0/weight"].shape[0] == 3 and len(t.intervals["step"]) == 3
+    assert "4 written, 3 committed" in describe_trace(p)
+    with TraceWriter.open(p, ATTRS, keep_step=5, keep_epoch=0) as w:  # resume from the checkpoint at step 5
+        assert w.count() == 2 and w.count("epochs") == 0
+        w.interval(step=10, epoch=1, values=_values(np.random.default_rng(9), 2))
+    t = read_trace(p)
+    assert list(t.intervals["step"]) == [0, 5, 10]
+    assert all(v.shape[0] == 3 for v in t.intervals.values())
+    assert not (t.intervals["layers/W0/weight"][2] == 7.0).all()
+
+
+def test_a_record_with_other_datasets_is_refused(tmp_path):
+    p = tmp_path / "trace.h5"
+    _write(p, 1)
+    with TraceWriter.open(p, ATTRS, keep_step=100) as w, pytest.raises(TraceError, match="same datasets"):
+        w.interval(step=5, epoch=0, values={"metrics/train_loss": (0.1, "1")})
+
+
+def test_corrupt_truncated_foreign_and_missing_files(tmp_path):
+    p = tmp_path / "trace.h5"
+    _write(p, 3)
+    data = p.read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) // 3])
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = [1, 2]
+    for name, msg in (("cut.h5", "not a readable HDF5 file"), ("text.h5", "not a readable HDF5 file"),
+                      ("foreign.h5", "not an mep_hw trace"), ("absent.h5", "does not exist")):
+        with pytest.raises(TraceError, match=msg):
+            read_trace(tmp_path / name)
