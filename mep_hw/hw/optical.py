@@ -221,10 +221,16 @@ class OpticalMZI(Device):
         return state.realized
 
     def update(self, state: MZIState, dw: Tensor, generator):
+        """Re-program the mesh to hold the new weights. Every block whose weights change has all its
+        phase shifters and attenuators set again: 2·N(N−1) phases (two Clements meshes of
+        N(N−1)/2 MZIs with θ and φ) and N attenuators, counted as ``pulses_up`` (one programming
+        event per setting, the unit of the card's ``e_pulse_J``)."""
         target = self.mean(state) + dw
         new = self.program(state, target, generator)
         changed = int((dw != 0).any(dim=1).sum()) if dw.numel() else 0
-        return new, UpdateCounts(0, 0, 0, changed)
+        N = self.mesh_size
+        blocks = int((self._split(dw) != 0).flatten(1).any(dim=1).sum()) if dw.numel() else 0
+        return new, UpdateCounts(blocks * (2 * N * (N - 1) + N), 0, 0, changed)
 
     def output_noise_var(self, y: Tensor) -> Tensor | None:
         """Photodetector noise against the calibrated signal: the meshes attenuate the field by

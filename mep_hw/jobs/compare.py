@@ -156,7 +156,11 @@ def _tick(axis: str, v) -> str:
 
 def sweep_table(sw: Sweep) -> tuple[list[str], dict[tuple, list[float]], list[dict]]:
     """(axes other than seed, {axis values: [accuracies over seeds]}, failed rows)."""
-    axes = [a for a in sw.axes if a != "seed"]
+    axes = []
+    for a in (a for a in sw.axes if a != "seed"):
+        # a [zip] partner of an axis already kept (one value of it per value of that one) adds nothing to plot
+        if not any(len({(r[k], r[a]) for r in sw.rows}) == len({r[k] for r in sw.rows}) == len({r[a] for r in sw.rows}) for k in axes):
+            axes.append(a)
     acc: dict[tuple, list[float]] = defaultdict(list)
     failed = []
     for r in sw.rows:

@@ -86,3 +86,18 @@ def test_bad_fields():
     with pytest.raises(ConfigError, match=r"insertion_loss_dB=-1.0 is out of range: expected a number in \[0, 3.0\]"):
         OpticalMZI(insertion_loss_dB=-1.0)
     assert math.isfinite(OpticalMZI().scale_of(torch.eye(3)))
+
+
+def test_an_update_counts_the_phase_settings_of_the_blocks_it_changes():
+    from mep_hw.hw import load_card
+
+    dev = load_card("mzi").device  # 16-mode meshes: a 20 × 40 matrix is 2 × 3 blocks
+    gen = torch.Generator().manual_seed(0)
+    st = dev.program(None, torch.zeros(20, 40, dtype=torch.float64), gen)
+    dw = torch.zeros(20, 40, dtype=torch.float64)
+    dw[0, 0] = dw[17, 39] = 0.01  # blocks (0, 0) and (1, 2)
+    _, counts = dev.update(st, dw, gen)
+    N = 16
+    assert counts.pulses_up == 2 * (2 * N * (N - 1) + N) and counts.pulses_down == 0
+    _, none = dev.update(st, torch.zeros_like(dw), gen)
+    assert none.pulses_up == 0
