@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from mep_hw.errors import ConfigError
+from mep_hw.hw.base import check_range
 
 __all__ = ["CostConstants", "CostCounts", "cost_summary", "HOST_E_FLOP_J", "COST_FIELDS"]
 
@@ -57,14 +58,8 @@ class CostConstants:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is None:
-                continue
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-            if f.name in ("tau_s", "macs_per_cycle"):
-                ok = ok and v > 0
-            if not ok:
-                raise ConfigError(f"[cost] {f.name}={v!r} is out of range: expected a finite number "
-                                  f"{'> 0' if f.name in ('tau_s', 'macs_per_cycle') else '≥ 0'}")
+            if v is not None:
+                check_range(f"[cost] {f.name}", v, lo=0.0, lo_open=f.name in ("tau_s", "macs_per_cycle"))
 
 
 COST_FIELDS = frozenset(f.name for f in fields(CostConstants))

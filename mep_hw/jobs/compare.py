@@ -112,23 +112,31 @@ def _style(run: RunInfo) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- plots
-def plot_curves(runs: list[RunInfo], out: Path, pdf: bool) -> str | None:
+def _epoch_panels(runs: list[RunInfo], out: Path, pdf: bool, name: str, panels) -> str | None:
+    """One figure, a panel per (history value, y label, title, y scale), a line per run over epochs;
+    ideal runs black and dashed."""
     if not runs:
         return None
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axs = plt.subplots(1, len(panels), figsize=(11, 4.2))
     for r in runs:
         h = r.metrics.get("history", [])
         ep = [x["epoch"] for x in h]
-        a.plot(ep, [100 * x["test_accuracy"] for x in h], marker="o", label=r.label, **_style(r))
-        b.plot(ep, [x["train_loss"] for x in h], marker="o", label=r.label, **_style(r))
-    a.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy: hardware vs ideal (dashed)")
-    b.set(xlabel="epoch", ylabel="training loss (cost at the free state)", title="Training loss", yscale="log")
-    for ax in (a, b):
+        for ax, (value, *_rest) in zip(axs, panels):
+            ax.plot(ep, [value(x) for x in h], marker="o", label=r.label, **_style(r))
+    for ax, (_v, ylabel, title, yscale) in zip(axs, panels):
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title, yscale=yscale)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    a.legend(fontsize=8)
-    return _save(fig, out, "curves", pdf)
+    axs[0].legend(fontsize=8)
+    return _save(fig, out, name, pdf)
+
+
+def plot_curves(runs: list[RunInfo], out: Path, pdf: bool) -> str | None:
+    return _epoch_panels(runs, out, pdf, "curves", [
+        (lambda x: 100 * x["test_accuracy"], "test accuracy (%)", "Test accuracy: hardware vs ideal (dashed)", "linear"),
+        (lambda x: x["train_loss"], "training loss (cost at the free state)", "Training loss", "log"),
+    ])
 
 
 def _num(v: str):
@@ -293,22 +301,10 @@ def plot_weights_over_training(runs: list[RunInfo], out: Path, pdf: bool) -> str
 
 
 def plot_settle_steps(runs: list[RunInfo], out: Path, pdf: bool) -> str | None:
-    if not runs:
-        return None
-    plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in runs:
-        h = r.metrics.get("history", [])
-        ep = [x["epoch"] for x in h]
-        a.plot(ep, [x["free_steps_mean"] for x in h], marker="o", label=r.label, **_style(r))
-        b.plot(ep, [x["nudged_steps_mean"] for x in h], marker="o", label=r.label, **_style(r))
-    a.set(xlabel="epoch", ylabel="steps per sample", title="Free phase: mean settle steps")
-    b.set(xlabel="epoch", ylabel="steps per sample and phase", title="Nudged phases: mean settle steps")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    a.legend(fontsize=8)
-    return _save(fig, out, "settle_steps", pdf)
+    return _epoch_panels(runs, out, pdf, "settle_steps", [
+        (lambda x: x["free_steps_mean"], "steps per sample", "Free phase: mean settle steps", "linear"),
+        (lambda x: x["nudged_steps_mean"], "steps per sample and phase", "Nudged phases: mean settle steps", "linear"),
+    ])
 
 
 def plot_pulses(runs: list[RunInfo], out: Path, pdf: bool) -> str | None:

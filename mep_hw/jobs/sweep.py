@@ -157,7 +157,7 @@ def expand(spec: SweepSpec) -> list[SweepPoint]:
     points = []
     for i, (g, z) in enumerate(itertools.product(grid, zipped)):
         values = dict(zip(grid_keys, g)) | dict(zip(zip_keys, z))
-        opts = {k: v for k, v in spec.base.items()}
+        opts = dict(spec.base)
         sets = dict(spec.base.get("set", {}))
         for k, v in values.items():
             if k.startswith("set."):
@@ -228,13 +228,13 @@ def _write_results(out: Path, points: list[SweepPoint], results: dict[int, Point
     for p in points:
         r = results.get(p.index)
         if r is None:
-            row = ["pending", "", "", "", "", ""]
+            fields = ["pending", "", "", ""]
         else:
             status = "completed" if r.status == "skipped" else r.status
             acc = "" if r.test_accuracy is None else f"{r.test_accuracy:.6g}"
-            row = [status, acc, f"{r.wall_seconds:.2f}", r.epochs_completed, "", r.error or ""]
-        row[4] = f"points/{p.name}"
-        w.writerow([p.index, *(p.values[a] for a in axes), *row])
+            fields = [status, acc, f"{r.wall_seconds:.2f}", r.epochs_completed]
+        error = "" if r is None else (r.error or "")
+        w.writerow([p.index, *(p.values[a] for a in axes), *fields, f"points/{p.name}", error])
     atomic_write_bytes(out / RESULTS_FILE, buf.getvalue().encode())
 
 

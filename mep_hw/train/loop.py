@@ -30,12 +30,11 @@ from mep_hw.io.runs import load_checkpoint, read_toml, save_checkpoint, write_js
 from mep_hw.model import LayeredHopfield, one_hot
 from mep_hw.optimizers import SDMEPOptimizer, SMEPOptimizer
 from mep_hw.optimizers.strategies import SpectralConstraint
-from mep_hw.settle import SettleStatus
 from mep_hw.train.config import TrainConfig
 from mep_hw.host.flops import ep_estimate_flops, host_step_flops
 from mep_hw.train.cost import CostAccumulator
 from mep_hw.train.hardware import HardwareNetwork
-from mep_hw.train.tracing import IntervalAccumulator, epoch_units, interval_values, open_trace, parse_trace_every
+from mep_hw.train.tracing import StepTotals, batch_sums, epoch_units, interval_values, open_trace, parse_trace_every
 
 __all__ = ["EpochStats", "TrainResult", "train", "evaluate", "build_model", "build_optimizer", "epoch_generator", "iterate_batches"]
 
@@ -242,7 +241,7 @@ def train(
 
     every = parse_trace_every(cfg.trace_every)
     tracer = open_trace(run_dir, cfg, card, resume_epoch=(start - 1) if resume else None, steps_per_epoch=n_batches) if every else None
-    acc = IntervalAccumulator()
+    acc = StepTotals()  # since the last trace interval
     if tracer is not None and start == 1 and tracer.count() == 0:
         tracer.interval(0, 0, interval_values(model, hw, acc))
 
@@ -252,8 +251,7 @@ def train(
             gen = epoch_generator(cfg.seed, epoch)
             batches = iterate_batches(n, cfg.batch_size, gen)
             t0 = time.perf_counter()
-            loss_sum = correct = f_steps = n_steps = f_lim = n_lim = n_nudged = f_time = n_time = 0.0
-            host_flops = 0
+            tot = StepTotals()  # this epoch
             bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                        disable=(not show) if show is not None else None)
             counts0 = hw.totals() if hw is not None else None
@@ -275,23 +273,13 @@ def train(
                             [w.data for w in weights[1 : model.n_states]], spectral_state)
                 if sched is not None:
                     sched.step()
-                loss_sum += float(res.loss.sum())
-                correct += int((res.logits.argmax(1) == y).sum())
-                f_steps += int(res.free.steps.sum())
-                f_time += float(res.free.time.sum())
-                f_lim += int((res.free.status == SettleStatus.STEP_LIMIT).sum())
-                if hw is not None:
-                    host_flops += ep_estimate_flops(x.shape[0], shapes) + host_step_flops(cfg.optimizer, shapes, bias_sizes)
-                for r in res.nudged:
-                    n_steps += int(r.steps.sum())
-                    n_time += float(r.time.sum())
-                    n_lim += int((r.status == SettleStatus.STEP_LIMIT).sum())
-                    n_nudged += r.steps.numel()
+                sums = batch_sums(res, y)
+                tot.add(sums)
                 if b % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_sum / ((b + 1) * cfg.batch_size):.4f}")
+                    bar.set_postfix(loss=f"{tot.sums['loss'] / ((b + 1) * cfg.batch_size):.4f}")
                 if tracer is not None:
                     with torch.no_grad():
-                        acc.add(res, model.energy(x, res.free.states), y)
+                        acc.add(sums, float(model.energy(x, res.free.states).sum()))
                     step = (epoch - 1) * n_batches + b + 1
                     if every.due_step(step) or (b == n_batches - 1 and every.due_epoch(epoch)):
                         tracer.interval(step, epoch, interval_values(model, hw, acc))
@@ -302,27 +290,32 @@ def train(
             t1 = time.perf_counter()
             ops_train = hw.totals() if hw is not None else None
             test_acc, test_loss, test_steps, test_time = evaluate(model, xte, yte, cfg, dyn_kw)
+            t = tot.sums
+            counts = {}
             if hw is not None:
+                # host work per step: the EP estimate (linear in the batch) and the optimizer step
+                host_flops = sum(ep_estimate_flops(len(i), shapes) for i in batches) + len(batches) * host_step_flops(cfg.optimizer, shapes, bias_sizes)
                 cost_acc.add_epoch(counts0, ops_train, hw.totals(), n=n, host_flops=host_flops,
-                                   settle=(f_time + n_time, f_steps + n_steps),
+                                   settle=(t["free_time"] + t["nudged_time"], t["free_steps"] + t["nudged_steps"]),
                                    test=(xte.shape[0], test_time, test_steps))
-            counts = {k: hw.totals()[k] - counts0[k] for k in ("pulses_up", "pulses_down", "refreshes")} if hw is not None else {}
+                counts = {k: ops_train[k] - counts0[k] for k in ("pulses_up", "pulses_down", "refreshes")}
+            n_nudged = max(1.0, t["n_nudged"])
             stats = EpochStats(
                 epoch=epoch,
-                train_loss=loss_sum / n,
-                train_accuracy=correct / n,
+                train_loss=t["loss"] / n,
+                train_accuracy=t["correct"] / n,
                 test_loss=test_loss,
                 test_accuracy=test_acc,
                 epoch_seconds=epoch_seconds,
                 eval_seconds=time.perf_counter() - t1,
-                free_steps_mean=f_steps / n,
-                nudged_steps_mean=n_steps / max(1, n_nudged),
-                free_step_limit_frac=f_lim / n,
-                nudged_step_limit_frac=n_lim / max(1, n_nudged),
+                free_steps_mean=t["free_steps"] / n,
+                nudged_steps_mean=t["nudged_steps"] / n_nudged,
+                free_step_limit_frac=t["free_limit"] / n,
+                nudged_step_limit_frac=t["nudged_limit"] / n_nudged,
                 lr=float(opt.param_groups[0]["lr"]),
                 **counts,
-                free_time_mean=f_time / n,
-                nudged_time_mean=n_time / max(1, n_nudged),
+                free_time_mean=t["free_time"] / n,
+                nudged_time_mean=t["nudged_time"] / n_nudged,
             )
             history.append(stats)
             save_checkpoint(

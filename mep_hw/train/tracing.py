@@ -21,8 +21,9 @@ import torch
 
 from mep_hw.errors import ConfigError
 from mep_hw.io.trace import TraceWriter
+from mep_hw.settle import SettleStatus
 
-__all__ = ["TraceEvery", "parse_trace_every", "IntervalAccumulator", "open_trace", "interval_values", "epoch_units"]
+__all__ = ["TraceEvery", "parse_trace_every", "StepTotals", "batch_sums", "open_trace", "interval_values", "epoch_units"]
 
 TRACE_FILE = "trace.h5"
 
@@ -52,42 +53,59 @@ def parse_trace_every(value) -> TraceEvery | None:
     return TraceEvery(int(m.group(1)), unit)
 
 
-class IntervalAccumulator:
-    """Running sums of the per-step quantities between two intervals."""
+def batch_sums(res, y: torch.Tensor) -> dict[str, float]:
+    """The sums over one training batch that epoch statistics and trace intervals are made of
+    (settle steps, times, residuals and step-limit hits per phase, loss, correct predictions)."""
+    out = {
+        "n": float(y.shape[0]),
+        "free_steps": float(res.free.steps.sum()), "free_time": float(res.free.time.sum()),
+        "free_residual": float(res.free.residual.sum()),
+        "free_limit": float((res.free.status == SettleStatus.STEP_LIMIT).sum()),
+        "n_nudged": 0.0, "nudged_steps": 0.0, "nudged_time": 0.0, "nudged_residual": 0.0, "nudged_limit": 0.0,
+        "loss": float(res.loss.sum()), "correct": float((res.logits.argmax(1) == y).sum()),
+    }
+    for r in res.nudged:
+        out["n_nudged"] += r.steps.numel()
+        out["nudged_steps"] += float(r.steps.sum())
+        out["nudged_time"] += float(r.time.sum())
+        out["nudged_residual"] += float(r.residual.sum())
+        out["nudged_limit"] += float((r.status == SettleStatus.STEP_LIMIT).sum())
+    return out
 
-    KEYS = ("free_steps", "free_residual", "nudged_steps", "nudged_residual", "energy", "loss", "correct")
+
+class StepTotals:
+    """Running sums of :func:`batch_sums` over training steps: an epoch, or a trace interval
+    (with the free-state energy, when tracing)."""
+
+    KEYS = ("n", "free_steps", "free_time", "free_residual", "free_limit", "n_nudged", "nudged_steps",
+            "nudged_time", "nudged_residual", "nudged_limit", "loss", "correct", "energy")
 
     def __init__(self):
         self.reset()
 
     def reset(self):
         self.sums = dict.fromkeys(self.KEYS, 0.0)
-        self.n = self.n_nudged = 0
 
-    def add(self, res, energy: torch.Tensor, y: torch.Tensor) -> None:
-        s = self.sums
-        s["free_steps"] += float(res.free.steps.sum())
-        s["free_residual"] += float(res.free.residual.sum())
-        for r in res.nudged:
-            s["nudged_steps"] += float(r.steps.sum())
-            s["nudged_residual"] += float(r.residual.sum())
-            self.n_nudged += r.steps.numel()
-        s["energy"] += float(energy.sum())
-        s["loss"] += float(res.loss.sum())
-        s["correct"] += float((res.logits.argmax(1) == y).sum())
-        self.n += y.shape[0]
+    def add(self, sums: dict[str, float], energy: float = 0.0) -> None:
+        for k, v in sums.items():
+            self.sums[k] += v
+        self.sums["energy"] += energy
+
+    def mean(self, key: str, per: str = "n") -> float:
+        """sums[key] / sums[per] (NaN over no samples)."""
+        d = self.sums[per]
+        return self.sums[key] / d if d else float("nan")
 
     def means(self) -> dict[str, tuple[float, str]]:
-        n, nn, s = max(self.n, 1), max(self.n_nudged, 1), self.sums
-        nan = float("nan")
+        """The per-interval records of a trace."""
         return {
-            "settle/free_steps_mean": (s["free_steps"] / n if self.n else nan, "steps"),
-            "settle/free_residual_mean": (s["free_residual"] / n if self.n else nan, "1/tau"),
-            "settle/nudged_steps_mean": (s["nudged_steps"] / nn if self.n_nudged else nan, "steps"),
-            "settle/nudged_residual_mean": (s["nudged_residual"] / nn if self.n_nudged else nan, "1/tau"),
-            "energy/free_mean": (s["energy"] / n if self.n else nan, "1"),
-            "metrics/train_loss": (s["loss"] / n if self.n else nan, "1"),
-            "metrics/train_accuracy": (s["correct"] / n if self.n else nan, "1"),
+            "settle/free_steps_mean": (self.mean("free_steps"), "steps"),
+            "settle/free_residual_mean": (self.mean("free_residual"), "1/tau"),
+            "settle/nudged_steps_mean": (self.mean("nudged_steps", "n_nudged"), "steps"),
+            "settle/nudged_residual_mean": (self.mean("nudged_residual", "n_nudged"), "1/tau"),
+            "energy/free_mean": (self.mean("energy"), "1"),
+            "metrics/train_loss": (self.mean("loss"), "1"),
+            "metrics/train_accuracy": (self.mean("correct"), "1"),
         }
 
 
@@ -107,7 +125,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def interval_values(model, hw, acc: IntervalAccumulator) -> dict[str, tuple[np.ndarray | float, str]]:
+def interval_values(model, hw, acc: StepTotals) -> dict[str, tuple[np.ndarray | float, str]]:
     out: dict = dict(acc.means())
     for k, (w, b) in enumerate(zip(model.weights, model.biases)):
         out[f"layers/W{k}/weight"] = (_np(w), "1")
