@@ -73,18 +73,18 @@ def _rows(res: SettleResult, sl: slice) -> SettleResult:
     )
 
 
-def _free(model, x: Tensor, cfg: EPConfig, check: bool, dynamics_kw=None):
-    dyn = model.dynamics(x, check=check, **(dynamics_kw or {}))
+def _free(model, x: Tensor, cfg: EPConfig, check: bool):
+    dyn = model.dynamics(x, check=check)
     init = model.forward_init(dyn) if cfg.init == "forward" else model.zero_init(x)
     res = settle(dyn, init, cfg.free, throw=False)
     _check(res, "free", cfg.strict)
     return dyn, res
 
 
-def free_phase(model, x: Tensor, cfg: EPConfig, *, check: bool = True, dynamics_kw=None) -> SettleResult:
-    """Settle the free phase (β = 0) from the configured initial state. ``dynamics_kw`` go to
-    ``model.dynamics`` (e.g. the device tiles the weights are read through)."""
-    return _free(model, x, cfg, check, dynamics_kw)[1]
+def free_phase(model, x: Tensor, cfg: EPConfig, *, check: bool = True) -> SettleResult:
+    """Settle the free phase (β = 0) from the configured initial state (the model reads its
+    weights through its store)."""
+    return _free(model, x, cfg, check)[1]
 
 
 @torch.no_grad()
@@ -97,7 +97,6 @@ def ep_gradients(
     generator: torch.Generator | None = None,
     free_states: Sequence[Tensor] | None = None,
     contrast=None,
-    dynamics_kw: dict | None = None,
 ) -> EPResult:
     """Free phase, nudged phase(s) and the EP estimate of dL/dθ for one batch.
 
@@ -106,15 +105,15 @@ def ep_gradients(
     together as one batch of 2B samples with β = (+β, …, −β, …), both warm-started from the free
     state. ``free_states``, if given, is the exact free fixed point (the forward pass of a
     feedforward energy, already run): it is used as is, with no free settle. ``contrast`` replaces
-    ``model.ep_contrast`` (same signature), e.g. by a layer-local computation. ``dynamics_kw``
-    go to ``model.dynamics`` (e.g. ``ops``: the device tiles the weights are read through).
+    ``model.ep_contrast`` (same signature), e.g. by a layer-local computation. The model reads
+    its weights through its store (exact, or device tiles).
     """
     contrast = contrast or model.ep_contrast
     model.check_batch(x, target)
     if free_states is None:
-        dyn, free = _free(model, x, cfg, check=False, dynamics_kw=dynamics_kw)
+        dyn, free = _free(model, x, cfg, check=False)
     else:  # an exact fixed point by construction (a forward pass): nothing to settle
-        dyn = model.dynamics(x, check=False, free_states=free_states, **(dynamics_kw or {}))
+        dyn = model.dynamics(x, check=False, free_states=free_states)
         B = free_states[0].shape[0]
         zeros = free_states[0].new_zeros(B)
         free = SettleResult(tuple(free_states), torch.zeros(B, dtype=torch.int8, device=zeros.device),

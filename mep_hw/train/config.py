@@ -19,11 +19,12 @@ from mep_hw.ep import ESTIMATORS, INITS, EPConfig
 from mep_hw.errors import ConfigError
 from mep_hw.io import DATASETS
 from mep_hw.model import ACTIVATIONS, COSTS
+from mep_hw.optimizers.host import HOST_OPTIMIZERS
 from mep_hw.settle import SOLVER_NAMES as SOLVERS, SettleConfig  # tableaus and backends (brian2)
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "DTYPES", "parse_layers", "option_names"]
 
-OPTIMIZERS = ("adam", "sgd", "muon", "dion")
+OPTIMIZERS = HOST_OPTIMIZERS
 SCHEDULES = ("cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
