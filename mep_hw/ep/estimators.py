@@ -60,6 +60,9 @@ class EPResult(NamedTuple):
     nudged: tuple[SettleResult, ...]
     loss: Tensor  # C at the free state, per sample
     logits: Tensor  # network output at the free state
+    # the two phases the estimate contrasts, (states, β) each, β_a > β_b: what an in-array update
+    # applies (the a phase potentiates, the b phase depresses, scaled by 1 / (β_a − β_b))
+    phases: tuple = ()
 
 
 def _check(res: SettleResult, phase: str, strict: bool) -> None:
@@ -128,6 +131,7 @@ def ep_gradients(
         _check(res, f"nudged (beta=±{beta:g})", cfg.strict)
         nudged = (_rows(res, slice(0, B)), _rows(res, slice(B, 2 * B)))
         grads = contrast(x, nudged[0].states, beta, nudged[1].states, -beta, target)
+        phases = ((nudged[0].states, beta), (nudged[1].states, -beta))
     else:
         sign = 1.0
         if cfg.random_sign:
@@ -137,7 +141,8 @@ def ep_gradients(
         _check(res, f"nudged (beta={b:+g})", cfg.strict)
         nudged = (res,)
         grads = contrast(x, res.states, b, s0, 0.0, target)
-    return EPResult(grads, free, nudged, model.cost_fn(s0, target), model.logits(s0))
+        phases = ((res.states, b), (s0, 0.0)) if b > 0 else ((s0, 0.0), (res.states, b))
+    return EPResult(grads, free, nudged, model.cost_fn(s0, target), model.logits(s0), phases)
 
 
 def assign_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor]) -> None:

@@ -87,6 +87,12 @@ class Device(ABC):
         """Let time pass (drift); by default nothing changes."""
         return state
 
+    def apply_pulses(self, state, n_up: Tensor, n_down: Tensor, generator: torch.Generator) -> tuple[Any, UpdateCounts]:
+        """Apply per-cell counts of pulses that move w̃ up and down (an in-array update)."""
+        raise DeviceError(
+            f"{self.kind} devices take no pulsed in-array updates; use --update host, or a crossbar or ideal card"
+        )
+
     def physical(self, state) -> dict[str, tuple[Tensor, str]]:
         return {"weight": (self.mean(state), "1")}
 
@@ -127,6 +133,10 @@ class IdealDevice(Device):
 
     kind: ClassVar[str] = "ideal"
     name: str = "ideal"
+    dw_pulse: float = 1e-3  # in-array updates: the exact change of w̃ per pulse
+
+    def __post_init__(self):
+        check_range("dw_pulse", self.dw_pulse, lo=0.0, lo_open=True, hi=1.0)
 
     def init_state(self, shape, generator, dtype, device) -> IdealState:
         return IdealState(torch.zeros(shape, dtype=dtype, device=device))
@@ -139,6 +149,14 @@ class IdealDevice(Device):
 
     def update(self, state, dw, generator):
         return IdealState(state.w + dw), UpdateCounts(0, 0, 0, 0)
+
+    def symmetry_point(self, state) -> Tensor:
+        """Up and down pulses are equal and opposite everywhere: the reference is 0."""
+        return torch.zeros_like(state.w)
+
+    def apply_pulses(self, state, n_up, n_down, generator):
+        """Every pulse moves w̃ by exactly ±dw_pulse (no bounds, no noise)."""
+        return IdealState(state.w + (n_up - n_down) * self.dw_pulse), UpdateCounts(n_up.sum(), n_down.sum(), 0, 0)
 
 
 class Tile:
@@ -236,11 +254,16 @@ class Tile:
         self.w_scale = float(d["w_scale"])
         self._changed()
 
-    def program(self, W: Tensor) -> Tensor:
-        """Write logical weights W; returns what the tile holds afterwards."""
+    def program(self, W: Tensor, cells: Tensor | None = None) -> Tensor:
+        """Write logical weights W (only the ``cells`` of a boolean mask, if given: the others
+        keep their state); returns what the tile holds afterwards."""
         w = W.detach() / self.w_scale
-        self.state = self.device.program(self.state, w, self.gen)
-        self._count(UpdateCounts(0, 0, 0, int(w.numel())))
+        new = self.device.program(self.state, w, self.gen)
+        if cells is not None:
+            new = type(new)(*(torch.where(cells, a, b) if isinstance(a, Tensor) and a.shape == cells.shape else a
+                              for a, b in zip(new, self.state)))
+        self.state = new
+        self._count(UpdateCounts(0, 0, 0, int(w.numel() if cells is None else cells.sum())))
         self._changed()
         return self.held()
 
@@ -261,6 +284,20 @@ class Tile:
         self._count(counts)
         self._changed()
         return self.held() - before
+
+    def apply_pulses(self, n_up: Tensor, n_down: Tensor, seconds: float = 0.0) -> None:
+        """Apply per-cell pulse counts (an in-array update: coincidences of row and column pulse
+        trains) with the device's pulse physics (``Device.apply_pulses``)."""
+        self.state, counts = self.device.apply_pulses(self.state, n_up, n_down, self.gen)
+        if seconds:
+            self.state = self.device.advance(self.state, seconds)
+        self._count(counts)
+        self._changed()
+
+    @property
+    def dw_pulse(self) -> float:
+        """The change of a logical weight per pulse at the symmetry point (device units × w_scale)."""
+        return float(self.device.dw_pulse) * self.w_scale
 
     def advance(self, seconds: float) -> None:
         """Let time pass for the device (drift)."""

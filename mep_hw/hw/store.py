@@ -29,7 +29,7 @@ from torch import Tensor
 from mep_hw.errors import ConfigError, DeviceError
 from mep_hw.hw.noise import NoiseBank
 
-__all__ = ["OpCounts", "ExactOp", "WeightStore", "IdealStore", "TileStore", "build_store"]
+__all__ = ["OpCounts", "ExactOp", "BiasColumnOp", "WeightStore", "IdealStore", "TileStore", "build_store"]
 
 
 class OpCounts(NamedTuple):
@@ -79,6 +79,7 @@ class WeightStore(ABC):
     """The weight matrices of one network (see the module docstring)."""
 
     card = None  # the device card (None: exact float weights)
+    holds_biases = False  # the biases live in the store (analog biases) rather than on the host
 
     def __init__(self, params: Sequence[Tensor]):
         self.params = list(params)
@@ -167,53 +168,142 @@ class IdealStore(WeightStore):
         return delta
 
 
+class BiasColumnOp:
+    """A tile whose last column holds the layer's bias, driven by a constant input 1 (an analog
+    bias, as aihwkit's ``analog_bias``): every forward read reads the bias cells with the others
+    (their read noise and the one ADC conversion included); the transpose read leaves the bias
+    column out."""
+
+    exact = False
+    digital = False
+
+    def __init__(self, tile):
+        self.tile = tile
+        self._ones: Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, n = self.tile.shape
+        return (out, n - 1)
+
+    def _augment(self, x: Tensor) -> Tensor:
+        ones = self._ones
+        if ones is None or ones.shape[0] < x.shape[0] or ones.dtype != x.dtype or ones.device != x.device:
+            ones = self._ones = torch.ones(max(x.shape[0], 1), 1, dtype=x.dtype, device=x.device)
+        return torch.cat([x, ones[: x.shape[0]]], dim=1)
+
+    def mvm(self, x: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
+        return self.tile.mvm(self._augment(x), add, x_in_bound=x_in_bound)
+
+    def mvm_t(self, u: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
+        y = self.tile.mvm_t(u, x_in_bound=x_in_bound)[:, :-1]
+        return y if add is None else add + y
+
+
 class TileStore(WeightStore):
     """Each weight matrix held by a device tile of ``card`` (see the module docstring).
 
     ``params`` are the parameter tensors the host optimizer holds; their present values are
     programmed into the tiles, and from then on each is the tile's noise-free weight, set by the
-    store after every write. Tile ``k`` is seeded ``seed·1000 + k + 1``; read noise comes from one
-    :class:`~mep_hw.hw.noise.NoiseBank` seeded from ``seed``.
+    store after every write. With ``biases`` (one vector per matrix) each tile holds its layer's
+    bias in an extra column driven by a constant input 1 (:class:`BiasColumnOp`); otherwise the
+    biases stay on the digital host. Tile ``k`` is seeded ``seed·1000 + k + 1``; read noise comes
+    from one :class:`~mep_hw.hw.noise.NoiseBank` seeded from ``seed``.
     """
 
-    def __init__(self, card, params: Sequence[Tensor], seed: int, names: Sequence[str] | None = None):
+    def __init__(self, card, params: Sequence[Tensor], seed: int, names: Sequence[str] | None = None,
+                 biases: Sequence[Tensor] | None = None):
         from mep_hw.hw.base import Tile
 
         super().__init__(params)
         if not self.params:
             raise ConfigError("a tile store needs at least one weight matrix")
+        self.biases = list(biases) if biases is not None else None
+        if self.biases is not None and [b.shape[0] for b in self.biases] != [p.shape[0] for p in self.params]:
+            raise ConfigError("analog biases: give one bias vector per weight matrix, of its output size")
+        self._bias_index = {id(b): k for k, b in enumerate(self.biases or ())}
         self.card = card
         p0 = self.params[0]
         self.noise = NoiseBank(seed * 7919 + 17, dtype=p0.dtype, device=p0.device)
         names = list(names) if names is not None else [f"W{k}" for k in range(len(self.params))]
+
+        def matrix(k, p):
+            W = p.detach().reshape(p.shape[0], -1)
+            return W if self.biases is None else torch.cat([W, self.biases[k].detach().reshape(-1, 1)], dim=1)
+
         self.tiles = tuple(
-            Tile(card.device, card.periphery, p.detach().reshape(p.shape[0], -1), seed=seed * 1000 + k + 1,
-                 noise=self.noise, name=names[k])
+            Tile(card.device, card.periphery, matrix(k, p), seed=seed * 1000 + k + 1, noise=self.noise, name=names[k])
             for k, p in enumerate(self.params)
         )
+        self._ops = tuple(BiasColumnOp(t) for t in self.tiles) if self.biases is not None else self.tiles
         self.t_step_s = float(getattr(card.device, "t_step_s", 0.0))
         self._sync()
 
     @property
     def ops(self) -> tuple:
-        return self.tiles
+        return self._ops
+
+    @property
+    def holds_biases(self) -> bool:
+        return self.biases is not None
 
     @torch.no_grad()
     def _sync(self, k: int | None = None) -> None:
-        """Parameter tensors ← what the tiles hold (the same tensor, no copy)."""
+        """Parameter tensors ← what the tiles hold (views of the same tensor, no copy)."""
         for j in range(len(self.params)) if k is None else (k,):
-            p = self.params[j]
-            p.data = self.tiles[j].held().view(p.shape)
+            p, held = self.params[j], self.tiles[j].held()
+            if self.biases is None:
+                p.data = held.view(p.shape)
+            else:
+                p.data = held[:, :-1].view(p.shape) if p.ndim == 2 else held[:, :-1]
+                self.biases[j].data = held[:, -1]
 
     def held(self, k: int) -> Tensor:
-        return self.tiles[k].held()
+        h = self.tiles[k].held()
+        return h if self.biases is None else h[:, :-1]
+
+    def _full(self, k: int, delta: Tensor, bias: bool) -> Tensor:
+        """A change of the weights (or of the bias column) as a change of the whole tile."""
+        t = self.tiles[k]
+        if self.biases is None:
+            return delta.reshape(t.shape)
+        full = delta.new_zeros(t.shape)
+        if bias:
+            full[:, -1] = delta
+        else:
+            full[:, :-1] = delta.reshape(t.shape[0], -1)
+        return full
 
     @torch.no_grad()
     def apply(self, k: int, delta: Tensor) -> Tensor:
-        t = self.tiles[k]
-        achieved = t.write(delta.reshape(t.shape), seconds=self.t_step_s)
+        achieved = self.tiles[k].write(self._full(k, delta, False), seconds=self.t_step_s)
         self._sync(k)
-        return achieved.view(self.params[k].shape)
+        return (achieved if self.biases is None else achieved[:, :-1]).reshape(self.params[k].shape)
+
+    @torch.no_grad()
+    def apply_bias(self, k: int, delta: Tensor) -> Tensor:
+        """Write a change of the analog bias of layer ``k``; returns what was achieved."""
+        achieved = self.tiles[k].write(self._full(k, delta, True), seconds=self.t_step_s)
+        self._sync(k)
+        return achieved[:, -1]
+
+    @torch.no_grad()
+    def writer(self, p: Tensor, delta: Tensor) -> Tensor:
+        k = self._bias_index.get(id(p))
+        if k is not None:
+            return self.apply_bias(k, delta)
+        return super().writer(p, delta)
+
+    @torch.no_grad()
+    def apply_pulses(self, k: int, n_up: Tensor, n_down: Tensor) -> None:
+        """Apply pulse counts to every cell of tile ``k`` (with the bias column when the store
+        holds biases): the in-array update (:mod:`mep_hw.hw.pulses`)."""
+        self.tiles[k].apply_pulses(n_up, n_down, seconds=self.t_step_s)
+        self._sync(k)
+
+    def dw_pulse(self, k: int) -> float:
+        """The change of a logical weight of matrix ``k`` per pulse at the symmetry point."""
+        return self.tiles[k].dw_pulse
 
     def counts(self, k: int | None = None) -> OpCounts:
         if k is not None:
@@ -251,11 +341,15 @@ class TileStore(WeightStore):
         self._sync()
 
 
-def build_store(card, params: Sequence[Tensor], seed: int, names: Sequence[str] | None = None) -> WeightStore:
-    """An :class:`IdealStore` (``card`` None) or a :class:`TileStore` of ``card``."""
+def build_store(card, params: Sequence[Tensor], seed: int, names: Sequence[str] | None = None,
+                biases: Sequence[Tensor] | None = None) -> WeightStore:
+    """An :class:`IdealStore` (``card`` None) or a :class:`TileStore` of ``card`` (with analog
+    ``biases`` if given)."""
     if card is None:
+        if biases is not None:
+            raise ConfigError("analog biases live on device tiles: give a device card")
         return IdealStore(params)
-    return TileStore(card, params, seed, names)
+    return TileStore(card, params, seed, names, biases)
 
 
 def rms_noise_floor(terms: Sequence[tuple[float, int]]) -> float:

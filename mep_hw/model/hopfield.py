@@ -86,7 +86,7 @@ class HopfieldDynamics:
         self.box = act.box
         self.noise_floor = noise_floor
         self.n_states = len(self.ops) - (1 if cost == "ce" else 0)
-        self.sizes = tuple(b.shape[0] for b in self.biases[: self.n_states])
+        self.sizes = tuple(op.shape[0] for op in self.ops[: self.n_states])
         if self.box is not None and cost == "mse" and self.nudged:
             self._out_scale, self._out_shift, self._out_concave = _mse_output_map(beta, target)
 
@@ -320,8 +320,9 @@ class LayeredHopfield(nn.Module):
                 raise ConfigError(f"beta={beta} is not finite; use a finite nudging strength")
         if not (isinstance(beta, float) and beta == 0.0) and target is None:
             raise ConfigError("a nudged phase (beta ≠ 0) needs a target")
-        b = [v.detach() for v in self.biases]
         ops = self.store.ops
+        # analog biases are read with their arrays (a column driven by 1): nothing to add on the host
+        b = [None] * len(ops) if self.store.holds_biases else [v.detach() for v in self.biases]
         return HopfieldDynamics(ops=ops, biases=b, act=self.act, cost=self.cost, x=x, input_drive=ops[0].mvm(x, b[0]),
                                 beta=beta, target=target, noise_floor=self.noise_floor())
 
@@ -361,7 +362,8 @@ class LayeredHopfield(nn.Module):
         r = self.act.fn(states[-1])
         if self.store.exact:
             return torch.addmm(self.biases[-1], r, self.weights[-1].T)
-        return self.store.ops[-1].mvm(r, self.biases[-1].detach(), x_in_bound=self.act.box is not None)
+        b = None if self.store.holds_biases else self.biases[-1].detach()
+        return self.store.ops[-1].mvm(r, b, x_in_bound=self.act.box is not None)
 
     def cost_fn(self, states: Sequence[Tensor], target: Tensor) -> Tensor:
         """C(s) per sample, shape (batch,)."""
@@ -408,3 +410,16 @@ class LayeredHopfield(nn.Module):
             gw = torch.addmm(ea.T @ ra[-1], eb.T, rb[-1], alpha=-1.0)
             grads += [gw.mul_(k), (ea - eb).sum(0).mul_(k)]
         return grads
+
+    @torch.no_grad()
+    def hebbian_terms(self, x: Tensor, states: Sequence[Tensor], beta: float, target: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per weight matrix, the (post d, pre a) activities of one phase whose outer products
+        d aᵀ make the EP update: ΔW_l = η/(β_a − β_b) · Σ_batch (d aᵀ|_a − d aᵀ|_b), the biases
+        the same with a = 1 — :meth:`ep_contrast` is −1/B times it. For a Hopfield layer
+        d = ρ(s_{l+1}), a = ρ(s_l) (a = x for the input); for the CE readout d = −β(p − y), a = ρ(s_L).
+        An in-array update applies each phase's terms as pulse coincidences (:mod:`mep_hw.hw.pulses`)."""
+        r = [x] + self.rho(states)
+        terms = [(r[l + 1], r[l]) for l in range(self.n_states)]
+        if self.cost == "ce":
+            terms.append(((target - torch.softmax(self.logits(states), 1)) * beta, r[-1]))
+        return terms

@@ -22,9 +22,11 @@ from mep_hw.model import ACTIVATIONS, COSTS
 from mep_hw.optimizers.host import HOST_OPTIMIZERS
 from mep_hw.settle import SOLVER_NAMES as SOLVERS, SettleConfig  # tableaus and backends (brian2)
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "DTYPES", "parse_layers", "option_names"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "UPDATES", "SCHEDULES", "DTYPES", "parse_layers", "option_names"]
 
 OPTIMIZERS = HOST_OPTIMIZERS
+UPDATES = ("host", "analog", "tiki-taka")
+METHODS = ("ep", "backprop")
 SCHEDULES = ("cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -106,14 +108,31 @@ class TrainConfig:
         None, "write RUN_DIR/trace.h5 (weights, conductances, pulses, settle stats, energies) every N optimizer "
         "steps (200) or N epochs (1epoch)", metavar="N[epoch]",
     )
+    method: str = _opt(
+        "ep", "learning rule: ep (equilibrium propagation on the layered Hopfield network), or backprop (the same "
+        "layers as an MLP on the same weight store: forward through the arrays, backward through their transpose "
+        "reads; a baseline on identical device physics)", choices=METHODS)
+    update: str = _opt(
+        "host", "update regime: host (host optimizer + device write + error feedback), analog (the array applies "
+        "EP's Hebbian outer products itself by pulse coincidence, --lr is the SGD rate), tiki-taka (in-array "
+        "updates to a fast array, transferred to the slow array through a digital buffer)", choices=UPDATES)
+    pulse_bl: int = _opt(31, "analog / tiki-taka: pulse slots per row and column train (BL)", metavar="N")
+    transfer_every: int = _opt(1, "tiki-taka: steps between transfers", metavar="N")
+    transfer_columns: int = _opt(
+        64, "tiki-taka: columns of the fast array read and transferred per transfer (cycling)", metavar="N")
+    transfer_lr: float = _opt(
+        1.0, "tiki-taka: buffer gain: H += transfer_lr × (column read of A − symmetry point) / slow pulse step",
+        metavar="F")
+    tt_gamma: float = _opt(0.0, "tiki-taka: the network reads W = C + gamma·A", metavar="F")
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
-        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype"):
+        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(choices)}")
-        for name in ("epochs", "batch_size", "max_steps", "nudged_max_steps", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "max_steps", "nudged_max_steps", "eval_batch_size", "pulse_bl",
+                     "transfer_every", "transfer_columns"):
             _int(name, getattr(self, name), lo=1)
         _int("seed", self.seed, lo=0)
         for name in ("limit_train", "limit_test"):
@@ -121,7 +140,7 @@ class TrainConfig:
                 _int(name, getattr(self, name), lo=1)
         for name in ("lr", "beta", "dt"):
             _float(name, getattr(self, name), positive=True)
-        for name in ("momentum", "weight_decay", "atol", "rtol", "nudged_atol", "nudged_rtol"):
+        for name in ("momentum", "weight_decay", "atol", "rtol", "nudged_atol", "nudged_rtol", "transfer_lr", "tt_gamma"):
             _float(name, getattr(self, name), positive=False)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
@@ -142,6 +161,11 @@ class TrainConfig:
             _float("spectral_gamma", self.spectral_gamma, positive=True)
         if self.device is not None:
             self.card()  # validates the card and the overrides
+        if self.update != "host" and self.device is None:
+            raise ConfigError(
+                f"--update {self.update} applies the update in the array: give the device with --device "
+                "(e.g. --device ecram, or --device ideal for exact pulses)"
+            )
         if self.trace_every is not None:
             from mep_hw.train.tracing import parse_trace_every
 

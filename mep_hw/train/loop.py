@@ -40,7 +40,7 @@ from mep_hw.train.fit import epoch_generator, fit, iterate_batches
 from mep_hw.train.observers import (
     CheckpointObserver, CostObserver, MetricsObserver, ProgressObserver, StepOut, TraceObserver,
 )
-from mep_hw.train.regimes import HostUpdate
+from mep_hw.train.regimes import Estimate, build_regime
 from mep_hw.train.tracing import StepTotals, batch_sums, open_trace, parse_trace_every
 
 __all__ = ["EpochStats", "TrainResult", "EPTrainer", "train", "evaluate", "build_model", "epoch_generator", "iterate_batches"]
@@ -127,17 +127,31 @@ class EPTrainer:
 
     def begin_epoch(self, epoch: int) -> None:
         self.totals.reset()
-        self.counts0 = self.model.store.counts()
+        self.counts0 = self.counts()
 
     def step(self, x: Tensor, y: Tensor, generator: torch.Generator) -> StepOut:
-        res = ep_gradients(self.model, x, one_hot(y, self.n_out, x.dtype), self.ep_cfg, generator=generator)
-        self.regime.apply(res)
+        target = one_hot(y, self.n_out, x.dtype)
+        if self.regime.needs_grads:
+            res = ep_gradients(self.model, x, target, self.ep_cfg, generator=generator)
+            est = Estimate(res.grads)
+        else:  # in-array: the host forms no contrast; the phases' activities drive the array
+            res = ep_gradients(self.model, x, target, self.ep_cfg, generator=generator, contrast=_no_contrast)
+            (sa, ba), (sb, bb) = res.phases
+            m = self.model
+            est = Estimate(None, ((1.0, m.hebbian_terms(x, sa, ba, target)), (-1.0, m.hebbian_terms(x, sb, bb, target))),
+                           1.0 / ((ba - bb) * x.shape[0]), signed=m.cost == "ce")
+        self.regime.apply(est)
         sums = batch_sums(res, y)
         self.totals.add(sums)
         return StepOut(x, res, sums, self.regime.host_flops(x.shape[0]))
 
+    def counts(self):
+        """Operations of every array of the run: the store's, and a regime's own (tiki-taka's fast arrays)."""
+        c = self.model.store.counts()
+        return c + self.regime.counts() if hasattr(self.regime, "counts") else c
+
     def end_epoch(self, epoch: int, seconds: float) -> EpochStats:
-        d = self.model.store.counts() - self.counts0
+        d = self.counts() - self.counts0
         t1 = time.perf_counter()
         test_acc, test_loss, test_steps, test_time = evaluate(self.model, self.x_test, self.y_test, self.cfg)
         t = self.totals.sums
@@ -151,6 +165,10 @@ class EPTrainer:
             free_time_mean=t["free_time"] / n, nudged_time_mean=t["nudged_time"] / n_nudged,
             test_steps_mean=test_steps, test_time_mean=test_time,
         )
+
+
+def _no_contrast(*args):
+    return None
 
 
 def _tensors(ds: Dataset, cfg: TrainConfig):
@@ -217,15 +235,20 @@ def train(
     model = build_model(cfg, ds.input_dim, ds.n_classes)
     cfg = cfg.replace(layers=model.layers)
     card = card if card is not None else cfg.card()
-    store = build_store(card, list(model.weights), cfg.seed)
+    in_array = cfg.update != "host"
+    if in_array and card is None:
+        raise ConfigError(f"--update {cfg.update} applies the update in the array: give the device with --device")
+    store = build_store(card, list(model.weights), cfg.seed, biases=list(model.biases) if in_array else None)
     model.use_store(store)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_toml(run_dir / CONFIG_FILE, cfg.to_dict())
 
     xtr, ytr, xte, yte = _tensors(ds, cfg)
     n_batches = -(-xtr.shape[0] // cfg.batch_size)
-    regime = HostUpdate(model, cfg, cfg.epochs * n_batches)
-    trainer = EPTrainer(model, cfg, regime, xte, yte)
+    regime = build_regime(model, cfg, cfg.epochs * n_batches)
+    from mep_hw.train.backprop import BPTrainer
+
+    trainer = (EPTrainer if cfg.method == "ep" else BPTrainer)(model, cfg, regime, xte, yte)
     cost = CostAccumulator(phases=1 + (2 if cfg.estimator == "symmetric" else 1))
     history: list[EpochStats] = []
     start = 1
@@ -255,14 +278,14 @@ def train(
 
     observers = []
     if card is not None:
-        observers.append(CostObserver(cost, store, xtr.shape[0], xte.shape[0]))
+        observers.append(CostObserver(cost, trainer.counts, xtr.shape[0], xte.shape[0]))
     observers.append(CheckpointObserver(ckpt_path, checkpoint))
     metrics = MetricsObserver(run_dir / METRICS_FILE, static, history, cfg.epochs)
     observers.append(metrics)
     every = parse_trace_every(cfg.trace_every)
     if every:
         tracer = open_trace(run_dir, cfg, card, resume_epoch=(start - 1) if resume else None, steps_per_epoch=n_batches)
-        trace = TraceObserver(tracer, every, model, n_batches)
+        trace = TraceObserver(tracer, every, model, n_batches, extra=getattr(regime, "trace_values", None))
         if start == 1:
             trace.record_initial()
         observers.append(trace)

@@ -76,23 +76,32 @@ class TraceObserver(Observer):
     needs extra work (the free-state energy, the weights and the device state) is computed only
     when an interval is due."""
 
-    def __init__(self, tracer, every: TraceEvery, model, steps_per_epoch: int):
+    def __init__(self, tracer, every: TraceEvery, model, steps_per_epoch: int, extra: Callable[[], dict] | None = None):
         self.tracer, self.every, self.model = tracer, every, model
         self.steps_per_epoch = steps_per_epoch
         self.acc = StepTotals()
+        self.extra = extra  # more datasets per interval (e.g. tiki-taka's fast arrays and buffers)
+
+    def _values(self, energy: float = float("nan")) -> dict:
+        values = interval_values(self.model, self.acc, energy)
+        if self.extra is not None:
+            values.update({k: (v.detach().cpu().numpy(), u) for k, (v, u) in self.extra().items()})
+        return values
 
     def record_initial(self) -> None:
         if self.tracer.count() == 0:
-            self.tracer.interval(0, 0, interval_values(self.model, self.acc))
+            self.tracer.interval(0, 0, self._values())
 
     def on_step(self, step, epoch, batch, out: StepOut) -> None:
         self.acc.add(out.sums)
         last = batch == self.steps_per_epoch - 1
         if self.every.due_step(step) or (last and self.every.due_epoch(epoch)):
-            with torch.no_grad():
-                free = out.result.free.states
-                energy = float(self.model.energy(out.x, free).mean())
-            self.tracer.interval(step, epoch, interval_values(self.model, self.acc, energy))
+            energy = float("nan")
+            free = out.result.free.states
+            if free:  # an EP step (a backprop step has no free state)
+                with torch.no_grad():
+                    energy = float(self.model.energy(out.x, free).mean())
+            self.tracer.interval(step, epoch, self._values(energy))
             self.acc.reset()
 
     def on_epoch(self, epoch, stats, history) -> None:
@@ -107,11 +116,11 @@ class CostObserver(Observer):
     evaluation, the host's FLOPs, settle time and steps) into a
     :class:`~mep_hw.train.cost.CostAccumulator`."""
 
-    def __init__(self, acc: CostAccumulator, store, n_train: int, n_test: int):
-        self.acc, self.store, self.n_train, self.n_test = acc, store, n_train, n_test
+    def __init__(self, acc: CostAccumulator, counts: Callable, n_train: int, n_test: int):
+        self.acc, self.counts, self.n_train, self.n_test = acc, counts, n_train, n_test
 
     def begin_epoch(self, epoch) -> None:
-        self.c0 = self.store.counts()
+        self.c0 = self.counts()
         self.flops = 0
         self.settle = [0.0, 0.0]
 
@@ -122,10 +131,10 @@ class CostObserver(Observer):
         self.settle[1] += s["free_steps"] + s["nudged_steps"]
 
     def end_train(self, epoch) -> None:
-        self.c1 = self.store.counts()
+        self.c1 = self.counts()
 
     def on_epoch(self, epoch, stats, history) -> None:
-        self.acc.add_epoch(self.c0._asdict(), self.c1._asdict(), self.store.counts()._asdict(), n=self.n_train,
+        self.acc.add_epoch(self.c0._asdict(), self.c1._asdict(), self.counts()._asdict(), n=self.n_train,
                            host_flops=self.flops, settle=(float(self.settle[0]), float(self.settle[1])),
                            test=(self.n_test, stats.test_time_mean, stats.test_steps_mean))
 
