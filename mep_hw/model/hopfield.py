@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from mep_hw.errors import ConfigError, DataError
 from mep_hw.model.activations import Activation, get_activation
+from mep_hw.model.holomorphic import complex_read, softmax
 
 __all__ = ["COSTS", "DenseCoupling", "LayeredHopfield", "HopfieldDynamics"]
 
@@ -46,15 +47,20 @@ def _check_finite(name: str, t: Tensor) -> None:
 class DenseCoupling:
     """An exact weight matrix as a coupling operator: ``mvm(x, add) = add + x Wᵀ`` and
     ``mvm_t(u, add) = add + u W``. A device tile (:class:`mep_hw.hw.Tile`) offers the same two
-    methods, read through its physics and periphery."""
+    methods, read through its physics and periphery. A complex input (holomorphic EP) is read as
+    two real reads of the real W."""
 
     def __init__(self, W: Tensor):
         self.W, self.Wt = W, W.T
 
     def mvm(self, x: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
+        if x.is_complex() and not self.W.is_complex():
+            return complex_read(self.mvm, x, add)
         return x @ self.Wt if add is None else torch.addmm(add, x, self.Wt)
 
     def mvm_t(self, u: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
+        if u.is_complex() and not self.W.is_complex():
+            return complex_read(self.mvm_t, u, add)
         return u @ self.W if add is None else torch.addmm(add, u, self.W)
 
 
@@ -142,7 +148,7 @@ class HopfieldDynamics:
             out.append(d)
         if self.cost == "ce" and self.nudged:
             logits = ops[-1].mvm(rho[-1], b[-1], x_in_bound=inb)
-            err = (torch.softmax(logits, dim=1) - self.target) * self.beta
+            err = (softmax(logits, dim=1) - self.target) * self.beta
             out[-1] = ops[-1].mvm_t(err.neg_(), out[-1])
         return out
 
@@ -342,7 +348,7 @@ class LayeredHopfield(nn.Module):
         """The network's output scores: the output state (mse) or the readout logits (ce)."""
         if self.cost == "mse":
             return states[-1]
-        return torch.addmm(self.biases[-1], self.act.fn(states[-1]), self.weights[-1].T)
+        return DenseCoupling(self.weights[-1]).mvm(self.act.fn(states[-1]), self.biases[-1])
 
     def cost_fn(self, states: Sequence[Tensor], target: Tensor) -> Tensor:
         """C(s) per sample, shape (batch,)."""
@@ -384,8 +390,8 @@ class LayeredHopfield(nn.Module):
                 gw = torch.addmm(rb[l + 1].T @ rb[l], ra[l + 1].T, ra[l], alpha=-1.0)
             grads += [gw.mul_(k), (rb[l + 1] - ra[l + 1]).sum(0).mul_(k)]
         if self.cost == "ce":  # ∂(βC)/∂θ for the readout: β (p − y) ρ(s_L)ᵀ
-            ea = (torch.softmax(self.logits(sa), 1) - target) * beta_a
-            eb = (torch.softmax(self.logits(sb), 1) - target) * beta_b
+            ea = (softmax(self.logits(sa), 1) - target) * beta_a
+            eb = (softmax(self.logits(sb), 1) - target) * beta_b
             gw = torch.addmm(ea.T @ ra[-1], eb.T, rb[-1], alpha=-1.0)
             grads += [gw.mul_(k), (ea - eb).sum(0).mul_(k)]
         return grads

@@ -27,7 +27,7 @@ from mep_hw.ep import assign_grads, ep_gradients, free_phase
 from mep_hw.errors import ConfigError, SettleError
 from mep_hw.io import Dataset, load_dataset
 from mep_hw.io.runs import load_checkpoint, read_toml, save_checkpoint, write_json, write_toml
-from mep_hw.model import LayeredHopfield, one_hot
+from mep_hw.model import LayeredHopfield, build_network, one_hot
 from mep_hw.optimizers import SDMEPOptimizer, SMEPOptimizer
 from mep_hw.optimizers.strategies import SpectralConstraint
 from mep_hw.train.config import TrainConfig
@@ -185,7 +185,9 @@ def train(
         )
 
     ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    model = build_model(cfg, ds.input_dim, ds.n_classes)
+    model = build_network(arch=cfg.arch, layers=cfg.layers, input_shape=ds.input_shape, n_classes=ds.n_classes,
+                          activation=cfg.activation, cost=cfg.cost, seed=cfg.seed, dtype=cfg.torch_dtype,
+                          device=cfg.torch_device, dataset=cfg.dataset)
     cfg = cfg.replace(layers=model.layers)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_toml(run_dir / CONFIG_FILE, cfg.to_dict())
