@@ -133,6 +133,8 @@ def ep_gradients(
     go to ``model.dynamics`` (e.g. ``ops``: the device tiles the weights are read through).
     """
     contrast = contrast or model.ep_contrast
+    if cfg.estimator == "holomorphic":
+        check_holomorphic(model)  # before any settle: the complex phases need a holomorphic field
     model.check_batch(x, target)
     if free_states is None:
         dyn, free = _free(model, x, cfg, check=False, dynamics_kw=dynamics_kw)
@@ -170,7 +172,6 @@ def _holomorphic(model, dyn, x: Tensor, target: Tensor, s0, cfg: EPConfig, contr
     """The N-point holomorphic estimate (see the module docstring): the real phases settle as
     one real batch, the complex ones (Im β > 0) as one complex batch; each phase's one-sided
     contrast [∂F/∂θ(s^{β_k}) − ∂F/∂θ(s⁰)]/β_k is averaged, complex ones as 2·Re."""
-    check_holomorphic(model)
     N, r, B = cfg.points, float(cfg.beta), x.shape[0]
     real_betas = [r] + ([-r] if N % 2 == 0 else [])
     cplx_betas = [r * cmath.exp(2j * math.pi * k / N) for k in range(1, (N + 1) // 2)]
