@@ -98,11 +98,11 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
             for idx in iterate_batches(n, cfg.batch_size, epoch_generator(cfg.seed, epoch)):
                 x, y = xtr.index_select(0, idx), ytr.index_select(0, idx)
                 opt.zero_grad(set_to_none=True)
-                out = net(x)
+                pred = net(x)
                 if cfg.cost == "ce":
-                    loss = nn.functional.cross_entropy(out, y)
+                    loss = nn.functional.cross_entropy(pred, y)
                 else:
-                    loss = 0.5 * ((out - nn.functional.one_hot(y, ds.n_classes).to(out.dtype)) ** 2).sum(1).mean()
+                    loss = 0.5 * ((pred - nn.functional.one_hot(y, ds.n_classes).to(pred.dtype)) ** 2).sum(1).mean()
                 loss.backward()
                 opt.step()
                 if sched is not None:

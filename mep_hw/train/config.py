@@ -76,7 +76,7 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "L2 weight decay of the host optimizer", metavar="F")
     schedule: str = _opt("cosine", "learning-rate schedule over the whole run", choices=SCHEDULES)
     beta: float = _opt(0.5, "nudging strength β > 0", metavar="F")
-    estimator: str = _opt("symmetric", "EP estimator: one-sided (+β) or symmetric (±β)", choices=ESTIMATORS)
+    estimator: str = _opt("symmetric", "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs --activation sigmoid)", choices=ESTIMATORS)
     random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
     solver: str = _opt("euler", "ODE solver of the settle", choices=tuple(SOLVERS))
     dt: float = _opt(1.0, "solver step (first step of adaptive solvers), in units of τ", metavar="F")
