@@ -23,6 +23,7 @@ from torch import nn
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import write_json
 from mep_hw.train import TrainConfig, train
+from mep_hw.benchmarks._baseline import baseline_optimizer
 from mep_hw.train.fit import epoch_generator, iterate_batches
 
 
@@ -44,8 +45,7 @@ def backprop_baseline(cfg: TrainConfig, ds) -> dict:
     xte, yte = torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
     n = xtr.shape[0]
     # the cheapest correct baseline: torch's fused Adam (the EP run's host Adam uses the same kernel)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * -(-n // cfg.batch_size))) if cfg.schedule == "cosine" else None
+    opt, sched = baseline_optimizer(cfg, net.parameters(), cfg.epochs * -(-n // cfg.batch_size))
     epochs = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()

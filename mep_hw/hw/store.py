@@ -69,10 +69,17 @@ class ExactOp:
 
     def mvm(self, x: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
         Wt = self.W.T
+        if x.is_complex() and not Wt.is_complex():  # holomorphic EP: a complex input is two real reads
+            Wt = Wt.to(x.dtype)
+        if add is not None and add.dtype != x.dtype:
+            return (x @ Wt).add_(add) if x.is_complex() else (x @ Wt) + add
         return x @ Wt if add is None else torch.addmm(add, x, Wt)
 
     def mvm_t(self, u: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
-        return u @ self.W if add is None else torch.addmm(add, u, self.W)
+        W = self.W.to(u.dtype) if u.is_complex() and not self.W.is_complex() else self.W
+        if add is not None and add.dtype != u.dtype:
+            return (u @ W).add_(add) if u.is_complex() else (u @ W) + add
+        return u @ W if add is None else torch.addmm(add, u, W)
 
 
 class WeightStore(ABC):

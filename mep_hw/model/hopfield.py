@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from mep_hw.errors import ConfigError, DataError
 from mep_hw.hw.store import ExactOp, IdealStore, WeightStore, rms_noise_floor
 from mep_hw.model.activations import Activation, get_activation
+from mep_hw.model.holomorphic import ComplexReads, softmax
 
-__all__ = ["COSTS", "DenseCoupling", "LayeredHopfield", "HopfieldDynamics"]
+__all__ = ["COSTS", "DenseCoupling", "LayeredHopfield", "HopfieldDynamics", "StoreReads"]
 
 COSTS = ("mse", "ce")
 
@@ -134,7 +135,7 @@ class HopfieldDynamics:
             out.append(d)
         if self.cost == "ce" and self.nudged:
             logits = ops[-1].mvm(rho[-1], b[-1], x_in_bound=inb)
-            err = (torch.softmax(logits, dim=1) - self.target) * self.beta
+            err = (softmax(logits, dim=1) - self.target) * self.beta
             out[-1] = ops[-1].mvm_t(err.neg_(), out[-1])
         return out
 
@@ -188,7 +189,37 @@ def _mse_output_map(beta: float | Tensor, target: Tensor):
     return a, c, concave
 
 
-class LayeredHopfield(nn.Module):
+class StoreReads:
+    """The weight store of a network (:mod:`mep_hw.hw.store`): where its weight matrices live and
+    are read from; exact float weights (the parameters themselves) unless :meth:`use_store` gave
+    a device store. For an ``nn.Module`` with ``weights`` (and ``biases``) ParameterLists."""
+
+    _store: WeightStore | None = None
+
+    @property
+    def store(self) -> WeightStore:
+        if self._store is None:
+            self._store = IdealStore(list(self.weights))
+        return self._store
+
+    def use_store(self, store: WeightStore):
+        """Hold the weight matrices in ``store`` (made over ``list(self.weights)``)."""
+        if len(store) != len(self.weights) or any(store.index(w) != k for k, w in enumerate(self.weights)):
+            raise ConfigError("the store must hold this network's weight matrices, in order (build it over list(model.weights))")
+        self._store = store
+        return self
+
+    def store_ops(self, complex_reads: bool = False) -> tuple:
+        """The store's read operators; with ``complex_reads`` a device read of a complex input is
+        two real reads (:class:`~mep_hw.model.holomorphic.ComplexReads`; exact weights take complex
+        inputs as they are)."""
+        ops = self.store.ops
+        if complex_reads and not self.store.exact:
+            ops = tuple(ComplexReads(op) for op in ops)
+        return ops
+
+
+class LayeredHopfield(StoreReads, nn.Module):
     """A layered Hopfield network of any depth for EP (see the module docstring for F).
 
     ``layers`` lists the layer sizes from input to output, e.g. ``(784, 500, 10)``. With
@@ -234,23 +265,6 @@ class LayeredHopfield(nn.Module):
             w.uniform_(-bound, bound, generator=generator)
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.zeros(n_out, dtype=dtype, device=device)))
-        self._store: WeightStore | None = None
-
-    # ----------------------------------------------------------------- the weight store
-    @property
-    def store(self) -> WeightStore:
-        """Where the weight matrices live and are read from (:mod:`mep_hw.hw.store`): exact float
-        weights (the parameters themselves) unless :meth:`use_store` gave a device store."""
-        if self._store is None:
-            self._store = IdealStore(list(self.weights))
-        return self._store
-
-    def use_store(self, store: WeightStore) -> "LayeredHopfield":
-        """Hold the weight matrices in ``store`` (made over ``list(self.weights)``)."""
-        if len(store) != len(self.weights) or any(store.index(w) != k for k, w in enumerate(self.weights)):
-            raise ConfigError("the store must hold this network's weight matrices, in order (build it over list(model.weights))")
-        self._store = store
-        return self
 
     def noise_floor(self) -> float:
         """rms (per state component) of the noise of one field evaluation read through the store:
@@ -302,12 +316,13 @@ class LayeredHopfield(nn.Module):
 
     def dynamics(
         self, x: Tensor, *, beta: float | Tensor = 0.0, target: Tensor | None = None, check: bool = True,
-        free_states=None,
+        free_states=None, complex_reads: bool = False,
     ) -> HopfieldDynamics:
         """The vector field for batch ``x`` at nudging strength ``beta`` towards ``target``,
         reading the weights through :attr:`store` (the input drive W₀x + b₀ once, here), with the
-        store's noise floor. (``free_states`` is accepted for protocol compatibility; it implies
-        nothing here.)
+        store's noise floor. ``complex_reads``: the states will be complex (holomorphic EP), each
+        complex read of a device is two real reads. (``free_states`` is accepted for protocol
+        compatibility; it implies nothing here.)
         """
         if isinstance(beta, Tensor):
             if beta.shape != (x.shape[0], 1):
@@ -320,7 +335,7 @@ class LayeredHopfield(nn.Module):
                 raise ConfigError(f"beta={beta} is not finite; use a finite nudging strength")
         if not (isinstance(beta, float) and beta == 0.0) and target is None:
             raise ConfigError("a nudged phase (beta ≠ 0) needs a target")
-        ops = self.store.ops
+        ops = self.store_ops(complex_reads)
         # analog biases are read with their arrays (a column driven by 1): nothing to add on the host
         b = [None] * len(ops) if self.store.holds_biases else [v.detach() for v in self.biases]
         return HopfieldDynamics(ops=ops, biases=b, act=self.act, cost=self.cost, x=x, input_drive=ops[0].mvm(x, b[0]),
@@ -360,10 +375,10 @@ class LayeredHopfield(nn.Module):
         if self.cost == "mse":
             return states[-1]
         r = self.act.fn(states[-1])
-        if self.store.exact:
-            return torch.addmm(self.biases[-1], r, self.weights[-1].T)
+        if self.store.exact:  # the parameter itself: differentiable, complex inputs read as they are
+            return ExactOp(self.weights[-1]).mvm(r, self.biases[-1])
         b = None if self.store.holds_biases else self.biases[-1].detach()
-        return self.store.ops[-1].mvm(r, b, x_in_bound=self.act.box is not None)
+        return self.store_ops(r.is_complex())[-1].mvm(r, b, x_in_bound=self.act.box is not None)
 
     def cost_fn(self, states: Sequence[Tensor], target: Tensor) -> Tensor:
         """C(s) per sample, shape (batch,)."""
@@ -405,8 +420,8 @@ class LayeredHopfield(nn.Module):
                 gw = torch.addmm(rb[l + 1].T @ rb[l], ra[l + 1].T, ra[l], alpha=-1.0)
             grads += [gw.mul_(k), (rb[l + 1] - ra[l + 1]).sum(0).mul_(k)]
         if self.cost == "ce":  # ∂(βC)/∂θ for the readout: β (p − y) ρ(s_L)ᵀ
-            ea = (torch.softmax(self.logits(sa), 1) - target) * beta_a
-            eb = (torch.softmax(self.logits(sb), 1) - target) * beta_b
+            ea = (softmax(self.logits(sa), 1) - target) * beta_a
+            eb = (softmax(self.logits(sb), 1) - target) * beta_b
             gw = torch.addmm(ea.T @ ra[-1], eb.T, rb[-1], alpha=-1.0)
             grads += [gw.mul_(k), (ea - eb).sum(0).mul_(k)]
         return grads

@@ -18,7 +18,7 @@ import torch
 from mep_hw.ep import ESTIMATORS, INITS, EPConfig
 from mep_hw.errors import ConfigError
 from mep_hw.io import DATASETS
-from mep_hw.model import ACTIVATIONS, COSTS
+from mep_hw.model import ACTIVATIONS, COSTS, HOLOMORPHIC_ACTIVATIONS, ConvLayer, format_arch, parse_arch
 from mep_hw.optimizers.host import HOST_OPTIMIZERS
 from mep_hw.settle import SOLVER_NAMES as SOLVERS, SettleConfig  # tableaus and backends (brian2)
 
@@ -63,6 +63,10 @@ class TrainConfig:
     layers: tuple[int, ...] | None = _opt(
         None, "layer sizes from input to output, e.g. 784,500,10 (default: input,500,classes)", metavar="N,N,…"
     )
+    arch: str | None = _opt(
+        None, "network architecture instead of --layers, e.g. conv:32:5,pool:2,conv:64:5,pool:2,fc:10 "
+        "(conv:C:K[:P|same], pool:S / avgpool:S after a conv, fc:N; ends with fc:<classes>)", metavar="SPEC",
+    )
     activation: str = _opt("hard_sigmoid", "activation ρ of the Hopfield energy", choices=tuple(ACTIVATIONS))
     cost: str = _opt("mse", "cost: mse on the output state, or ce (softmax cross-entropy readout)", choices=COSTS)
     epochs: int = _opt(15, "number of passes over the training set", metavar="N")
@@ -75,7 +79,7 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "L2 weight decay of the host optimizer", metavar="F")
     schedule: str = _opt("cosine", "learning-rate schedule over the whole run", choices=SCHEDULES)
     beta: float = _opt(0.5, "nudging strength β > 0", metavar="F")
-    estimator: str = _opt("symmetric", "EP estimator: one-sided (+β) or symmetric (±β)", choices=ESTIMATORS)
+    estimator: str = _opt("symmetric", "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs --activation sigmoid)", choices=ESTIMATORS)
     random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
     solver: str = _opt("euler", "ODE solver of the settle", choices=tuple(SOLVERS))
     dt: float = _opt(1.0, "solver step (first step of adaptive solvers), in units of τ", metavar="F")
@@ -127,6 +131,19 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
+        if self.arch is not None:
+            specs = parse_arch(self.arch)
+            object.__setattr__(self, "arch", format_arch(specs))
+            if any(isinstance(L, ConvLayer) for L in specs) and (self.update != "host" or self.method != "ep"):
+                raise ConfigError(
+                    f"arch={self.arch!r} has convolutions, which train with --method ep --update host only so far; "
+                    "drop --update/--method or use fc layers (--layers)"
+                )
+            if self.spectral_gamma is not None and any(isinstance(L, ConvLayer) for L in specs):
+                raise ConfigError(
+                    f"spectral_gamma bounds the coupling of weight matrices and does not yet cover convolutions "
+                    f"(arch={self.arch!r}); drop --spectral-gamma or use fc layers only"
+                )
         for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
@@ -153,6 +170,12 @@ class TrainConfig:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"torch_device={self.torch_device!r} but CUDA is not available here; use --torch-device cpu")
         self.ep_config()  # validates the settle and EP settings
+        if self.estimator == "holomorphic" and self.activation not in HOLOMORPHIC_ACTIVATIONS:
+            raise ConfigError(
+                f"estimator='holomorphic' settles at complex β and needs a holomorphic activation, but activation="
+                f"{self.activation!r} is not one (the hard sigmoid is a clip); use --activation "
+                f"{' or '.join(HOLOMORPHIC_ACTIVATIONS)}, or another estimator"
+            )
         if not isinstance(self.set, dict):
             raise ConfigError(f"set={self.set!r} must be a table of device-card fields")
         if self.set and not self.device:

@@ -33,7 +33,7 @@ from mep_hw.errors import ConfigError, SettleError
 from mep_hw.hw import build_store
 from mep_hw.io import Dataset, load_dataset
 from mep_hw.io.runs import load_checkpoint, read_toml, write_toml
-from mep_hw.model import LayeredHopfield, one_hot
+from mep_hw.model import LayeredHopfield, build_network, one_hot
 from mep_hw.train.config import TrainConfig
 from mep_hw.train.cost import CostAccumulator
 from mep_hw.train.fit import epoch_generator, fit, iterate_batches
@@ -43,7 +43,7 @@ from mep_hw.train.observers import (
 from mep_hw.train.regimes import Estimate, build_regime
 from mep_hw.train.tracing import StepTotals, batch_sums, open_trace, parse_trace_every
 
-__all__ = ["EpochStats", "TrainResult", "EPTrainer", "train", "evaluate", "build_model", "epoch_generator", "iterate_batches"]
+__all__ = ["EpochStats", "TrainResult", "EPTrainer", "train", "evaluate", "epoch_generator", "iterate_batches"]
 
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -77,18 +77,6 @@ class TrainResult(NamedTuple):
     test_accuracy: float
     history: tuple[EpochStats, ...]
     status: str  # completed
-
-
-def build_model(cfg: TrainConfig, input_dim: int, n_classes: int) -> LayeredHopfield:
-    layers = cfg.layers or (input_dim, 500, n_classes)
-    if layers[0] != input_dim or layers[-1] != n_classes:
-        raise ConfigError(
-            f"layers={','.join(map(str, layers))} do not fit dataset {cfg.dataset!r}, which has "
-            f"{input_dim} inputs and {n_classes} classes; use --layers {input_dim},…,{n_classes}"
-        )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = LayeredHopfield(layers, activation=cfg.activation, cost=cfg.cost, generator=gen, dtype=cfg.torch_dtype)
-    return model.to(cfg.torch_device)
 
 
 @torch.no_grad()
@@ -232,7 +220,9 @@ def train(
         )
 
     ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    model = build_model(cfg, ds.input_dim, ds.n_classes)
+    model = build_network(arch=cfg.arch, layers=cfg.layers, input_shape=ds.input_shape, n_classes=ds.n_classes,
+                          activation=cfg.activation, cost=cfg.cost, seed=cfg.seed, dtype=cfg.torch_dtype,
+                          device=cfg.torch_device, dataset=cfg.dataset)
     cfg = cfg.replace(layers=model.layers)
     card = card if card is not None else cfg.card()
     in_array = cfg.update != "host"

@@ -87,7 +87,7 @@ def test_the_in_array_ep_update_does_no_host_arithmetic(tmp_path):
 
 @pytest.mark.parametrize("update", ["analog", "tiki-taka"])
 def test_an_in_array_run_learns_and_resumes_exactly(tmp_path, update):
-    cfg = TrainConfig(**SMALL, device="ideal", update=update, lr=0.4, transfer_lr=0.2)
+    cfg = TrainConfig(**SMALL, device="ideal", update=update, lr=0.35, transfer_lr=0.2)
     res = train(cfg, tmp_path / "full", progress=False)
     if update == "analog":
         assert res.test_accuracy > 0.25  # chance is 0.1 (12 steps of plain SGD)
@@ -102,7 +102,7 @@ def test_an_in_array_run_learns_and_resumes_exactly(tmp_path, update):
 @pytest.mark.parametrize("update", ["host", "analog"])
 def test_backprop_on_the_same_store_learns(tmp_path, update):
     cfg = TrainConfig(**{**SMALL, "epochs": 3}, device="ideal", method="backprop", update=update,
-                      lr=0.3 if update == "analog" else 1e-2, pulse_bl=100)
+                      lr=0.25 if update == "analog" else 1e-2, pulse_bl=100)
     res = train(cfg, tmp_path / update, progress=False)
     assert res.test_accuracy > 0.45  # chance is 0.1 (18 steps)
     h = metrics(tmp_path / update)["history"]
