@@ -31,7 +31,9 @@ from torch import Tensor
 
 from mep_hw.errors import ConfigError
 
-__all__ = ["Coincidences", "coincidences", "update_management"]
+__all__ = ["Coincidences", "coincidences", "coincidences_marginal", "SAMPLINGS", "update_management"]
+
+SAMPLINGS = ("exact", "marginal")
 
 
 class Coincidences(NamedTuple):
@@ -52,30 +54,63 @@ def update_management(eta: float, bl: int, dw_min: float, x_max: float, d_max: f
     return math.sqrt(base * r), math.sqrt(base / r)
 
 
-def _trains(v: Tensor, c: float, bl: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Positive and negative pulse trains (B·BL, n) as 0/1 floats for values v (B, n)."""
-    p = (v.abs() * c).clamp_(max=1.0)
-    u = torch.rand((v.shape[0], bl, v.shape[1]), generator=gen, dtype=torch.float32, device=v.device)
-    fire = u < p.to(torch.float32).unsqueeze(1)
-    pos = fire & (v > 0).unsqueeze(1)
-    neg = fire & (v < 0).unsqueeze(1)
-    shape = (v.shape[0] * bl, v.shape[1])
-    return pos.reshape(shape).to(v.dtype), neg.reshape(shape).to(v.dtype)
+def _fires(v: Tensor, c: float, bl: int, gen: torch.Generator) -> Tensor:
+    """(B·BL, n) 0/1 pulse trains of the magnitudes |v| at probabilities min(1, c|v|)."""
+    p = (v.abs() * c).clamp_(max=1.0).unsqueeze(1)
+    u = torch.rand((v.shape[0], bl, v.shape[1]), generator=gen, dtype=v.dtype, device=v.device)
+    return torch.lt(u, p, out=u).view(v.shape[0] * bl, v.shape[1])
 
 
-def coincidences(x: Tensor, d: Tensor, *, bl: int, cx: float, cd: float, generator: torch.Generator) -> Coincidences:
+def coincidences(x: Tensor, d: Tensor, *, bl: int, cx: float, cd: float, generator: torch.Generator,
+                 signed: bool | None = None) -> Coincidences:
     """Coincidence counts of a batch: rows driven by ``x`` (B, n_in), columns by ``d`` (B, n_out),
     trains of ``bl`` slots at probabilities min(1, cx|x|), min(1, cd|d|). Returns per cell (n_out,
-    n_in) the number of coincidences with sign(x_j)·sign(d_i) > 0 (up) and < 0 (down)."""
+    n_in) the number of coincidences with sign(x_j)·sign(d_i) > 0 (up) and < 0 (down).
+    ``signed=False`` promises x, d ≥ 0 (EP's activities: one product, no sign split); None checks."""
     if x.ndim != 2 or d.ndim != 2 or x.shape[0] != d.shape[0]:
         raise ConfigError(f"coincidences need (batch, n_in) and (batch, n_out) drives, got {tuple(x.shape)} and {tuple(d.shape)}")
     if bl < 1:
         raise ConfigError(f"BL={bl} must be ≥ 1 (pulse slots per update)")
-    xp, xn = _trains(x, cx, bl, generator)
-    dp, dn = _trains(d, cd, bl, generator)
-    up = dp.T @ xp
-    down = dp.T @ xn
-    if bool((x < 0).any()) or bool((d < 0).any()):
-        up = up.addmm_(dn.T, xn)
-        down = down.addmm_(dn.T, xp)
+    if signed is None:
+        signed = bool((x < 0).any()) or bool((d < 0).any())
+    fx, fd = _fires(x, cx, bl, generator), _fires(d, cd, bl, generator)
+    if not signed:
+        return Coincidences(fd.T @ fx, torch.zeros(d.shape[1], x.shape[1], dtype=x.dtype, device=x.device))
+    # sign per train slot: the sign of its line's value (a line fires with the sign of its value)
+    sx = torch.sign(x).repeat_interleave(bl, dim=0)
+    sd = torch.sign(d).repeat_interleave(bl, dim=0)
+    sfx, sfd = fx * sx, fd * sd  # signed trains: +1, −1 or 0 per slot
+    net = sfd.T @ sfx  # Σ sign_i sign_j per coincidence = up − down
+    total = fd.T @ fx  # up + down
+    return Coincidences((total + net) * 0.5, (total - net) * 0.5)
+
+
+def coincidences_marginal(x: Tensor, d: Tensor, *, bl: int, cx: float, cd: float, generator: torch.Generator) -> Coincidences:
+    """The per-cell counts of :func:`coincidences` drawn from their marginal distribution instead
+    of from the pulse trains: over a batch a cell's count is a sum of independent
+    Binomial(BL, p_bj q_bi), mean μ = BL Σ_b p q and variance BL Σ_b p q (1 − p q), drawn here as
+    round(μ + σ·N(0, 1)) clipped at 0 (the normal limit of the Poisson-binomial). Exact in mean and
+    variance per cell; it drops the correlation between cells that share a row or column train
+    (which one shared train gives them in one time slot). Costs two (B × n) matrix products and
+    one normal per cell instead of B·BL Bernoulli draws per line and a (B·BL)-long product."""
+    if x.ndim != 2 or d.ndim != 2 or x.shape[0] != d.shape[0]:
+        raise ConfigError(f"coincidences need (batch, n_in) and (batch, n_out) drives, got {tuple(x.shape)} and {tuple(d.shape)}")
+    if bl < 1:
+        raise ConfigError(f"BL={bl} must be ≥ 1 (pulse slots per update)")
+    px, pd = (x.abs() * cx).clamp_(max=1.0), (d.abs() * cd).clamp_(max=1.0)
+    out = []
+    for sx, sd in ((x > 0, d > 0), (x < 0, d > 0), (x > 0, d < 0), (x < 0, d < 0)):
+        a, b = px * sx, pd * sd
+        if not bool(sx.any()) or not bool(sd.any()):
+            out.append(None)
+            continue
+        mean = b.T @ a
+        var = mean - (b * b).T @ (a * a)
+        mean, var = mean * bl, var.clamp_(min=0) * bl
+        z = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device=mean.device).to(mean.dtype)
+        out.append(torch.round(mean + var.sqrt() * z).clamp_(min=0))
+    pp, np_, pn, nn_ = out
+    zero = torch.zeros(d.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    up = (pp if pp is not None else zero) + (nn_ if nn_ is not None else zero)
+    down = (np_ if np_ is not None else zero) + (pn if pn is not None else zero)
     return Coincidences(up, down)

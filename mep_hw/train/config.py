@@ -19,6 +19,7 @@ from mep_hw.ep import ESTIMATORS, INITS, EPConfig
 from mep_hw.errors import ConfigError
 from mep_hw.io import DATASETS
 from mep_hw.model import ACTIVATIONS, COSTS, HOLOMORPHIC_ACTIVATIONS, ConvLayer, format_arch, parse_arch
+from mep_hw.hw.pulses import SAMPLINGS
 from mep_hw.optimizers.host import HOST_OPTIMIZERS
 from mep_hw.settle import SOLVER_NAMES as SOLVERS, SettleConfig  # tableaus and backends (brian2)
 
@@ -121,6 +122,10 @@ class TrainConfig:
         "EP's Hebbian outer products itself by pulse coincidence, --lr is the SGD rate), tiki-taka (in-array "
         "updates to a fast array, transferred to the slow array through a digital buffer)", choices=UPDATES)
     pulse_bl: int = _opt(31, "analog / tiki-taka: pulse slots per row and column train (BL)", metavar="N")
+    pulse_sampling: str = _opt(
+        "exact", "analog / tiki-taka: exact (draw the row and column pulse trains and count coincidences) or "
+        "marginal (each cell's count from its exact mean and variance, no correlation between cells; ~10x faster)",
+        choices=SAMPLINGS)
     transfer_every: int = _opt(1, "tiki-taka: steps between transfers", metavar="N")
     transfer_columns: int = _opt(
         64, "tiki-taka: columns of the fast array read and transferred per transfer (cycling)", metavar="N")
@@ -144,7 +149,7 @@ class TrainConfig:
                     f"spectral_gamma bounds the coupling of weight matrices and does not yet cover convolutions "
                     f"(arch={self.arch!r}); drop --spectral-gamma or use fc layers only"
                 )
-        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method"):
+        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method", "pulse_sampling"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(choices)}")

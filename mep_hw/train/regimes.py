@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mep_hw.errors import ConfigError, DeviceError
 from mep_hw.host.flops import ep_estimate_flops, host_step_flops
-from mep_hw.hw.pulses import coincidences, update_management
+from mep_hw.hw.pulses import coincidences, coincidences_marginal, update_management
 from mep_hw.hw.transfer import TransferConfig, TransferState, transfer_step
 from mep_hw.optimizers import host_optimizer
 
@@ -137,6 +137,7 @@ class AnalogUpdate:
         self.store = model.store
         _check_in_array(self.store, self.name)
         self.bl = cfg.pulse_bl
+        self.sampling = cfg.pulse_sampling
         self.schedule = _Schedule(cfg.lr, cfg.schedule, steps_total)
         self.gen = torch.Generator(device=model.weights[0].device).manual_seed(
             (cfg.seed if seed is None else seed) * 2_147_483 + 977)
@@ -163,7 +164,10 @@ class AnalogUpdate:
                     warnings.warn(f"--update {self.name}: pulse probabilities clip at 1 (C = {max(cx, cd):.2f}): the "
                                   f"update is smaller than lr asks; raise --pulse-bl or lower --lr", stacklevel=2)
                     self._warned = True
-                c = coincidences(a, d, bl=self.bl, cx=cx, cd=cd, generator=self.gen)
+                if self.sampling == "exact":
+                    c = coincidences(a, d, bl=self.bl, cx=cx, cd=cd, generator=self.gen, signed=est.signed)
+                else:
+                    c = coincidences_marginal(a, d, bl=self.bl, cx=cx, cd=cd, generator=self.gen)
                 up, down = (c.up, c.down) if sign > 0 else (c.down, c.up)
                 n_up = up if n_up is None else n_up + up
                 n_down = down if n_down is None else n_down + down

@@ -7,20 +7,21 @@ import pytest
 import torch
 
 from mep_hw.errors import ConfigError
-from mep_hw.hw.pulses import coincidences, update_management
+from mep_hw.hw.pulses import coincidences, coincidences_marginal, update_management
 
 F64 = torch.float64
 
 
+@pytest.mark.parametrize("sampler", [coincidences, coincidences_marginal])
 @pytest.mark.parametrize("cx,cd", [(0.7, 0.5), (1.6, 0.9)])  # the second clips probabilities at 1
-def test_coincidence_counts_have_the_expectation_and_variance_of_their_formula(cx, cd):
+def test_coincidence_counts_have_the_expectation_and_variance_of_their_formula(cx, cd, sampler):
     # R independent replicas in one call: x and d tiled R times; the diagonal blocks of the
     # (3R × 4R) count matrix are cells with their own row and column trains
     g = torch.Generator().manual_seed(0)
     x1 = torch.tensor([0.1, 0.5, 0.9, 1.0], dtype=F64)
     d1 = torch.tensor([0.2, 0.6, 1.0], dtype=F64)
     B, bl, R = 40, 10, 1500
-    up = coincidences(x1.repeat(R).expand(B, 4 * R), d1.repeat(R).expand(B, 3 * R), bl=bl, cx=cx, cd=cd, generator=g).up
+    up = sampler(x1.repeat(R).expand(B, 4 * R), d1.repeat(R).expand(B, 3 * R), bl=bl, cx=cx, cd=cd, generator=g).up
     counts = up.reshape(R, 3, R, 4).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (R, 3, 4)
     pq = torch.outer((cd * d1).clamp(max=1), (cx * x1).clamp(max=1))
     mean = B * bl * pq
@@ -32,11 +33,12 @@ def test_coincidence_counts_have_the_expectation_and_variance_of_their_formula(c
     assert (counts.var(0)[~ok] == 0).all()
 
 
-def test_signs_decide_the_direction():
+@pytest.mark.parametrize("sampler", [coincidences, coincidences_marginal])
+def test_signs_decide_the_direction(sampler):
     g = torch.Generator().manual_seed(1)
     x = torch.tensor([[1.0, -1.0]], dtype=F64)
     d = torch.tensor([[1.0, -1.0, 0.0]], dtype=F64)
-    c = coincidences(x, d, bl=7, cx=1.0, cd=1.0, generator=g)  # probabilities 1: every slot fires
+    c = sampler(x, d, bl=7, cx=1.0, cd=1.0, generator=g)  # probabilities 1: every slot fires
     assert c.up.tolist() == [[7, 0], [0, 7], [0, 0]]
     assert c.down.tolist() == [[0, 7], [7, 0], [0, 0]]
 
