@@ -90,7 +90,7 @@ class HardwareNetwork:
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.tiles:
-            for k, v in t.totals.items():
+            for k, v in (*t.totals.items(), *t.energy_totals().items()):  # energies: one sync per call
                 out[k] = out.get(k, 0) + v
         return out
 
@@ -102,7 +102,7 @@ class HardwareNetwork:
         return {
             "tiles": [
                 {"state": {k: v for k, v in t.state._asdict().items()}, "gen": t.gen.get_state(),
-                 "totals": dict(t.totals), "w_scale": t.w_scale}
+                 "totals": dict(t.totals), "energy": dict(t.energy), "w_scale": t.w_scale}
                 for t in self.tiles
             ],
             "noise_rng": self.noise.get_state(),
@@ -114,6 +114,7 @@ class HardwareNetwork:
             t.state = type(t.state)(**s["state"])
             t.gen.set_state(s["gen"])
             t.totals = {**dict.fromkeys(t.totals, 0), **s["totals"]}
+            t.energy = {**dict.fromkeys(t.energy, 0.0), **s.get("energy", {})}
             t.w_scale = float(s["w_scale"])
             t._changed()
         self.noise.set_state(d["noise_rng"])
