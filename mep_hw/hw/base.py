@@ -449,14 +449,15 @@ class Tile:
         b = self._adc_b
         out = torch.empty(B, Wk.shape[1], dtype=xs.dtype, device=xs.device)
         rows = torch.arange(B, device=xs.device)
-        reduction = 1.0
+        reduction, first = 1.0, True
         res_limit = p.max_bm_res / (p.dac_step / (2 * p.dac_bound)) if p.dac_bits else math.inf
         while True:
             scale = alpha[rows] * reduction
             xin = xs[rows] / scale
             self._read_energy(xin, transpose)
-            if rows.numel() != B:  # the first pass is counted by mvm / mvm_t
+            if not first:  # the first pass is counted by mvm / mvm_t
                 self._ops(rows.numel(), Wk.shape[0], Wk.shape[1])
+            first = False
             if p.dac_bits:
                 xin = xin.clamp(-p.dac_bound, p.dac_bound).mul_(1.0 / p.dac_step).round_()
             y = xin @ Wk

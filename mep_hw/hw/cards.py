@@ -193,10 +193,7 @@ def load_card(name_or_path: str, overrides: dict[str, Any] | None = None) -> Car
     unsourced = sorted(k for k in cost_vals if k in COST_FIELDS and k not in sources)
     if unsourced:  # cost constants are estimates: each must say where it comes from
         raise ConfigError(f"{where}: [cost] field(s) {', '.join(unsourced)} have no [sources] entry; cite or derive each")
-    unsourced = sorted(k for k in dev_vals if k != "name" and k not in sources)
-    if unsourced:  # every physical value says where it comes from ("assumed: …" where nothing backs it)
-        raise ConfigError(f"{where}: [device] field(s) {', '.join(unsourced)} have no [sources] entry; "
-                          "cite the paper, table or figure of each, or write \"assumed: <why>\"")
+
     for key, value in (overrides or {}).items():
         if key in _fields(cls) and key not in ("kind",):
             dev_vals[key] = value
@@ -216,6 +213,10 @@ def load_card(name_or_path: str, overrides: dict[str, Any] | None = None) -> Car
     device = _build(cls, dev_vals, f"{where} [device]")
     periphery = _build(Periphery, per_vals, f"{where} [periphery]")
     cost = _build(CostConstants, cost_vals, f"{where} [cost]")
+    unsourced = sorted(k for k in raw.get("device", {}) if k != "name" and k not in sources)
+    if unsourced:  # every physical value says where it comes from ("assumed: …" where nothing backs it)
+        raise ConfigError(f"{where}: [device] field(s) {', '.join(unsourced)} have no [sources] entry; "
+                          "cite the paper, table or figure of each, or write \"assumed: <why>\"")
     return Card(raw.get("name", device.name), kind, raw.get("description", ""), source, device, periphery, sources, where, cost)
 
 

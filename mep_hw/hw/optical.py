@@ -61,7 +61,11 @@ TWO_PI = 2 * math.pi
 def physical_phases(mesh: "Mesh") -> tuple[Tensor, Tensor, Tensor]:
     """The phases the heaters of a mesh hold: internal 2θ ∈ [0, π], external φ and the output
     phase screen arg(D) wrapped to [0, 2π)."""
-    return 2 * mesh.theta, torch.remainder(mesh.phi, TWO_PI), torch.remainder(torch.angle(mesh.diag), TWO_PI)
+    def wrap(v: Tensor) -> Tensor:
+        w = torch.remainder(v, TWO_PI)
+        return torch.where(w > TWO_PI - 1e-12, torch.zeros_like(w), w)  # −0 must not read as a full turn
+
+    return 2 * mesh.theta, wrap(mesh.phi), wrap(torch.angle(mesh.diag))
 
 
 class Mesh(NamedTuple):
