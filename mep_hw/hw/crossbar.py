@@ -71,7 +71,7 @@ from mep_hw.errors import ConfigError, DeviceError
 from mep_hw.hw.base import INPUT_CODINGS, Device, UpdateCounts, check_range
 
 __all__ = [
-    "CrossbarDevice", "CrossbarState", "ResponseTable", "neurosim_a", "monotone_curve", "pcm_drift_nu", "pcm_read_qs",
+    "CrossbarDevice", "CrossbarState", "ResponseTable", "PulseResponse", "neurosim_a", "monotone_curve", "pcm_drift_nu", "pcm_read_qs",
     "RESPONSES", "UPDATE_MODES", "PROG_NOISE_MODELS", "READ_NOISE_MODELS", "DRIFT_MODELS", "C2C_MODELS",
 ]
 
@@ -858,3 +858,40 @@ class CrossbarDevice(Device):
         else:
             g = self._bisect(self._h, q, lo, hi)
         return float((self._next(g, q, True) - self._next(g, q, False)) / self.g_range)
+
+    # ------------------------------------------------------------------ the figure of a device paper
+    def default_ramp(self, up: bool = True) -> int:
+        """Pulses of a potentiation (or depression) ramp across the range: P for the position
+        models, 2·R/Δg for the step models (a soft-bounded device approaches its bound slowly)."""
+        if self.response in POSITION_RESPONSES:
+            p, s = self._axis(up)
+            return int(round(p / s))
+        return int(math.ceil(2 * self.g_range / self.dg))
+
+    def pulse_response(self, n_devices: int = 1000, n_up: int | None = None, n_down: int | None = None,
+                       seed: int = 0) -> "PulseResponse":
+        """Conductance (µS) of ``n_devices`` devices (their device-to-device spread sampled as in
+        an array) after each of ``n_up`` potentiating pulses from g_min, then ``n_down``
+        depressing pulses (none for unidirectional devices), with cycle-to-cycle noise."""
+        n_up = self.default_ramp() if n_up is None else int(n_up)
+        if n_down is None:
+            n_down = 0 if self.update_mode == "unidirectional" else self.default_ramp(False)
+        gen_ = torch.Generator().manual_seed(int(seed))
+        st = self._state(self.init_state((n_devices,), gen_, F64, "cpu"))
+        p = _Dev(st.gmax_p, st.dw_p, st.ud_p, st.curve_p)
+        q = self._prep(p)
+        free = st.stuck_p == 0
+        g = torch.where(free, torch.full_like(st.gp, self.g_min_uS), st.gp)
+        trace = [g.clone()]
+        for k in range(n_up + n_down):
+            g = torch.where(free, self.pulse(g, k < n_up, q, gen_), g)
+            trace.append(g.clone())
+        return PulseResponse(torch.stack(trace), n_up, n_down)
+
+
+class PulseResponse(NamedTuple):
+    """G (µS) after each pulse: ``g[k, d]`` for device d after k pulses (k ≤ n_up: potentiation)."""
+
+    g: Tensor
+    n_up: int
+    n_down: int
