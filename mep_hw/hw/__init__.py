@@ -3,7 +3,7 @@ datapaths; device cards; tiles that hold a weight matrix and read it through a d
 
 from mep_hw.hw.base import Device, IdealDevice, Tile, UpdateCounts
 from mep_hw.hw.cards import KINDS, Card, card_names, list_cards, load_card, parse_sets, parse_value
-from mep_hw.hw.crossbar import CrossbarDevice, neurosim_a
+from mep_hw.hw.crossbar import CrossbarDevice, ResponseTable, neurosim_a
 from mep_hw.hw.fixedpoint import FixedPointDevice
 from mep_hw.hw.optical import OpticalMZI, clements_decompose, clements_reconstruct
 from mep_hw.hw.noise import NoiseBank
@@ -11,6 +11,6 @@ from mep_hw.hw.periphery import Periphery, quantize
 
 __all__ = [
     "Card", "CrossbarDevice", "Device", "FixedPointDevice", "IdealDevice", "KINDS", "NoiseBank", "OpticalMZI",
-    "Periphery", "Tile", "clements_decompose", "clements_reconstruct",
+    "Periphery", "ResponseTable", "Tile", "clements_decompose", "clements_reconstruct",
     "UpdateCounts", "card_names", "list_cards", "load_card", "neurosim_a", "parse_sets", "parse_value", "quantize",
 ]
