@@ -748,7 +748,8 @@ class CrossbarDevice(Device):
             if idx.numel() == 0:
                 continue
             total = (dev_up + dev_dn)[idx]
-            idx = idx[torch.argsort(total, descending=True)]
+            if bool((total > 1).any()):  # one pulse each needs no order
+                idx = idx[torch.argsort(total, descending=True)]
             q = self._prep(_Dev(p.gmax[idx], p.dwf[idx], p.ud[idx], p.curve[idx]))
             first = None
             if direction is None:
