@@ -48,13 +48,20 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             kw["choices"] = meta["choices"]
         else:
             kw["metavar"] = meta.get("metavar")
-            kw["type"] = _TYPES.get(f.name, str)
+            kw["type"] = _TYPES.get(f.name) or _type_of(f)
         p.add_argument(flag, **kw)
 
 
 _INT = {"epochs", "batch_size", "max_steps", "nudged_max_steps", "seed", "limit_train", "limit_test", "eval_batch_size"}
 _FLOAT = {"lr", "momentum", "weight_decay", "beta", "dt", "atol", "rtol", "nudged_atol", "nudged_rtol", "spectral_gamma"}
 _TYPES = {**{n: int for n in _INT}, **{n: float for n in _FLOAT}}
+
+
+def _type_of(f):
+    """The argparse type of a config field from its annotation (``int``, ``float``, ``… | None``)."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    base = {part.strip() for part in t.split("|")} - {"None"}
+    return int if base == {"int"} else float if base == {"float"} else str
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,7 +85,7 @@ def test_tiki_taka_on_an_ideal_symmetric_device_reduces_to_sgd():
     # remainder of a pulse kept in H: C carries the SGD step (to within one pulse of C per weight)
     m, cfg, res, est = setup("tiki-taka", transfer_columns=13)
     tt = TikiTakaUpdate(m, cfg, 10, seed=3)
-    tt.cfg = tt.cfg._replace(reset_fast=True, max_pulses=10**6)
+    tt.cfg = tt.cfg._replace(reset_fast=True, max_pulses=10**6, forget=False, momentum=0.0)
     m2 = copy.deepcopy(m)
     sgd = AnalogUpdate(m2, cfg, 10, seed=3)  # the same coincidences, written straight to the weights
     c0 = [t.held().clone() for t in m.store.tiles]
