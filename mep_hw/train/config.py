@@ -133,6 +133,9 @@ class TrainConfig:
         1.0, "tiki-taka: buffer gain: H += transfer_lr × (column read of A − symmetry point) / slow pulse step",
         metavar="F")
     tt_gamma: float = _opt(0.0, "tiki-taka: the network reads W = C + gamma·A", metavar="F")
+    transfer_fast_lr: float | None = _opt(
+        None, "tiki-taka: learning rate of the in-array update of the fast array A (default: --lr); A must move by many "
+        "of its pulses between reads for its column reads to resolve the update through the ADC", metavar="F")
     transfer_max_pulses: int = _opt(1, "tiki-taka: most pulses per cell of the slow array per transfer", metavar="N")
     transfer_momentum: float = _opt(
         0.1, "tiki-taka: after a transfer of n pulses the buffer keeps momentum·n (aihwkit's BufferedTransferCompound "
@@ -179,6 +182,8 @@ class TrainConfig:
         for name in ("random_sign", "transfer_forget", "transfer_reset"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.transfer_fast_lr is not None:
+            _float("transfer_fast_lr", self.transfer_fast_lr, positive=True)
         if not 0 <= self.transfer_momentum < 1:
             raise ConfigError(f"transfer_momentum={self.transfer_momentum} must be in [0, 1)")
         try:

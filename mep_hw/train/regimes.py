@@ -147,8 +147,10 @@ class AnalogUpdate:
         """The tiles the update is written to (the fast arrays for tiki-taka)."""
         return self.store.tiles
 
+    lr_gain = 1.0  # tiki-taka: the fast array's rate over the schedule's
+
     def _pulse(self, est: Estimate) -> None:
-        eta = self.schedule.lr * est.scale
+        eta = self.schedule.lr * self.lr_gain * est.scale
         for k, tile in enumerate(self._targets()):
             n_up = n_down = None
             for sign, terms in est.phases:
@@ -209,6 +211,8 @@ class TikiTakaUpdate(AnalogUpdate):
         self.cfg = TransferConfig(every=cfg.transfer_every, columns=cfg.transfer_columns, lr=cfg.transfer_lr,
                                   gamma=cfg.tt_gamma, max_pulses=cfg.transfer_max_pulses, reset_fast=cfg.transfer_reset,
                                   momentum=cfg.transfer_momentum, forget=cfg.transfer_forget)
+        if cfg.transfer_fast_lr is not None:
+            self.lr_gain = cfg.transfer_fast_lr / cfg.lr
         if self.cfg.gamma != 0.0:
             raise ConfigError("tt_gamma > 0 (reading W = C + γA) is not supported yet: the network reads C; use --tt-gamma 0")
         seed = cfg.seed if seed is None else seed
