@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -388,8 +389,13 @@ class CrossbarDevice(Device):
         w = w.clamp(-1.0, 1.0)
         if self.update_mode == "unidirectional":  # one device at g_min: room to potentiate
             return self.g_min_uS + w.clamp(min=0) * self.g_range, self.g_min_uS + (-w).clamp(min=0) * self.g_range
-        mid = 0.5 * (self.g_min_uS + self.g_max_uS)
-        return mid + 0.5 * w * self.g_range, mid - 0.5 * w * self.g_range
+        # bidirectional: both devices at the centre c = G* (:attr:`g_center`) for w̃ = 0, where one
+        # pulse moves the pair by dw_pulse; |w̃| is split between the devices in proportion to
+        # their room on that side, so w̃ = ±1 still reaches (g_max, g_min) / (g_min, g_max)
+        c = self.g_center
+        up, down = self.g_max_uS - c, c - self.g_min_uS  # room above / below the centre
+        pos, neg = w.clamp(min=0.0), w.clamp(max=0.0)
+        return c + pos * up + neg * down, c - pos * down - neg * up
 
     def to_logical(self, gp: Tensor, gm: Tensor) -> Tensor:
         return (gp - gm) / self.g_range
@@ -472,18 +478,24 @@ class CrossbarDevice(Device):
         dg = self.dg
         return torch.minimum(((target - self.g_min_uS) / dg).round() * dg + self.g_min_uS, gmax)
 
-    def _write(self, target: Tensor, gmax: Tensor, stuck: Tensor, curve: Tensor | None, gen) -> Tensor:
-        g = self._quantise(torch.minimum(target.clamp(min=self.g_min_uS), gmax), gmax, curve)
-        sig = self.prog_sigma(g)
+    def _write(self, target: Tensor, gmax: Tensor, stuck: Tensor, curve: Tensor | None, gen) -> tuple[Tensor, Tensor]:
+        """(programmed G, the write-verify target it was aimed at: in range and on the device's
+        programmable states, before the programming noise)."""
+        aim = self._quantise(torch.minimum(target.clamp(min=self.g_min_uS), gmax), gmax, curve)
+        g = aim
+        sig = self.prog_sigma(aim)
         if not (isinstance(sig, float) and sig == 0.0):
             g = g + sig * torch.randn(g.shape, generator=gen, dtype=F64).to(g.dtype).to(g.device)
         g = g.clamp(min=self.g_min_uS)
         if self.prog_noise_model != "pcm":  # a device cannot be programmed past its own maximum
             g = torch.minimum(g, gmax)
-        return self._pin(g, stuck, gmax)
+        return self._pin(g, stuck, gmax), self._pin(aim, stuck, gmax)
 
     def _new_nu(self, g: Tensor, old: Tensor, written: Tensor, gen) -> Tensor:
-        """PCM drift: every write draws ν = |N(μ(g), σ(g))| from the written conductance."""
+        """PCM drift: every write draws ν = |N(μ(g), σ(g))| at g, the conductance the write aimed
+        at — the programming target (aihwkit ``PCMLikeNoiseModel``: ``generate_drift_coefficients``
+        of ``g_target``, independent of the programming noise), or, for a pulse, the conductance
+        the pulse left (a pulse has no target)."""
         if self.drift_model != "pcm":
             return old
         mu, sd = pcm_drift_nu(g / self.g_max_uS)
@@ -493,13 +505,13 @@ class CrossbarDevice(Device):
     def program(self, state: CrossbarState, w: Tensor, generator) -> CrossbarState:
         state = self._state(state)
         tp, tm = self.to_physical(w)
-        gp = self._write(tp, state.gmax_p, state.stuck_p, state.curve_p, generator)
-        gm = self._write(tm, state.gmax_m, state.stuck_m, state.curve_m, generator)
+        gp, aim_p = self._write(tp, state.gmax_p, state.stuck_p, state.curve_p, generator)
+        gm, aim_m = self._write(tm, state.gmax_m, state.stuck_m, state.curve_m, generator)
         now = torch.full_like(gp, state.t_now)
         everywhere = torch.ones_like(gp, dtype=torch.bool)
         return state._replace(gp=gp, gm=gm, tprog_p=now, tprog_m=now.clone(),
-                              nu_p=self._new_nu(gp, state.nu_p, everywhere, generator),
-                              nu_m=self._new_nu(gm, state.nu_m, everywhere, generator))
+                              nu_p=self._new_nu(aim_p, state.nu_p, everywhere, generator),
+                              nu_m=self._new_nu(aim_m, state.nu_m, everywhere, generator))
 
     # ------------------------------------------------------------------ reading
     def _drifted(self, g: Tensor, nu: Tensor, tprog: Tensor, t_now: float) -> Tensor:
@@ -577,10 +589,16 @@ class CrossbarDevice(Device):
         su, sd = su * self.dg, sd * self.dg  # in µS
         if r == "pow_step":
             return _Pre(p.gmax, rng, su, sd, none, none, none, none, none, none, p.curve)
-        gu, gd = (1.0, 1.0) if r == "soft_bounds" else (self.gamma_up, self.gamma_down)
-        ref = lo + self.step_ref_frac * rng
-        ku = su * gu / (p.gmax - ref).clamp(min=1e-12)  # ΔG↑ = (cu − ku·G)⁺
-        kd = sd * gd / (ref - lo).clamp(min=1e-12)  # |ΔG↓| = (cd + kd·G)⁺
+        # G_ref (aihwkit's w = 0) is the same for every device: the card's nominal one. linear_step
+        # divides by the nominal bounds (aihwkit ls_mean_bound_reference = True, its default);
+        # soft_bounds by each device's own g_max, so its step vanishes at that device's bound
+        ref = self.g_ref
+        if r == "soft_bounds":
+            ku = su / (p.gmax - ref).clamp(min=1e-12)  # ΔG↑ = (cu − ku·G)⁺
+        else:
+            ku = su * (self.gamma_up / max(self.g_max_uS - ref, 1e-12))
+        gd = 1.0 if r == "soft_bounds" else self.gamma_down
+        kd = sd * (gd / max(ref - lo, 1e-12))  # |ΔG↓| = (cd + kd·G)⁺
         return _Pre(p.gmax, rng, su, sd, su + ku * ref, ku, sd - kd * ref, kd, none, none, p.curve)
 
     def _exp_params(self, up: bool, rng: Tensor) -> tuple[float, float, Tensor | None]:
@@ -845,20 +863,40 @@ class CrossbarDevice(Device):
         return w.reshape(shape).to(state.gp.dtype)
 
     @property
-    def dw_pulse(self) -> float:
-        """Nominal change of w̃ per weight pulse at the symmetry point of the nominal device (no
-        device-to-device spread): bidirectional (ΔG↑ + ΔG↓)(G*)/R, G* where the nominal device's
-        up and down steps are equal (mid-range if they never are); unidirectional ΔG↑(g_min)/R."""
+    def g_ref(self) -> float:
+        """G_ref = g_min + step_ref_frac·R (µS) of the card's nominal range: aihwkit's w = 0 of the
+        step models, the same for every device."""
+        return self.g_min_uS + self.step_ref_frac * self.g_range
+
+    @cached_property
+    def _nominal(self) -> tuple[float, float]:
+        """(G* µS, dw_pulse) of the nominal device, computed once per configuration."""
         one = torch.ones(1, dtype=F64)
         q = self._prep(_Dev(one * self.g_max_uS, one, one * 0.0, torch.zeros(1, dtype=torch.int64)))
         lo, hi = one * self.g_min_uS, one * self.g_max_uS
         if self.update_mode == "unidirectional":
-            return float((self._next(lo, q, True) - lo) / self.g_range)
+            return self.g_min_uS, float((self._next(lo, q, True) - lo) / self.g_range)
         if bool((self._h(lo, q) <= 0) | (self._h(hi, q) > 0)):  # no crossing: take the mid-range steps
             g = 0.5 * (lo + hi)
         else:
             g = self._bisect(self._h, q, lo, hi)
-        return float((self._next(g, q, True) - self._next(g, q, False)) / self.g_range)
+        return float(g), float((self._next(g, q, True) - self._next(g, q, False)) / self.g_range)
+
+    @property
+    def g_center(self) -> float:
+        """Conductance (µS) of both devices of a bidirectional pair at w̃ = 0: the nominal device's
+        symmetry point G* (mid-range if its up and down steps are never equal), so that one pulse
+        at w̃ = 0 moves the pair by :attr:`dw_pulse` (aihwkit: w = 0 is the symmetry point).
+        Unidirectional pairs: g_min."""
+        return self._nominal[0]
+
+    @property
+    def dw_pulse(self) -> float:
+        """Nominal change of w̃ per weight pulse at the symmetry point of the nominal device (no
+        device-to-device spread): bidirectional (ΔG↑ + ΔG↓)(G*)/R, G* where the nominal device's
+        up and down steps are equal (mid-range if they never are) — where the mapping puts w̃ = 0
+        (:attr:`g_center`); unidirectional ΔG↑(g_min)/R."""
+        return self._nominal[1]
 
     # ------------------------------------------------------------------ the figure of a device paper
     def default_ramp(self, up: bool = True) -> int:
