@@ -832,6 +832,21 @@ class CrossbarDevice(Device):
         x = torch.where(f_lo <= 0, lo, x)
         return torch.where((f_lo > 0) & (f_hi > 0), hi, x)
 
+    def _g_star(self, q: _Pre, lo: Tensor, hi: Tensor) -> Tensor:
+        """Each device's symmetry point: the middle of the interval where its expected up and down
+        steps are equal (|h| ≤ 10⁻⁹·R), found as the two ends of that interval by bisection — one
+        point for a curved response, the middle of the range where a ``linear`` device's steps are
+        equal everywhere (away from the bounds)."""
+        tol = 1e-9 * self.g_range
+
+        def above(g, q):  # > 0 while the up step exceeds the down step
+            return self._h(g, q) - tol
+
+        def not_below(g, q):  # > 0 while the up step is at least the down step
+            return self._h(g, q) + tol
+
+        return 0.5 * (self._bisect(above, q, lo, hi) + self._bisect(not_below, q, lo, hi))
+
     def symmetry_point(self, state: CrossbarState) -> Tensor:
         """Per weight, the w̃ at which an up and a down pulse have equal and opposite expected
         effect. Bidirectional pairs: each device at the conductance where its expected up and
@@ -845,7 +860,7 @@ class CrossbarDevice(Device):
         n = shape.numel()
         if self.update_mode == "bidirectional":
             q = self._prep(p)
-            gs = self._bisect(self._h, q, torch.full_like(g, self.g_min_uS), p.gmax.clone())
+            gs = self._g_star(q, torch.full_like(g, self.g_min_uS), p.gmax.clone())
             return ((gs[:n] - gs[n:]) / self.g_range).reshape(shape).to(state.gp.dtype)
         gp, gm = g[:n], g[n:]
         plus_small = gp <= gm
@@ -879,7 +894,7 @@ class CrossbarDevice(Device):
         if bool((self._h(lo, q) <= 0) | (self._h(hi, q) > 0)):  # no crossing: take the mid-range steps
             g = 0.5 * (lo + hi)
         else:
-            g = self._bisect(self._h, q, lo, hi)
+            g = self._g_star(q, lo, hi)
         return float(g), float((self._next(g, q, True) - self._next(g, q, False)) / self.g_range)
 
     @property
