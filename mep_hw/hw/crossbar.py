@@ -16,9 +16,13 @@ conductance continuous and clip it to [g_min, g_max,dev] after every pulse):
   the A → ∞ limit; ``table`` interpolates measured curves (:class:`ResponseTable`).
 * ``linear_step``, ``soft_bounds``, ``pow_step`` — aihwkit's pulsed devices (Rasch et al., IEEE
   AICAS 2021; ``LinearStepDevice``, ``SoftBoundsDevice``, ``PowStepDevice``): with the reference
-  conductance G_ref = g_min + step_ref_frac·R (aihwkit's w = 0),
-  ΔG↑ = s↑ (1 − γ↑ (G − G_ref)/(g_max − G_ref)),  ΔG↓ = s↓ (1 − γ↓ (G_ref − G)/(G_ref − g_min))
-  (``soft_bounds`` is γ↑ = γ↓ = 1: the step vanishes at the bounds and equals dw_min at G_ref);
+  conductance G_ref = g_min + step_ref_frac·R of the card's nominal range (aihwkit's w = 0, the
+  same for every device),
+  ΔG↑ = s↑ (1 − γ↑ (G − G_ref)/(g_max − G_ref)),  ΔG↓ = s↓ (1 − γ↓ (G_ref − G)/(G_ref − g_min)),
+  g_max the nominal bound for ``linear_step`` (aihwkit ``mean_bound_reference = True``, its
+  default: the slopes divide by the mean bounds; a device's own g_max,dev only clips) and the
+  device's own bound for ``soft_bounds`` (γ↑ = γ↓ = 1: the step vanishes at that device's bounds
+  and equals dw_min at G_ref);
   ``pow_step``: ΔG↑ = s↑ ω^γ↑, ΔG↓ = s↓ (1 − ω)^γ↓, ω = (g_max − G)/R.
 
 Step sizes carry the systematic up/down asymmetry a and, per device, a step-size spread
@@ -27,6 +31,15 @@ s↓ = Δg·f_dev (1 − a/2 − r) (for position models, in pulse positions). *
 per pulse (``c2c_model``): ``multiplicative`` ΔG (1 + σξ) (aihwkit ``mult_noise``), ``additive``
 ΔG + σ·s·ξ (aihwkit additive), ``range`` ΔG + σ·(g_max,dev − g_min)·ξ (NeuroSim's
 ``sigmaCtoC``, a fraction of the conductance range per pulse).
+
+**Mapping** (:meth:`CrossbarDevice.to_physical`): a ``bidirectional`` pair holds w̃ = 0 with both
+devices at c = G* of the nominal device (:attr:`CrossbarDevice.g_center`: where its expected up
+and down steps are equal, mid-range if they never are; aihwkit: w = 0 is the symmetry point), so
+one pulse at w̃ = 0 moves the pair by ``dw_pulse``, and splits |w̃| between the devices in
+proportion to their room on that side: G⁺ = c + w̃⁺(g_max − c) − w̃⁻(c − g_min),
+G⁻ = c − w̃⁺(c − g_min) + w̃⁻(g_max − c), w̃± = max(±w̃, 0). (G⁺ − G⁻)/R = w̃ for every
+w̃ ∈ [−1, 1], with (g_max, g_min) at w̃ = 1, for any c. A ``unidirectional`` pair keeps one device
+at g_min: G± = g_min + w̃±·R.
 
 **Pairs**: a ``bidirectional`` pair takes each weight-up pulse as an up pulse on G⁺ and a down
 pulse on G⁻ (coincident pulses on the two columns of the pair), so the nominal weight step is
@@ -49,7 +62,9 @@ clipped at 0 only, as aihwkit does.
 max(g^0.65, 10⁻³), 0.2), t the time since programming plus t₀ (Nandakumar 2019 as in aihwkit's
 ``PCMLikeNoiseModel``; each read draws independently from this distribution). Drift
 G(t) = G_prog ((t − t_prog + t₀)/t₀)^(−ν): ``constant`` ν ~ N(ν̄, σ_ν) per device, or ``pcm``
-ν = |N(μ(g), σ(g))| drawn at every write, μ = clip(−0.0155 ln g + 0.0244, 0.049, 0.1),
+ν = |N(μ(g), σ(g))| drawn at every write at g = the write's target conductance / g_max (aihwkit
+draws it from ``g_target``, independent of the programming noise; a pulse's target is the
+conductance it leaves), μ = clip(−0.0155 ln g + 0.0244, 0.049, 0.1),
 σ = clip(−0.0125 ln g − 0.0059, 0.008, 0.045). A first-order IR drop scales w̃ by
 (1 − ir_drop·i/(n_in − 1)) along the input lines.
 
@@ -271,7 +286,7 @@ class CrossbarDevice(Device):
     nl_ltd: float = 0.0
     gamma_up: float = 1.0  # linear_step slopes / pow_step exponents (soft_bounds: 1)
     gamma_down: float = 1.0
-    step_ref_frac: float = 0.5  # linear_step / soft_bounds: G_ref = g_min + step_ref_frac·R, where ΔG↑ = ΔG↓ = dw_min
+    step_ref_frac: float = 0.5  # linear_step / soft_bounds: G_ref = g_min + step_ref_frac·R (nominal R), where ΔG↑ = ΔG↓ = dw_min
     table_file: str = ""  # response='table': the CSV beside the card
     table: ResponseTable | None = field(default=None, repr=False, compare=False)
     up_down_asym: float = 0.0
@@ -419,7 +434,7 @@ class CrossbarDevice(Device):
             return (1.0 + self.dw_dtod * randn()).clamp(min=0.0)
 
         def nu():
-            if self.drift_model == "pcm":  # drawn at every write, from the written conductance
+            if self.drift_model == "pcm":  # drawn at every write, at the write's target conductance
                 return torch.zeros(shape, dtype=dtype)
             return (self.drift_nu_mean + self.drift_nu_std * randn()).clamp(min=0.0)
 
