@@ -19,7 +19,8 @@ refreshes and the energy per sample (training and inference, split by where it i
 cost accounting: read energy from the held conductances, pulse energies, holding power).
 ``--cards all`` runs every shipped card and the float baseline.
 
-``update``: for each crossbar card, one host update at mid-range (weights programmed to w̃ = 0)
+``update``: for each crossbar card, one host update at w̃ = 0 (weights programmed to w̃ = 0: a
+bidirectional pair's devices at the nominal symmetry point G*, a unidirectional pair's at g_min)
 of an intended change of k nominal pulses (k·dw_pulse, up and down) on 10⁵ weights: the mean and
 spread of achieved/intended (device-to-device and cycle-to-cycle spread, nonlinearity,
 asymmetry). Cheap; no data needed.
@@ -98,8 +99,8 @@ def overhead(out: Path, batch: int = 100, rounds: int = 15, pcm_set=None) -> dic
 
 
 def update_ratio(out: Path, n: int = 100_000, pulses=(1, 4, 16), seed: int = 0) -> dict:
-    """Achieved/intended of one host update at mid-range, per crossbar card (module docstring)."""
-    report = {"benchmark": "device_update_ratio", "weights": n, "start": "programmed to w̃ = 0 (mid-range)",
+    """Achieved/intended of one host update at w̃ = 0, per crossbar card (module docstring)."""
+    report = {"benchmark": "device_update_ratio", "weights": n, "start": "programmed to w̃ = 0 (bidirectional: both devices at the nominal symmetry point G*)",
               "intended": "k · dw_pulse, k in pulses", "cards": {}}
     for card in list_cards():
         dev = card.device

@@ -16,9 +16,13 @@ conductance continuous and clip it to [g_min, g_max,dev] after every pulse):
   the A → ∞ limit; ``table`` interpolates measured curves (:class:`ResponseTable`).
 * ``linear_step``, ``soft_bounds``, ``pow_step`` — aihwkit's pulsed devices (Rasch et al., IEEE
   AICAS 2021; ``LinearStepDevice``, ``SoftBoundsDevice``, ``PowStepDevice``): with the reference
-  conductance G_ref = g_min + step_ref_frac·R (aihwkit's w = 0),
-  ΔG↑ = s↑ (1 − γ↑ (G − G_ref)/(g_max − G_ref)),  ΔG↓ = s↓ (1 − γ↓ (G_ref − G)/(G_ref − g_min))
-  (``soft_bounds`` is γ↑ = γ↓ = 1: the step vanishes at the bounds and equals dw_min at G_ref);
+  conductance G_ref = g_min + step_ref_frac·R of the card's nominal range (aihwkit's w = 0, the
+  same for every device),
+  ΔG↑ = s↑ (1 − γ↑ (G − G_ref)/(g_max − G_ref)),  ΔG↓ = s↓ (1 − γ↓ (G_ref − G)/(G_ref − g_min)),
+  g_max the nominal bound for ``linear_step`` (aihwkit ``mean_bound_reference = True``, its
+  default: the slopes divide by the mean bounds; a device's own g_max,dev only clips) and the
+  device's own bound for ``soft_bounds`` (γ↑ = γ↓ = 1: the step vanishes at that device's bounds
+  and equals dw_min at G_ref);
   ``pow_step``: ΔG↑ = s↑ ω^γ↑, ΔG↓ = s↓ (1 − ω)^γ↓, ω = (g_max − G)/R.
 
 Step sizes carry the systematic up/down asymmetry a and, per device, a step-size spread
@@ -27,6 +31,15 @@ s↓ = Δg·f_dev (1 − a/2 − r) (for position models, in pulse positions). *
 per pulse (``c2c_model``): ``multiplicative`` ΔG (1 + σξ) (aihwkit ``mult_noise``), ``additive``
 ΔG + σ·s·ξ (aihwkit additive), ``range`` ΔG + σ·(g_max,dev − g_min)·ξ (NeuroSim's
 ``sigmaCtoC``, a fraction of the conductance range per pulse).
+
+**Mapping** (:meth:`CrossbarDevice.to_physical`): a ``bidirectional`` pair holds w̃ = 0 with both
+devices at c = G* of the nominal device (:attr:`CrossbarDevice.g_center`: where its expected up
+and down steps are equal, mid-range if they never are; aihwkit: w = 0 is the symmetry point), so
+one pulse at w̃ = 0 moves the pair by ``dw_pulse``, and splits |w̃| between the devices in
+proportion to their room on that side: G⁺ = c + w̃⁺(g_max − c) − w̃⁻(c − g_min),
+G⁻ = c − w̃⁺(c − g_min) + w̃⁻(g_max − c), w̃± = max(±w̃, 0). (G⁺ − G⁻)/R = w̃ for every
+w̃ ∈ [−1, 1], with (g_max, g_min) at w̃ = 1, for any c. A ``unidirectional`` pair keeps one device
+at g_min: G± = g_min + w̃±·R.
 
 **Pairs**: a ``bidirectional`` pair takes each weight-up pulse as an up pulse on G⁺ and a down
 pulse on G⁻ (coincident pulses on the two columns of the pair), so the nominal weight step is
@@ -49,7 +62,9 @@ clipped at 0 only, as aihwkit does.
 max(g^0.65, 10⁻³), 0.2), t the time since programming plus t₀ (Nandakumar 2019 as in aihwkit's
 ``PCMLikeNoiseModel``; each read draws independently from this distribution). Drift
 G(t) = G_prog ((t − t_prog + t₀)/t₀)^(−ν): ``constant`` ν ~ N(ν̄, σ_ν) per device, or ``pcm``
-ν = |N(μ(g), σ(g))| drawn at every write, μ = clip(−0.0155 ln g + 0.0244, 0.049, 0.1),
+ν = |N(μ(g), σ(g))| drawn at every write at g = the write's target conductance / g_max (aihwkit
+draws it from ``g_target``, independent of the programming noise; a pulse's target is the
+conductance it leaves), μ = clip(−0.0155 ln g + 0.0244, 0.049, 0.1),
 σ = clip(−0.0125 ln g − 0.0059, 0.008, 0.045). A first-order IR drop scales w̃ by
 (1 − ir_drop·i/(n_in − 1)) along the input lines.
 
@@ -62,6 +77,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -270,7 +286,7 @@ class CrossbarDevice(Device):
     nl_ltd: float = 0.0
     gamma_up: float = 1.0  # linear_step slopes / pow_step exponents (soft_bounds: 1)
     gamma_down: float = 1.0
-    step_ref_frac: float = 0.5  # linear_step / soft_bounds: G_ref = g_min + step_ref_frac·R, where ΔG↑ = ΔG↓ = dw_min
+    step_ref_frac: float = 0.5  # linear_step / soft_bounds: G_ref = g_min + step_ref_frac·R (nominal R), where ΔG↑ = ΔG↓ = dw_min
     table_file: str = ""  # response='table': the CSV beside the card
     table: ResponseTable | None = field(default=None, repr=False, compare=False)
     up_down_asym: float = 0.0
@@ -388,8 +404,13 @@ class CrossbarDevice(Device):
         w = w.clamp(-1.0, 1.0)
         if self.update_mode == "unidirectional":  # one device at g_min: room to potentiate
             return self.g_min_uS + w.clamp(min=0) * self.g_range, self.g_min_uS + (-w).clamp(min=0) * self.g_range
-        mid = 0.5 * (self.g_min_uS + self.g_max_uS)
-        return mid + 0.5 * w * self.g_range, mid - 0.5 * w * self.g_range
+        # bidirectional: both devices at the centre c = G* (:attr:`g_center`) for w̃ = 0, where one
+        # pulse moves the pair by dw_pulse; |w̃| is split between the devices in proportion to
+        # their room on that side, so w̃ = ±1 still reaches (g_max, g_min) / (g_min, g_max)
+        c = self.g_center
+        up, down = self.g_max_uS - c, c - self.g_min_uS  # room above / below the centre
+        pos, neg = w.clamp(min=0.0), w.clamp(max=0.0)
+        return c + pos * up + neg * down, c - pos * down - neg * up
 
     def to_logical(self, gp: Tensor, gm: Tensor) -> Tensor:
         return (gp - gm) / self.g_range
@@ -413,7 +434,7 @@ class CrossbarDevice(Device):
             return (1.0 + self.dw_dtod * randn()).clamp(min=0.0)
 
         def nu():
-            if self.drift_model == "pcm":  # drawn at every write, from the written conductance
+            if self.drift_model == "pcm":  # drawn at every write, at the write's target conductance
                 return torch.zeros(shape, dtype=dtype)
             return (self.drift_nu_mean + self.drift_nu_std * randn()).clamp(min=0.0)
 
@@ -472,18 +493,24 @@ class CrossbarDevice(Device):
         dg = self.dg
         return torch.minimum(((target - self.g_min_uS) / dg).round() * dg + self.g_min_uS, gmax)
 
-    def _write(self, target: Tensor, gmax: Tensor, stuck: Tensor, curve: Tensor | None, gen) -> Tensor:
-        g = self._quantise(torch.minimum(target.clamp(min=self.g_min_uS), gmax), gmax, curve)
-        sig = self.prog_sigma(g)
+    def _write(self, target: Tensor, gmax: Tensor, stuck: Tensor, curve: Tensor | None, gen) -> tuple[Tensor, Tensor]:
+        """(programmed G, the write-verify target it was aimed at: in range and on the device's
+        programmable states, before the programming noise)."""
+        aim = self._quantise(torch.minimum(target.clamp(min=self.g_min_uS), gmax), gmax, curve)
+        g = aim
+        sig = self.prog_sigma(aim)
         if not (isinstance(sig, float) and sig == 0.0):
             g = g + sig * torch.randn(g.shape, generator=gen, dtype=F64).to(g.dtype).to(g.device)
         g = g.clamp(min=self.g_min_uS)
         if self.prog_noise_model != "pcm":  # a device cannot be programmed past its own maximum
             g = torch.minimum(g, gmax)
-        return self._pin(g, stuck, gmax)
+        return self._pin(g, stuck, gmax), self._pin(aim, stuck, gmax)
 
     def _new_nu(self, g: Tensor, old: Tensor, written: Tensor, gen) -> Tensor:
-        """PCM drift: every write draws ν = |N(μ(g), σ(g))| from the written conductance."""
+        """PCM drift: every write draws ν = |N(μ(g), σ(g))| at g, the conductance the write aimed
+        at — the programming target (aihwkit ``PCMLikeNoiseModel``: ``generate_drift_coefficients``
+        of ``g_target``, independent of the programming noise), or, for a pulse, the conductance
+        the pulse left (a pulse has no target)."""
         if self.drift_model != "pcm":
             return old
         mu, sd = pcm_drift_nu(g / self.g_max_uS)
@@ -493,13 +520,13 @@ class CrossbarDevice(Device):
     def program(self, state: CrossbarState, w: Tensor, generator) -> CrossbarState:
         state = self._state(state)
         tp, tm = self.to_physical(w)
-        gp = self._write(tp, state.gmax_p, state.stuck_p, state.curve_p, generator)
-        gm = self._write(tm, state.gmax_m, state.stuck_m, state.curve_m, generator)
+        gp, aim_p = self._write(tp, state.gmax_p, state.stuck_p, state.curve_p, generator)
+        gm, aim_m = self._write(tm, state.gmax_m, state.stuck_m, state.curve_m, generator)
         now = torch.full_like(gp, state.t_now)
         everywhere = torch.ones_like(gp, dtype=torch.bool)
         return state._replace(gp=gp, gm=gm, tprog_p=now, tprog_m=now.clone(),
-                              nu_p=self._new_nu(gp, state.nu_p, everywhere, generator),
-                              nu_m=self._new_nu(gm, state.nu_m, everywhere, generator))
+                              nu_p=self._new_nu(aim_p, state.nu_p, everywhere, generator),
+                              nu_m=self._new_nu(aim_m, state.nu_m, everywhere, generator))
 
     # ------------------------------------------------------------------ reading
     def _drifted(self, g: Tensor, nu: Tensor, tprog: Tensor, t_now: float) -> Tensor:
@@ -577,10 +604,16 @@ class CrossbarDevice(Device):
         su, sd = su * self.dg, sd * self.dg  # in µS
         if r == "pow_step":
             return _Pre(p.gmax, rng, su, sd, none, none, none, none, none, none, p.curve)
-        gu, gd = (1.0, 1.0) if r == "soft_bounds" else (self.gamma_up, self.gamma_down)
-        ref = lo + self.step_ref_frac * rng
-        ku = su * gu / (p.gmax - ref).clamp(min=1e-12)  # ΔG↑ = (cu − ku·G)⁺
-        kd = sd * gd / (ref - lo).clamp(min=1e-12)  # |ΔG↓| = (cd + kd·G)⁺
+        # G_ref (aihwkit's w = 0) is the same for every device: the card's nominal one. linear_step
+        # divides by the nominal bounds (aihwkit ls_mean_bound_reference = True, its default);
+        # soft_bounds by each device's own g_max, so its step vanishes at that device's bound
+        ref = self.g_ref
+        if r == "soft_bounds":
+            ku = su / (p.gmax - ref).clamp(min=1e-12)  # ΔG↑ = (cu − ku·G)⁺
+        else:
+            ku = su * (self.gamma_up / max(self.g_max_uS - ref, 1e-12))
+        gd = 1.0 if r == "soft_bounds" else self.gamma_down
+        kd = sd * (gd / max(ref - lo, 1e-12))  # |ΔG↓| = (cd + kd·G)⁺
         return _Pre(p.gmax, rng, su, sd, su + ku * ref, ku, sd - kd * ref, kd, none, none, p.curve)
 
     def _exp_params(self, up: bool, rng: Tensor) -> tuple[float, float, Tensor | None]:
@@ -814,6 +847,21 @@ class CrossbarDevice(Device):
         x = torch.where(f_lo <= 0, lo, x)
         return torch.where((f_lo > 0) & (f_hi > 0), hi, x)
 
+    def _g_star(self, q: _Pre, lo: Tensor, hi: Tensor) -> Tensor:
+        """Each device's symmetry point: the middle of the interval where its expected up and down
+        steps are equal (|h| ≤ 10⁻⁹·R), found as the two ends of that interval by bisection — one
+        point for a curved response, the middle of the range where a ``linear`` device's steps are
+        equal everywhere (away from the bounds)."""
+        tol = 1e-9 * self.g_range
+
+        def above(g, q):  # > 0 while the up step exceeds the down step
+            return self._h(g, q) - tol
+
+        def not_below(g, q):  # > 0 while the up step is at least the down step
+            return self._h(g, q) + tol
+
+        return 0.5 * (self._bisect(above, q, lo, hi) + self._bisect(not_below, q, lo, hi))
+
     def symmetry_point(self, state: CrossbarState) -> Tensor:
         """Per weight, the w̃ at which an up and a down pulse have equal and opposite expected
         effect. Bidirectional pairs: each device at the conductance where its expected up and
@@ -827,7 +875,7 @@ class CrossbarDevice(Device):
         n = shape.numel()
         if self.update_mode == "bidirectional":
             q = self._prep(p)
-            gs = self._bisect(self._h, q, torch.full_like(g, self.g_min_uS), p.gmax.clone())
+            gs = self._g_star(q, torch.full_like(g, self.g_min_uS), p.gmax.clone())
             return ((gs[:n] - gs[n:]) / self.g_range).reshape(shape).to(state.gp.dtype)
         gp, gm = g[:n], g[n:]
         plus_small = gp <= gm
@@ -845,20 +893,40 @@ class CrossbarDevice(Device):
         return w.reshape(shape).to(state.gp.dtype)
 
     @property
-    def dw_pulse(self) -> float:
-        """Nominal change of w̃ per weight pulse at the symmetry point of the nominal device (no
-        device-to-device spread): bidirectional (ΔG↑ + ΔG↓)(G*)/R, G* where the nominal device's
-        up and down steps are equal (mid-range if they never are); unidirectional ΔG↑(g_min)/R."""
+    def g_ref(self) -> float:
+        """G_ref = g_min + step_ref_frac·R (µS) of the card's nominal range: aihwkit's w = 0 of the
+        step models, the same for every device."""
+        return self.g_min_uS + self.step_ref_frac * self.g_range
+
+    @cached_property
+    def _nominal(self) -> tuple[float, float]:
+        """(G* µS, dw_pulse) of the nominal device, computed once per configuration."""
         one = torch.ones(1, dtype=F64)
         q = self._prep(_Dev(one * self.g_max_uS, one, one * 0.0, torch.zeros(1, dtype=torch.int64)))
         lo, hi = one * self.g_min_uS, one * self.g_max_uS
         if self.update_mode == "unidirectional":
-            return float((self._next(lo, q, True) - lo) / self.g_range)
+            return self.g_min_uS, float((self._next(lo, q, True) - lo) / self.g_range)
         if bool((self._h(lo, q) <= 0) | (self._h(hi, q) > 0)):  # no crossing: take the mid-range steps
             g = 0.5 * (lo + hi)
         else:
-            g = self._bisect(self._h, q, lo, hi)
-        return float((self._next(g, q, True) - self._next(g, q, False)) / self.g_range)
+            g = self._g_star(q, lo, hi)
+        return float(g), float((self._next(g, q, True) - self._next(g, q, False)) / self.g_range)
+
+    @property
+    def g_center(self) -> float:
+        """Conductance (µS) of both devices of a bidirectional pair at w̃ = 0: the nominal device's
+        symmetry point G* (mid-range if its up and down steps are never equal), so that one pulse
+        at w̃ = 0 moves the pair by :attr:`dw_pulse` (aihwkit: w = 0 is the symmetry point).
+        Unidirectional pairs: g_min."""
+        return self._nominal[0]
+
+    @property
+    def dw_pulse(self) -> float:
+        """Nominal change of w̃ per weight pulse at the symmetry point of the nominal device (no
+        device-to-device spread): bidirectional (ΔG↑ + ΔG↓)(G*)/R, G* where the nominal device's
+        up and down steps are equal (mid-range if they never are) — where the mapping puts w̃ = 0
+        (:attr:`g_center`); unidirectional ΔG↑(g_min)/R."""
+        return self._nominal[1]
 
     # ------------------------------------------------------------------ the figure of a device paper
     def default_ramp(self, up: bool = True) -> int:

@@ -177,6 +177,37 @@ def test_pcm_drift_mean_conductance(g_rel, t_s):
     assert close(float(g.std()), float(25.0 * g_rel * ((w * ((t_s + 20) / 20) ** (-2 * nu)).sum() / w.sum() - ratio**2) ** 0.5), TOL)
 
 
+@pytest.mark.parametrize("t_s", [86400.0, 3.15e7])
+def test_pcm_drift_exponent_is_drawn_at_the_target_not_the_written_conductance(t_s):
+    """aihwkit PCMLikeNoiseModel draws ν from g_target (generate_drift_coefficients(g_target)),
+    independent of the programming noise: at 0.02·g_max with the card's programming noise,
+    E[G(t)] = E[max(G_T + σ(G_T)ξ, 0)]·E[x^(−|N(μ(g_T), σ(g_T))|)], x = (t + t₀)/t₀ (the former
+    draw from the written G gave the devices programmed high a small ν: E[G(1 yr)] 3 % high,
+    0.181 vs 0.176 µS, and E[ν] 0.0871 vs 0.0858)."""
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, update_mode="unidirectional", drift_model="pcm",
+                         prog_noise_model="pcm", prog_noise=1.0)
+    g_rel = 0.02
+    st = dev.program(state_of(dev), torch.full((N,), g_rel, dtype=F64), gen(40))
+    lg = math.log(g_rel)
+    mu = min(max(-0.0155 * lg + 0.0244, 0.049), 0.1)
+    sd = min(max(-0.0125 * lg - 0.0059, 0.008), 0.045)
+    m, s, _ = folded_normal_moments(mu, sd)
+    assert close(float(st.nu_p.mean()), m, TOL / 5) and close(float(st.nu_p.std()), s, TOL)
+    assert abs(float(torch.corrcoef(torch.stack([st.gp, st.nu_p]))[0, 1])) < 5 / math.sqrt(N)  # independent
+    g_t = 25.0 * g_rel
+    sig = float(dev.prog_sigma(torch.tensor(g_t, dtype=F64)))  # 0.30 µS at 0.5 µS
+    a = g_t / sig
+    e_prog = g_t * 0.5 * math.erfc(-a / math.sqrt(2)) + sig * math.exp(-a * a / 2) / math.sqrt(2 * math.pi)  # E[max(X, 0)]
+    L = math.log((t_s + 20.0) / 20.0)  # E[e^(−L|Z|)], Z ~ N(μ, σ): the two half-lines in closed form
+    e_drift = (math.exp(-L * mu + (L * sd) ** 2 / 2) * 0.5 * math.erfc(-(mu - L * sd * sd) / (sd * math.sqrt(2)))
+               + math.exp(L * mu + (L * sd) ** 2 / 2) * 0.5 * math.erfc((mu + L * sd * sd) / (sd * math.sqrt(2))))
+    g = dev.physical(dev.advance(st, t_s))["g_plus"][0]
+    se = float(g.std()) / math.sqrt(N)
+    assert close(float(st.gp.mean()), e_prog, TOL / 5)
+    assert abs(float(g.mean()) - e_prog * e_drift) < 5 * se
+    assert close(float(g.mean()), e_prog * e_drift, 0.01)
+
+
 def test_constant_drift_power_law():
     dev = CrossbarDevice(drift_nu_mean=0.05, drift_nu_std=0.0, drift_t0_s=20.0, update_mode="unidirectional")
     st = dev.program(state_of(dev, (10,)), torch.full((10,), 0.8, dtype=F64), gen(9))
@@ -368,6 +399,83 @@ def test_dw_pulse_is_the_step_at_the_symmetry_point():
                          update_mode="unidirectional")
     assert pcm.dw_pulse == pytest.approx(0.5 / 25.0)
     assert float(pcm.symmetry_point(pcm.program(state_of(pcm, (5,)), torch.zeros(5, dtype=F64), gen(0))).abs().max()) < 1e-9
+
+
+def bidirectional_cards():
+    from mep_hw.hw import list_cards
+
+    return [c.name for c in list_cards() if isinstance(c.device, CrossbarDevice) and c.device.update_mode == "bidirectional"]
+
+
+@pytest.mark.parametrize("card", bidirectional_cards())
+def test_one_pulse_at_zero_weight_achieves_dw_pulse_on_every_bidirectional_card(card):
+    """w̃ = 0 is programmed at the nominal symmetry point G* (aihwkit: w = 0 is the symmetry point),
+    where dw_pulse is evaluated, so one intended step at w̃ = 0 achieves itself on average (mean
+    over 10⁵ weights with the card's programming noise and device-to-device spread; the zero-mean
+    cycle-to-cycle noise off). Mid-range centring gave 1.56 / 1.14 / 1.04 × on reram_agsi_measured
+    / reram_agsi / ecram."""
+    import dataclasses
+
+    from mep_hw.hw import load_card
+
+    dev = dataclasses.replace(load_card(card).device, dw_ctoc=0.0)
+    n = 100_000
+    one = torch.ones(1, dtype=F64)
+    q = dev._prep(_Dev(one * dev.g_max_uS, one, one * 0.0, torch.zeros(1, dtype=torch.int64)))
+    c = one * dev.g_center
+    up, down = dev._next(c, q, True) - c, c - dev._next(c, q, False)
+    assert float(up) == pytest.approx(float(down), rel=1e-6)  # the centre is the nominal device's G*
+    assert dev.dw_pulse == pytest.approx(float(up + down) / dev.g_range, rel=1e-9)
+    st = dev.program(state_of(dev, (n,), seed=41), torch.zeros(n, dtype=F64), gen(42))
+    w0 = dev.mean(st)
+    for sign in (1.0, -1.0):
+        new, _ = dev.update(st, torch.full((n,), sign * dev.dw_pulse, dtype=F64), gen(43))
+        ratio = float(((dev.mean(new) - w0) / (sign * dev.dw_pulse)).mean())
+        assert abs(ratio - 1.0) < 0.03, (card, sign, ratio)
+
+
+@pytest.mark.parametrize("frac", [0.05, 0.2357, 0.5, 0.9])
+def test_bidirectional_mapping_centres_on_the_symmetry_point_and_keeps_the_full_range(frac):
+    """G± = c ± w̃⁺(g_max − c) ∓ w̃⁻(c − g_min) (w̃⁺ = max(w̃, 0), w̃⁻ = max(−w̃, 0)): both devices at
+    c for w̃ = 0, (g_max, g_min) at w̃ = 1, (g_min, g_max) at w̃ = −1, and (G⁺ − G⁻)/R = w̃ throughout."""
+    dev = CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, dw_min_uS=0.01, response="linear_step", gamma_up=0.3, gamma_down=0.3,
+                         step_ref_frac=frac, update_mode="bidirectional")
+    c = dev.g_center
+    assert c == pytest.approx(1.0 + 10.0 * frac, abs=1e-9)  # linear_step: G* = G_ref without asymmetry
+    w = torch.linspace(-1.0, 1.0, 2001, dtype=F64)
+    gp, gm = dev.to_physical(w)
+    torch.testing.assert_close(dev.to_logical(gp, gm), w, atol=1e-12, rtol=0)
+    assert float(gp.min()) >= 1.0 - 1e-12 and float(gm.max()) <= 11.0 + 1e-12
+    ends = dev.to_physical(torch.tensor([-1.0, 0.0, 1.0], dtype=F64))
+    torch.testing.assert_close(ends[0], torch.tensor([1.0, c, 11.0], dtype=F64))
+    torch.testing.assert_close(ends[1], torch.tensor([11.0, c, 1.0], dtype=F64))
+
+
+def test_ecram_symmetry_point_spread_matches_the_closed_form():
+    """aihwkit LinearStep with mean_bound_reference = True (its default): the slopes divide by the
+    *mean* bounds, w = 0 is the same for every device, so only the up/down bias r spreads the
+    symmetry points: x* = (s↑ − s↓)/(s↑γ↑/U + s↓γ↓/D), s↑,↓ = 1 ± r, U = g_max − G_ref,
+    D = G_ref − g_min of the card's nominal range; w̃* = (x*⁺ − x*⁻)/R, std ≈ √2·2σ_r/(γ↑R/U + γ↓R/D)
+    = 0.0198 (per-device bounds and G_ref gave 0.035). The device's own g_max only clips."""
+    from mep_hw.hw import load_card
+
+    dev = load_card("ecram").device
+    assert dev.g_dtod > 0 and dev.up_down_dtod > 0  # the card's device-to-device spread is on
+    st = dev.program(state_of(dev, seed=44), torch.zeros(N, dtype=F64), gen(45))
+    R, ref = dev.g_range, dev.g_min_uS + dev.step_ref_frac * dev.g_range
+    U, D = dev.g_max_uS - ref, ref - dev.g_min_uS
+
+    def x_star(r, gmax):
+        su, sd = 1.0 + r, 1.0 - r
+        x = (su - sd) / (su * dev.gamma_up / U + sd * dev.gamma_down / D)
+        return torch.minimum(ref + x, gmax) - ref
+
+    expected = (x_star(st.ud_p, st.gmax_p) - x_star(st.ud_m, st.gmax_m)) / R
+    w_star = dev.symmetry_point(st)
+    torch.testing.assert_close(w_star, expected, atol=1e-9, rtol=1e-6)
+    linear = math.sqrt(2) * 2 * dev.up_down_dtod / (dev.gamma_up * R / U + dev.gamma_down * R / D)
+    assert linear == pytest.approx(0.0198, abs=5e-4)
+    assert close(float(w_star.std()), linear, TOL) and abs(float(w_star.mean())) < 5 * linear / math.sqrt(N)
 
 
 def test_symmetry_of_unidirectional_pairs_keeps_the_lower_device():
