@@ -26,7 +26,7 @@ import numpy as np
 
 from mep_hw.errors import ConfigError, DataError
 
-__all__ = ["DATASETS", "Dataset", "IdxSpec", "load_dataset", "read_idx", "download_idx", "cache_dir"]
+__all__ = ["DATASETS", "Dataset", "IdxSpec", "DataAvailability", "check_dataset", "load_dataset", "read_idx", "download_idx", "cache_dir"]
 
 
 class IdxSpec(NamedTuple):
@@ -249,6 +249,44 @@ def _load_digits() -> Dataset:
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
     return Dataset("digits", xtr, ytr, xte, yte, 10)
+
+
+class DataAvailability(NamedTuple):
+    """Where :func:`load_dataset` would find a dataset, checked without reading it."""
+
+    name: str
+    folder: Path | None  # the folder holding the files (None: digits, or not found)
+    problem: str | None  # why they cannot be loaded from here, with the fix (None: they can)
+    download: bool  # not in the cache yet: load_dataset would download it (needs the network)
+
+
+def check_dataset(name: str, data_dir: str | Path | None = None) -> DataAvailability:
+    """Whether ``name`` can be loaded with ``data_dir`` (else ``MEP_HW_DATA``, else the cache)
+    without reading the files: each of the four IDX files present (checksums are checked when
+    loading). Never downloads."""
+    if name == "digits":
+        return DataAvailability(name, None, None, False)
+    spec = _idx_spec(name)
+    files = [f for f, _ in spec.files.values()]
+    given = data_dir if data_dir is not None else os.environ.get("MEP_HW_DATA") or None
+    if given is None:
+        folder = cache_dir() / "datasets" / name
+        if all((folder / f).exists() for f in files):
+            return DataAvailability(name, folder, None, False)
+        return DataAvailability(
+            name, None, f"{name} is not in the cache {folder}; it is downloaded there first (needs the network), "
+            "or pass --data-dir DIR (or set MEP_HW_DATA) with the four IDX files", True)
+    src = "--data-dir" if data_dir is not None else "MEP_HW_DATA"
+    folder = Path(given).expanduser()
+    if not folder.is_dir():
+        return DataAvailability(name, None, f"{src}={folder} is not a folder; give the folder holding the {name} IDX files", False)
+    found = _locate(name, folder)
+    if found is None:
+        return DataAvailability(name, None, f"no {name} IDX files in {folder} or {folder / name} (expected {', '.join(files)})", False)
+    missing = [f for f in files if not (found / f).exists() and not (found / f[:-3]).exists()]
+    if missing:
+        return DataAvailability(name, None, f"{found} lacks {', '.join(missing)} of {name}; add them", False)
+    return DataAvailability(name, found, None, False)
 
 
 def load_dataset(

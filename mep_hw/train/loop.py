@@ -7,9 +7,11 @@ stopped, and the same seed gives the same metrics on the same machine.
 
 A run folder holds ``config.toml`` (the full configuration), ``checkpoint.pt`` (weights,
 optimizer and schedule state, history; rewritten atomically after every epoch) and
-``metrics.json`` (also rewritten after every epoch, and when the run is interrupted or
-diverges, with ``status`` saying which), and with ``--trace-every`` an HDF5 ``trace.h5``
-(see :mod:`mep_hw.train.tracing` and :mod:`mep_hw.io.trace`).
+``metrics.json`` (written when the run starts, after every epoch, and when the run is
+interrupted, diverges or fails, with ``status`` saying which: one of
+:data:`mep_hw.train.guards.STATUSES`), and with ``--trace-every`` an HDF5 ``trace.h5``
+(see :mod:`mep_hw.train.tracing` and :mod:`mep_hw.io.trace`). What a resume may change, and
+when a run is stopped as ``diverged`` or ``not_settling``: :mod:`mep_hw.train.guards`.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import torch
 from torch import Tensor
 
 from mep_hw.ep import assign_grads, ep_gradients, free_phase
-from mep_hw.errors import ConfigError, SettleError
+from mep_hw.errors import ConfigError, DivergedError, MepHwError, SettleError, StorageError
 from mep_hw.io import Dataset, load_dataset
-from mep_hw.io.runs import load_checkpoint, read_toml, save_checkpoint, write_json, write_toml
+from mep_hw.io.runs import ensure_dir, save_checkpoint, write_json, write_toml
 from mep_hw.model import LayeredHopfield, one_hot
 from mep_hw.optimizers import SDMEPOptimizer, SMEPOptimizer
 from mep_hw.optimizers.strategies import SpectralConstraint
 from mep_hw.train.config import TrainConfig
 from mep_hw.host.flops import ep_estimate_flops, host_step_flops
 from mep_hw.train.cost import CostAccumulator
+from mep_hw.train.guards import RunGuard, plan_resume, restart_schedule
 from mep_hw.train.hardware import HardwareNetwork
 from mep_hw.train.tracing import StepTotals, batch_sums, epoch_units, interval_values, open_trace, parse_trace_every
 
@@ -67,7 +70,7 @@ class TrainResult(NamedTuple):
     run_dir: Path
     test_accuracy: float
     history: tuple[EpochStats, ...]
-    status: str  # completed
+    status: str  # completed (a run that stops otherwise raises: see mep_hw.train.guards)
 
 
 def epoch_generator(seed: int, epoch: int, device="cpu") -> torch.Generator:
@@ -135,21 +138,6 @@ def _tensors(ds: Dataset, cfg: TrainConfig):
     )
 
 
-def _check_resume(cfg: TrainConfig, run_dir: Path, explicit: set[str]) -> TrainConfig:
-    """The stored configuration of ``run_dir``; options given again must agree (epochs may grow)."""
-    stored = TrainConfig.from_dict(read_toml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
-    clash = [n for n in explicit - {"epochs"} if getattr(cfg, n) != getattr(stored, n)]
-    if clash:
-        detail = ", ".join(f"{n}={getattr(cfg, n)!r} (run has {getattr(stored, n)!r})" for n in sorted(clash))
-        raise ConfigError(
-            f"--resume continues the run in {run_dir} with its stored config, but {detail}; drop those "
-            "options or start a new run with a different --out"
-        )
-    if "epochs" in explicit and cfg.epochs != stored.epochs:
-        stored = stored.replace(epochs=cfg.epochs)
-    return stored
-
-
 def train(
     cfg: TrainConfig,
     run_dir: str | Path,
@@ -172,12 +160,11 @@ def train(
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT_FILE
     state = None
+    plan = None
     if resume:
-        if not (run_dir / CONFIG_FILE).exists():
-            raise ConfigError(f"--resume: {run_dir} holds no run ({CONFIG_FILE} is missing); drop --resume to start one")
-        cfg = _check_resume(cfg, run_dir, explicit or set())
-        if ckpt_path.exists():
-            state = load_checkpoint(ckpt_path)
+        # [guards 1/7: resume] continue exactly or refuse with the reason; epochs/data_dir changes recorded
+        plan = plan_resume(run_dir, {n: getattr(cfg, n) for n in sorted(explicit or ())})
+        cfg, state = plan.config, plan.state
     elif (run_dir / CONFIG_FILE).exists() or ckpt_path.exists():
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out "
@@ -187,7 +174,7 @@ def train(
     ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
     model = build_model(cfg, ds.input_dim, ds.n_classes)
     cfg = cfg.replace(layers=model.layers)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)  # [guards 2/7: a file or read-only folder as --out is a StorageError]
     write_toml(run_dir / CONFIG_FILE, cfg.to_dict())
 
     xtr, ytr, xte, yte = _tensors(ds, cfg)
@@ -209,7 +196,7 @@ def train(
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
         history = [EpochStats(**h) for h in state["history"]]
-        start = int(state["epoch"]) + 1
+        start = plan.start_epoch
         if hw is not None:
             hw.load_state_dict(state["hardware"], model)
         cost_acc.load_state_dict(state.get("cost"))
@@ -220,6 +207,12 @@ def train(
         ep_cfg = dataclasses.replace(ep_cfg, nudged=dataclasses.replace(ep_cfg.nudged, min_steps=min(model.n_states + 1, ep_cfg.nudged.max_steps)))
     n_out = model.layers[-1]
     weights = list(model.weights)
+
+    # [guards 3/7: health] stops the run as diverged / not_settling; warns on step-limit hits
+    guard = RunGuard(names=[f"W{k}" for k in range(len(model.weights))] + [f"b{k}" for k in range(len(model.biases))],
+                     max_steps=cfg.max_steps, nudged_max_steps=cfg.nudged_max_steps,
+                     warnings=plan.warnings if plan is not None else ())
+    guarded = [*model.weights, *model.biases]
 
     def write_metrics(status: str, error: str | None = None) -> None:
         last = history[-1] if history else None
@@ -236,18 +229,31 @@ def train(
                 "device": card.to_dict() if card is not None else None,
                 "pulses": hw.per_layer() if hw is not None else None,
                 "cost": cost_acc.summary(card, cfg, model) if hw is not None else None,
+                "warnings": guard.warnings,
+                "resumes": plan.resumes if plan is not None else [],
             },
         )
+
+    def record(status: str, error: str | None) -> None:
+        try:  # the status is recorded when it can be (not on a full or read-only disk)
+            write_metrics(status, error)
+        except StorageError:
+            pass
 
     every = parse_trace_every(cfg.trace_every)
     tracer = open_trace(run_dir, cfg, card, resume_epoch=(start - 1) if resume else None, steps_per_epoch=n_batches) if every else None
     acc = StepTotals()  # since the last trace interval
+    if state is not None:
+        acc.load_state_dict(state.get("trace_acc"))  # [guards 4/7: the interval in progress resumes]
     if tracer is not None and start == 1 and tracer.count() == 0:
         tracer.interval(0, 0, interval_values(model, hw, acc))
 
     show = progress if progress is not None else None
     try:
+        write_metrics("running")
         for epoch in range(start, cfg.epochs + 1):
+            restart_schedule(sched, cfg, epoch, n_batches)  # [guards 5/7: cosine cycles]
+            guard.start_epoch(epoch, n)
             gen = epoch_generator(cfg.seed, epoch)
             batches = iterate_batches(n, cfg.batch_size, gen)
             t0 = time.perf_counter()
@@ -275,18 +281,22 @@ def train(
                     sched.step()
                 sums = batch_sums(res, y)
                 tot.add(sums)
+                step = (epoch - 1) * n_batches + b + 1
+                guard.after_step(step, epoch, sums, guarded)  # [guards 3/7]
                 if b % 10 == 0:
                     bar.set_postfix(loss=f"{tot.sums['loss'] / ((b + 1) * cfg.batch_size):.4f}")
                 if tracer is not None:
                     with torch.no_grad():
                         acc.add(sums, float(model.energy(x, res.free.states).sum()))
-                    step = (epoch - 1) * n_batches + b + 1
-                    if every.due_step(step) or (b == n_batches - 1 and every.due_epoch(epoch)):
+                    last = b == n_batches - 1
+                    # [guards 6/7: the run's last step is always recorded]
+                    if every.due(step, epoch, epoch_end=last, run_end=last and epoch == cfg.epochs):
                         tracer.interval(step, epoch, interval_values(model, hw, acc))
                         acc.reset()
                 if on_batch is not None:
                     on_batch(epoch, b)
             epoch_seconds = time.perf_counter() - t0
+            guard.end_epoch(epoch * n_batches, epoch, guarded)  # [guards 3/7] a bad epoch is never checkpointed
             t1 = time.perf_counter()
             ops_train = hw.totals() if hw is not None else None
             test_acc, test_loss, test_steps, test_time = evaluate(model, xte, yte, cfg, dyn_kw)
@@ -317,7 +327,8 @@ def train(
                 free_time_mean=t["free_time"] / n,
                 nudged_time_mean=t["nudged_time"] / n_nudged,
             )
-            history.append(stats)
+            # [guards 7/7] the epoch joins the history only once its checkpoint is on disk (a full
+            # disk leaves metrics.json and checkpoint.pt agreeing on the last saved epoch)
             save_checkpoint(
                 ckpt_path,
                 {
@@ -325,11 +336,13 @@ def train(
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict() if sched is not None else None,
-                    "history": [h._asdict() for h in history],
+                    "history": [h._asdict() for h in (*history, stats)],
                     "hardware": hw.state_dict() if hw is not None else None,
                     "cost": cost_acc.state_dict(),
+                    "trace_acc": acc.state_dict(),
                 },
             )
+            history.append(stats)
             write_metrics("running" if epoch < cfg.epochs else "completed")
             if tracer is not None:
                 tracer.epoch(epoch, {k: (v, epoch_units(k)) for k, v in stats._asdict().items() if k != "epoch"})
@@ -340,10 +353,16 @@ def train(
                     f"{stats.free_steps_mean:.1f} nudged {stats.nudged_steps_mean:.1f}"
                 )
     except KeyboardInterrupt:
-        write_metrics("interrupted", f"interrupted during epoch {len(history) + 1}; resume with --resume")
+        record("interrupted", f"interrupted during epoch {len(history) + 1}; resume with --resume")
         raise
     except SettleError as e:
-        write_metrics("diverged", str(e))
+        record("diverged", str(e))
+        raise
+    except DivergedError as e:
+        record(e.status, str(e))
+        raise
+    except MepHwError as e:  # e.g. the disk filled up while writing the checkpoint
+        record("failed", str(e))
         raise
     finally:
         if tracer is not None:
