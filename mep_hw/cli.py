@@ -135,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
     from mep_hw.hw import parse_sets
     from mep_hw.io.runs import read_json, read_toml
     from mep_hw.train import TrainConfig, option_names, train
-    from mep_hw.train.guards import resume_config
+    from mep_hw.train.guards import plan_resume
 
     given = {n: getattr(args, n) for n in option_names() if getattr(args, n) is not None}
     if "set" in given:
@@ -144,9 +144,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config:
             raise ConfigError(f"--config with --resume: a resumed run continues with its own {out / 'config.toml'}; drop --config")
-        cfg, changes = resume_config(out, given)  # the run's card and options, with what a resume may change
+        plan = plan_resume(out, given)  # continues exactly, or refuses with the reason
+        cfg = plan.config
         m = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
-        if m.get("status") == "completed" and m.get("epochs_completed") == cfg.epochs and not changes:
+        if m.get("status") == "completed" and plan.start_epoch > cfg.epochs and not plan.changes:
             print(f"mep-hw: {out} is complete ({cfg.epochs} of {cfg.epochs} epochs); nothing to do. "
                   "Pass --epochs N to extend it", file=sys.stderr)
             return 0
