@@ -5,6 +5,7 @@ import torch
 
 from mep_hw.errors import ConfigError, SettleError
 from mep_hw.io.runs import load_checkpoint
+from mep_hw.settle import SOLVER_NAMES
 from mep_hw.train import TrainConfig, train
 from tests.train.runs import metrics, run_interrupted, strip_times
 
@@ -87,7 +88,11 @@ def test_layers_must_fit_the_dataset(tmp_path):
         ({"epochs": 0}, "epochs=0 must be an integer ≥ 1"),
         ({"lr": -1.0}, "lr=-1.0 must be a finite number > 0"),
         ({"beta": 0.0}, "beta=0.0 must be a finite number > 0"),
-        ({"solver": "rk45"}, "solver='rk45' is not valid; choose one of: euler, heun, rk4, bosh3, dopri5"),
+        ({"solver": "rk45"}, "solver='rk45' is not valid; choose one of: " + ", ".join(SOLVER_NAMES)),
+        ({"beta": 1.0}, r"beta=1 ≥ 1 with the MSE cost and a −β phase \(symmetric estimator\)"),
+        ({"beta": 2.0, "estimator": "one-sided", "random_sign": True}, r"beta=2 ≥ 1 .*\(random sign\)"),
+        ({"cosine_cycles": "2,0"}, "cosine_cycles='2,0' must be one or more whole numbers of epochs ≥ 1"),
+        ({"cosine_cycles": "2", "schedule": "constant"}, "cosine_cycles=2 needs --schedule cosine"),
         ({"dataset": "cifar"}, "dataset='cifar' is not valid"),
         ({"layers": "784,x,10"}, "comma-separated integers"),
         ({"momentum": 1.0}, r"momentum=1.0 must be in \[0, 1\)"),
@@ -111,7 +116,7 @@ def test_a_corrupt_checkpoint_or_config_is_a_typed_error_and_is_left_alone(tmp_p
     run = tmp_path / "r"
     train(TrainConfig(**{**SMALL, "epochs": 1}), run, progress=False)
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="checkpoint .* is corrupt"):
+    with pytest.raises(DataError, match=r"checkpoint.pt is not an mep_hw checkpoint \(not a torch archive\)"):
         train(TrainConfig(**SMALL), run, resume=True, progress=False)
     assert (run / "checkpoint.pt").read_bytes() == b"not a checkpoint"
     (run / "config.toml").write_text("dataset = [")
