@@ -38,6 +38,7 @@ def test_help_explains_every_option(capsys):
     assert code == 0 and "train" in out
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_folder(tmp_path, capsys):
     out_dir = tmp_path / "run"
     code, out, err = run_cli(
@@ -85,6 +86,7 @@ def run_script(*args, cwd=None):
     return r.returncode, r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_the_console_script_is_installed():
     code, out, _ = run_script("train", "--help")
     assert code == 0 and "--estimator" in out and "--cosine-cycles" in out
@@ -106,6 +108,7 @@ def test_devices_list_and_show(capsys):
     assert code == 2 and "unknown device 'graphene'" in err
 
 
+@pytest.mark.slow
 def test_train_on_a_device_with_set(tmp_path, capsys):
     code, out, err = run_cli(
         capsys, "train", "--dataset", "digits", "--layers", "64,16,10", "--epochs", "1", "--limit-train", "100",
@@ -162,6 +165,7 @@ def _one_line(err):
     ("train-beta-1e8", 2, "beta=1e\\+08 ≥ 1 with the MSE cost"),
     ("train-dt-50", 3, r"run stopped: not settling at step 4 \(epoch 1\): 100 % of this epoch's 200 free-phase settles"),
 ])
+@pytest.mark.slow
 def test_each_failure_is_one_line_and_an_exit_status(tmp_path, done_run, case, code, match):
     run = tmp_path / "run"
     before = None
@@ -216,6 +220,7 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, done_run, lock_folder, 
     assert "read-only (permission denied); choose a writable folder" in line and str(tmp_path) in line
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one_and_records_failed(tmp_path, capsys, monkeypatch):
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full")
@@ -250,6 +255,7 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_one_and_records_f
     assert strip(json.loads((run / "metrics.json").read_text())["history"]) == strip(json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"])
 
 
+@pytest.mark.slow
 def test_an_extension_on_the_command_line_is_recorded(tmp_path, done_run, capsys):
     run = _copy(done_run, tmp_path / "run")
     code, _, err = run_cli(capsys, "train", "--out", str(run), "--resume", "--epochs", "3", "--quiet")

@@ -13,6 +13,7 @@ for md in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         BLOCKS.append(pytest.param(code, id=f"{md.name}-{i}"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", BLOCKS)
 def test_example_runs(code, tmp_path, monkeypatch):
     if "shared/data" in code:

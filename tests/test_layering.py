@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,6 +16,7 @@ def test_import_contracts_hold():
     assert "0 broken" in r.stdout
 
 
+@pytest.mark.slow
 def test_public_names_are_the_functions_not_the_subpackages():
     code = (
         "import mep_hw, mep_hw.settle.engine, mep_hw.train.loop, mep_hw.benchmarks.foundation\n"

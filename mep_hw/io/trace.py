@@ -1,8 +1,10 @@
 """HDF5 training traces (``RUN_DIR/trace.h5``), written with h5py and readable with plain h5py.
 
-Layout (every dataset — scalar series included — is chunked, gzip-compressed with the shuffle
-filter, resizable along its first axis, and has a ``units`` attribute; "1" means
-dimensionless)::
+Layout (every dataset is chunked, resizable along its first axis and has a ``units`` attribute,
+"1" meaning dimensionless; the per-record arrays are gzip-compressed with the shuffle filter, one
+record per chunk, so each chunk is written once; the scalar series are not compressed: their
+256-record chunks are rewritten in place at every record, and a compressed chunk — whose size
+changes — killed mid-rewrite would take the committed records of that chunk with it)::
 
     /                       attrs: format="mep_hw.trace", version, config_toml, device_json,
                                    trace_every, mep_hw_version
@@ -157,7 +159,8 @@ class TraceWriter:
             a = np.asarray(value)
             if name not in g:
                 chunks = (1, *a.shape) if a.ndim else (_SERIES_CHUNK,)
-                ds = g.create_dataset(name, shape=(0, *a.shape), maxshape=(None, *a.shape), dtype=a.dtype, chunks=chunks, **_COMPRESS)
+                opts = _COMPRESS if a.ndim else {}  # see the module docstring: crash safety of the series
+                ds = g.create_dataset(name, shape=(0, *a.shape), maxshape=(None, *a.shape), dtype=a.dtype, chunks=chunks, **opts)
                 ds.attrs["units"] = units
             ds = g[name]
             if ds.shape[1:] != a.shape:

@@ -188,7 +188,10 @@ def plan_resume(run_dir: str | Path, given: Mapping[str, Any]) -> ResumePlan:
             raise DataError(f"--resume: {metrics_path} records a configuration this mep_hw cannot read ({e})") from None
         now = TrainConfig.from_dict(read_toml(run_dir / CONFIG_FILE)).to_dict()
         differ = sorted(k for k in set(rec) | set(now) if rec.get(k) != now.get(k))
-        if differ:
+        # a resume that changes epochs or data_dir writes config.toml a moment before metrics.json:
+        # a run stopped in between differs there, consistently (no finished epoch beyond its end)
+        written_first = {"epochs", "cosine_cycles", "data_dir"}
+        if any(k not in written_first for k in differ) or int(now.get("epochs", 0)) < recorded:
             detail = ", ".join(f"{k}: {_show(now.get(k))} vs {_show(rec.get(k))}" for k in differ)
             raise DataError(
                 f"--resume: {run_dir / CONFIG_FILE} and {metrics_path} disagree ({detail}); one of them was edited. "

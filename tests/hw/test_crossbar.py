@@ -25,6 +25,7 @@ def close(x, y, rel):
 
 
 # ----------------------------------------------------------------------------- programming
+@pytest.mark.slow
 def test_pcm_programming_noise_follows_the_polynomial():
     dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, prog_noise_model="pcm", prog_noise=1.0, update_mode="unidirectional")
     for w in (0.2, 0.5, 0.8):
@@ -39,6 +40,7 @@ def test_pcm_programming_noise_follows_the_polynomial():
     assert close(float(st.gp.std()), (0.26348 + 1.9650 * 0.5 - 1.1731 * 0.25) * 2, 0.01)
 
 
+@pytest.mark.slow
 def test_relative_programming_noise_and_levels():
     dev = CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, prog_noise_model="relative", prog_noise=0.02)
     st = dev.program(state_of(dev), torch.full((N,), 0.3, dtype=F64), gen(3))
@@ -49,6 +51,7 @@ def test_relative_programming_noise_and_levels():
     assert torch.allclose(k, k.round(), atol=1e-12) and set(torch.unique(st.gp).tolist()) <= {1.0, 3.0, 5.0, 7.0, 9.0, 11.0}
 
 
+@pytest.mark.slow
 def test_read_noise_is_resampled_and_has_its_std():
     dev = CrossbarDevice(read_noise=0.01)
     st = dev.program(state_of(dev, (8,)), torch.full((8,), 0.25, dtype=F64), gen(5))
@@ -90,6 +93,7 @@ def test_drift_power_law():
     assert close(float(st.nu_p.mean()), 0.05, 0.01) and close(float(st.nu_p.std()), 0.01, 0.02)
 
 
+@pytest.mark.slow
 def test_device_to_device_and_stuck_cells():
     dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, g_dtod=0.1, dw_dtod=0.2, stuck_on_rate=0.01, stuck_off_rate=0.02)
     st = state_of(dev)
@@ -118,6 +122,7 @@ def test_linear_pulses_move_by_whole_steps_and_saturate():
     torch.testing.assert_close(dev.mean(st), torch.tensor([1.0, -1.0, 0.0], dtype=F64))
 
 
+@pytest.mark.slow
 def test_a_device_that_takes_no_pulse_keeps_its_programmed_conductance():
     # programming noise leaves G off the level grid; an update too small for a pulse must not
     # snap it back onto the grid (that would silently remove the programming noise)

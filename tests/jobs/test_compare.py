@@ -21,6 +21,7 @@ def _png_size(path):
     return w, h
 
 
+@pytest.mark.slow
 def test_compare_writes_report_and_every_plot(tmp_path):
     train(TrainConfig(**SMALL, trace_every="2"), tmp_path / "ideal", progress=False)
     train(TrainConfig(**SMALL, device="pcm", set={"levels": 16}, lr=0.02, trace_every="2"), tmp_path / "pcm", progress=False)
@@ -43,6 +44,7 @@ def test_compare_writes_report_and_every_plot(tmp_path):
     assert "Not drawn" not in text
 
 
+@pytest.mark.slow
 def test_compare_without_traces_or_devices_says_what_is_missing(tmp_path):
     train(TrainConfig(**SMALL), tmp_path / "a", progress=False)
     text = compare([tmp_path / "a"], tmp_path / "rep").read_text()
@@ -88,6 +90,7 @@ def _no_overlap(boxes, what):
         assert not a.overlaps(b), (what, a, b)
 
 
+@pytest.mark.slow
 def test_runs_are_labelled_by_what_differs_and_a_diverged_run_by_its_status(tmp_path):
     from mep_hw.errors import DivergedError
 
@@ -128,6 +131,7 @@ def test_plot_text_does_not_collide_with_long_labels_and_many_runs(tmp_path, fig
         _no_overlap(_boxes(titles, r), f"{name} titles")
 
 
+@pytest.mark.slow
 def test_a_sweep_where_no_point_completed_says_so(tmp_path, figures):
     spec = tmp_path / "s.toml"
     spec.write_text('[base]\ndataset = "digits"\nlayers = "64,12,10"\nepochs = 1\nlimit_train = 100\nlimit_test = 50\n'

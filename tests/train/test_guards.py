@@ -30,6 +30,7 @@ def _same_run(a, b):
 
 
 # ------------------------------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_a_resume_without_its_checkpoint_is_refused_and_changes_nothing(tmp_path):
     run = tmp_path / "r"
     train(TrainConfig(**SMALL, epochs=2), run, progress=False)
@@ -41,6 +42,7 @@ def test_a_resume_without_its_checkpoint_is_refused_and_changes_nothing(tmp_path
     assert _files(run) == before
 
 
+@pytest.mark.slow
 def test_a_checkpoint_older_than_the_metrics_is_refused(tmp_path):
     train(TrainConfig(**SMALL, epochs=1), tmp_path / "one", progress=False)
     train(TrainConfig(**SMALL, epochs=2), tmp_path / "two", progress=False)
@@ -49,6 +51,7 @@ def test_a_checkpoint_older_than_the_metrics_is_refused(tmp_path):
         train(TrainConfig(**SMALL, epochs=2), tmp_path / "two", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_fewer_epochs_than_finished_are_refused_and_config_toml_is_untouched(tmp_path):
     run = tmp_path / "r"
     cfg = TrainConfig(**SMALL, epochs=2)
@@ -59,6 +62,7 @@ def test_fewer_epochs_than_finished_are_refused_and_config_toml_is_untouched(tmp
     assert _files(run) == before
 
 
+@pytest.mark.slow
 def test_a_config_toml_that_disagrees_with_metrics_json_is_refused(tmp_path):
     run = tmp_path / "r"
     train(TrainConfig(**SMALL, epochs=2), run, progress=False)
@@ -68,6 +72,7 @@ def test_a_config_toml_that_disagrees_with_metrics_json_is_refused(tmp_path):
         train(TrainConfig(**SMALL), run, resume=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_an_extension_is_recorded_and_config_toml_reruns_it_exactly(tmp_path, schedule):
     run = tmp_path / "ext"
@@ -94,6 +99,7 @@ def test_an_extension_is_recorded_and_config_toml_reruns_it_exactly(tmp_path, sc
     _same_run(run, tmp_path / "again")
 
 
+@pytest.mark.slow
 def test_an_interrupted_cosine_run_ended_early_keeps_its_planned_schedule(tmp_path):
     from tests.train.runs import run_interrupted
 
@@ -106,6 +112,7 @@ def test_an_interrupted_cosine_run_ended_early_keeps_its_planned_schedule(tmp_pa
     _same_run(tmp_path / "cut", tmp_path / "again")
 
 
+@pytest.mark.slow
 def test_a_resume_may_read_its_data_from_a_new_folder(tmp_path):
     a = make_idx_folder(tmp_path / "a", gz=False)
     cfg = TrainConfig(dataset="mnist", data_dir=str(a), layers=(784, 16, 10), epochs=1, batch_size=20)
@@ -121,6 +128,7 @@ def test_a_resume_may_read_its_data_from_a_new_folder(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- health
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", [dict(lr=1e6), dict(optimizer="sgd", lr=1e30)], ids=["adam-1e6", "sgd-1e30"])
 def test_exploding_weights_stop_the_run_as_diverged(tmp_path, opts):
     run = tmp_path / "d"
@@ -132,6 +140,7 @@ def test_exploding_weights_stop_the_run_as_diverged(tmp_path, opts):
     assert "remedy" in m["error"] and not (run / "checkpoint.pt").exists()  # no epoch was good
 
 
+@pytest.mark.slow
 def test_settles_that_never_converge_stop_the_run_as_not_settling(tmp_path):
     run = tmp_path / "n"
     with pytest.raises(DivergedError, match=r"not settling .*100 % of this epoch's 200 free-phase settles ended at the "
@@ -141,6 +150,7 @@ def test_settles_that_never_converge_stop_the_run_as_not_settling(tmp_path):
     assert metrics(run)["status"] == "not_settling"
 
 
+@pytest.mark.slow
 def test_many_nudged_settles_at_their_limit_warn_once_an_epoch_and_are_recorded(tmp_path):
     with pytest.warns(SettleWarning, match=r"epoch \d, step \d+: \d+ % of \d+ nudged-phase settles .* raise --nudged-max-steps \(now 1\)"):
         train(TrainConfig(**SMALL, epochs=2, nudged_max_steps=1), tmp_path / "w", progress=False)

@@ -12,6 +12,7 @@ from tests.train.runs import metrics, run_interrupted, strip_times
 SMALL = dict(dataset="digits", layers=(64, 32, 10), epochs=3, batch_size=50, limit_train=200, limit_test=100)
 
 
+@pytest.mark.slow
 def test_run_folder_has_config_checkpoint_and_metrics(tmp_path):
     res = train(TrainConfig(**SMALL), tmp_path / "run", progress=False)
     m = metrics(tmp_path / "run")
@@ -26,6 +27,7 @@ def test_run_folder_has_config_checkpoint_and_metrics(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
     a = train(TrainConfig(**SMALL), tmp_path / "a", progress=False)
     b = train(TrainConfig(**SMALL), tmp_path / "b", progress=False)
@@ -36,6 +38,7 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
     assert a.test_accuracy == b.test_accuracy
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path):
     cfg = TrainConfig(**SMALL)
     train(cfg, tmp_path / "full", progress=False)
@@ -50,6 +53,7 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path):
     assert strip_times(metrics(tmp_path / "cut")["history"]) == strip_times(metrics(tmp_path / "full")["history"])
 
 
+@pytest.mark.slow
 def test_resume_can_extend_epochs_but_not_change_other_options(tmp_path):
     cfg = TrainConfig(**{**SMALL, "epochs": 1})
     train(cfg, tmp_path / "r", progress=False)
@@ -110,6 +114,7 @@ def test_unknown_keys_in_a_config_file_are_named():
         TrainConfig.from_dict({"learning_rate": 0.1}, source="x.toml")
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_or_config_is_a_typed_error_and_is_left_alone(tmp_path):
     from mep_hw.errors import DataError
 

@@ -19,6 +19,7 @@ from tests.train.runs import metrics, run_interrupted
 SMALL = dict(dataset="digits", layers=(64, 16, 10), epochs=2, batch_size=50, limit_train=200, limit_test=100)
 
 
+@pytest.mark.slow
 def test_a_traced_run_records_weights_settle_stats_and_epochs(tmp_path):
     train(TrainConfig(**SMALL, trace_every="3"), tmp_path / "r", progress=False)
     t = read_trace(tmp_path / "r" / "trace.h5")
@@ -44,6 +45,7 @@ def test_a_traced_run_records_weights_settle_stats_and_epochs(tmp_path):
     assert ck["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_a_device_run_traces_conductances_and_pulses(tmp_path):
     train(TrainConfig(**SMALL, device="pcm", set={"levels": 16}, lr=0.02, trace_every="1epoch"), tmp_path / "r", progress=False)
     t = read_trace(tmp_path / "r" / "trace.h5")
@@ -59,6 +61,7 @@ def test_a_device_run_traces_conductances_and_pulses(tmp_path):
     assert np.corrcoef(w.ravel(), (gp[-1] - t.intervals["layers/W0/g_minus"][-1]).ravel())[0, 1] > 0.99
 
 
+@pytest.mark.slow
 def test_resume_appends_without_duplicates_or_gaps(tmp_path):
     cfg = TrainConfig(**{**SMALL, "epochs": 3}, trace_every="1")
     train(cfg, tmp_path / "full", progress=False)
@@ -73,6 +76,7 @@ def test_resume_appends_without_duplicates_or_gaps(tmp_path):
         np.testing.assert_array_equal(a.intervals[k], b.intervals[k], err_msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every,steps", [("5", [0, 5, 10, 12]), ("2epoch", [0, 8, 12])])
 def test_a_resumed_trace_equals_the_uninterrupted_one_when_intervals_span_the_resume(tmp_path, every, steps):
     # 4 steps an epoch; every 5 steps the interval (5, 10] spans the checkpoint at step 8, so its
@@ -90,6 +94,7 @@ def test_a_resumed_trace_equals_the_uninterrupted_one_when_intervals_span_the_re
             np.testing.assert_array_equal(a.epochs[k], b.epochs[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_leaves_a_readable_trace_and_resumes(tmp_path):
     run = tmp_path / "r"
     cmd = [sys.executable, "-m", "mep_hw", "train", "--dataset", "digits", "--layers", "64,32,10", "--epochs", "40",
