@@ -327,8 +327,11 @@ def train(
                 free_time_mean=t["free_time"] / n,
                 nudged_time_mean=t["nudged_time"] / n_nudged,
             )
-            # [guards 7/7] the epoch joins the history only once its checkpoint is on disk (a full
+            # [guards 7/7] the trace's epoch row goes first (a resume from the previous checkpoint
+            # trims it), the epoch joins the history only once its checkpoint is on disk (a full
             # disk leaves metrics.json and checkpoint.pt agreeing on the last saved epoch)
+            if tracer is not None:
+                tracer.epoch(epoch, {k: (v, epoch_units(k)) for k, v in stats._asdict().items() if k != "epoch"})
             save_checkpoint(
                 ckpt_path,
                 {
@@ -344,8 +347,6 @@ def train(
             )
             history.append(stats)
             write_metrics("running" if epoch < cfg.epochs else "completed")
-            if tracer is not None:
-                tracer.epoch(epoch, {k: (v, epoch_units(k)) for k, v in stats._asdict().items() if k != "epoch"})
             if show is not False:
                 tqdm.write(
                     f"epoch {epoch}/{cfg.epochs}: train loss {stats.train_loss:.4f} acc {stats.train_accuracy:.4f} | "
