@@ -54,10 +54,11 @@ import torch
 from mep_hw.errors import ConfigError, DataError, DivergedError
 from mep_hw.io.runs import load_checkpoint, read_json, read_toml
 from mep_hw.train.config import TrainConfig, parse_layers
+from mep_hw.train.fit import Observer
 
 __all__ = [
     "STATUSES", "REMEDIES", "ResumePlan", "plan_resume", "resume_config", "cosine_cycle", "restart_schedule",
-    "GuardConfig", "RunGuard", "SettleWarning", "drive_scales",
+    "CosineCycles", "GuardConfig", "RunGuard", "GuardObserver", "SettleWarning", "drive_scales",
 ]
 
 CONFIG_FILE = "config.toml"
@@ -223,24 +224,46 @@ def cosine_cycle(cfg: TrainConfig, epoch: int) -> tuple[int, int]:
     return start, max(1, cfg.epochs - start + 1)
 
 
-def restart_schedule(sched, cfg: TrainConfig, epoch: int, steps_per_epoch: int) -> bool:
-    """At the first epoch of a cosine cycle, restart ``sched`` (a ``CosineAnnealingLR``): the
-    learning rate back to its base value, the cosine over the cycle's steps. The arithmetic that
-    follows is that of a new ``CosineAnnealingLR``, so a restarted cycle is bit-identical to a
-    run that starts with it. Call it before the epoch's first step; returns whether it restarted."""
-    if sched is None or cfg.schedule != "cosine":
+def restart_schedule(regime, cfg: TrainConfig, epoch: int, steps_per_epoch: int) -> bool:
+    """Keep the learning-rate schedule of ``regime`` (:mod:`mep_hw.train.regimes`) on the cosine
+    cycle that epoch ``epoch`` is in; call it before the epoch's first step. At the first epoch
+    of a cycle the schedule restarts: the learning rate back to its base value, the cosine over
+    the cycle's steps. For the host regime's ``CosineAnnealingLR`` the arithmetic that follows is
+    that of a new scheduler, so a restarted cycle is bit-identical to a run that starts with it
+    (its cycle length is part of its checkpointed state); the in-array regimes' schedule counts
+    steps into the cycle (checkpointed) and is given the cycle's length at every epoch. Returns
+    whether it restarted."""
+    if cfg.schedule != "cosine":
         return False
     start, n = cosine_cycle(cfg, epoch)
-    if epoch != start:
+    steps = max(1, n * steps_per_epoch)
+    simple = getattr(regime, "schedule", None)  # the in-array regimes' _Schedule (t, total)
+    if simple is not None:
+        simple.total = steps
+        if epoch == start:
+            simple.t = 0
+        return epoch == start
+    sched = getattr(regime, "scheduler", None)
+    if sched is None or epoch != start:
         return False
     opt = sched.optimizer
     for g in opt.param_groups:
         g["lr"] = g["initial_lr"]
     sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
-    sched.T_max = max(1, n * steps_per_epoch)
+    sched.T_max = steps
     sched.last_epoch = 0
     sched._last_lr = [g["lr"] for g in opt.param_groups]
     return True
+
+
+class CosineCycles(Observer):
+    """Applies :func:`restart_schedule` at the start of every epoch of :func:`~mep_hw.train.fit.fit`."""
+
+    def __init__(self, regime, cfg: TrainConfig, steps_per_epoch: int):
+        self.regime, self.cfg, self.steps_per_epoch = regime, cfg, steps_per_epoch
+
+    def begin_epoch(self, epoch: int) -> None:
+        restart_schedule(self.regime, self.cfg, epoch, self.steps_per_epoch)
 
 
 # ------------------------------------------------------------------------------------------ health
@@ -384,3 +407,23 @@ class RunGuard:
                f"ended at the step limit; {fix}")
         self.warnings.append({"epoch": epoch, "step": step, "phase": phase, "step_limit_frac": frac, "message": msg})
         warnings.warn(msg, SettleWarning, stacklevel=3)
+
+
+class GuardObserver(Observer):
+    """:class:`RunGuard` as an observer of :func:`~mep_hw.train.fit.fit`: it watches ``params``
+    (the tensors the host holds: the weights, or what a device holds, and the biases) after every
+    step and after the training pass of every epoch (before its evaluation and checkpoint, so a
+    bad epoch is never checkpointed). Its DivergedError stops the run; ``fit`` records the
+    error's status. Place it first, so that a diverged step is not recorded."""
+
+    def __init__(self, guard: RunGuard, params: Sequence[torch.Tensor], n_samples: int, steps_per_epoch: int):
+        self.guard, self.params, self.n, self.steps_per_epoch = guard, list(params), n_samples, steps_per_epoch
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.guard.start_epoch(epoch, self.n)
+
+    def on_step(self, step, epoch, batch, out) -> None:
+        self.guard.after_step(step, epoch, out.sums, self.params)
+
+    def end_train(self, epoch: int) -> None:
+        self.guard.end_epoch(epoch * self.steps_per_epoch, epoch, self.params)
