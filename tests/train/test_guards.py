@@ -202,3 +202,80 @@ def test_drive_scales_do_not_overflow_for_finite_weights():
     w = torch.full((2, 4), 1e30)  # its square overflows float32
     assert drive_scales([w]) == [pytest.approx(2e30)]
     assert math.isinf(drive_scales([torch.tensor([math.inf, 0.0])])[0])
+
+
+# ------------------------------------------------------------- the loop's structure (fit, observers)
+@pytest.mark.slow
+def test_a_checkpoint_of_an_older_format_is_refused_with_the_reason(tmp_path):
+    from mep_hw.io.runs import save_checkpoint
+    from mep_hw.train.observers import CHECKPOINT_FORMAT
+
+    run = tmp_path / "r"
+    train(TrainConfig(**SMALL, epochs=1), run, progress=False)
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["format"] == CHECKPOINT_FORMAT == 3
+    save_checkpoint(run / "checkpoint.pt", {**state, "format": 2})
+    before = _files(run)
+    with pytest.raises(ConfigError, match=r"checkpoint format 2, this one reads format 3\), so the run cannot be continued "
+                                          r"exactly; start a new run with a different --out"):
+        train(TrainConfig(**SMALL, epochs=2), run, resume=True, explicit={"epochs"}, progress=False)
+    assert _files(run) == before
+
+
+def test_the_cosine_cycles_of_an_in_array_schedule():
+    from mep_hw.train.guards import restart_schedule
+    from mep_hw.train.regimes import _Schedule
+
+    class Regime:  # what restart_schedule reads of an in-array regime
+        schedule = _Schedule(1.0, "cosine", 8)
+
+    cfg = TrainConfig(**SMALL, epochs=3, cosine_cycles=(2,))
+    r = Regime()
+    assert restart_schedule(r, cfg, 1, 4) and (r.schedule.t, r.schedule.total) == (0, 8)
+    for _ in range(8):
+        r.schedule.step()
+    assert r.schedule.lr == pytest.approx(0.0)  # the two-epoch cycle has annealed
+    assert restart_schedule(r, cfg, 3, 4) and (r.schedule.t, r.schedule.total) == (0, 4) and r.schedule.lr == 1.0
+    r.schedule = _Schedule(1.0, "cosine", 12)  # a resume at epoch 2 rebuilds it for the whole run …
+    r.schedule.t = 4
+    assert not restart_schedule(r, cfg, 2, 4)  # … and is given its cycle's length, keeping its step
+    assert (r.schedule.t, r.schedule.total) == (4, 8) and r.schedule.lr == pytest.approx(0.5)
+    assert not restart_schedule(r, cfg.replace(schedule="constant", cosine_cycles=None), 3, 4)
+
+
+@pytest.mark.slow
+def test_an_in_array_run_extended_on_resume_reruns_from_its_config_toml(tmp_path):
+    cfg = TrainConfig(**SMALL, epochs=2, device="ideal", update="analog", lr=0.05, pulse_bl=20)
+    run = tmp_path / "ext"
+    train(cfg, run, progress=False)
+    train(cfg.replace(epochs=3), run, resume=True, explicit={"epochs"}, progress=False)
+    stored = read_toml(run / "config.toml")
+    assert stored["cosine_cycles"] == [2] and metrics(run)["history"][-1]["lr"] < 0.05
+    train(TrainConfig.from_dict(stored), tmp_path / "again", progress=False)
+    _same_run(run, tmp_path / "again")
+
+
+def test_fit_records_the_status_an_error_carries_and_tells_every_observer():
+    from mep_hw.train.fit import Observer, fit
+
+    class Trainer:
+        def begin_epoch(self, epoch): ...
+
+        def step(self, x, y, gen):
+            raise DivergedError("not settling at step 1", "not_settling")
+
+    told = []
+
+    class Broken(Observer):  # e.g. metrics.json on a full disk
+        def on_stop(self, status, error):
+            told.append(("broken", status))
+            raise OSError(28, "No space left on device")
+
+    class Record(Observer):
+        def on_stop(self, status, error):
+            told.append(("record", status))
+
+    with pytest.raises(DivergedError, match="not settling"):  # the run's own error, not the observer's
+        fit(Trainer(), torch.zeros(4, 2), torch.zeros(4), epochs=1, batch_size=2, seed=0,
+            observers=[Broken(), Record()], stop_errors={DivergedError: "diverged"}, progress=False)
+    assert told == [("broken", "not_settling"), ("record", "not_settling")]
