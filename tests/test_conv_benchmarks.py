@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from mep_hw.benchmarks import conv as conv_bench
@@ -19,6 +20,7 @@ def test_the_backprop_cnn_is_the_feedforward_pass_of_the_energy():
     torch.testing.assert_close(net(x).clamp(0, 1), s[-1])  # the output: linear here, ρ in the energy
 
 
+@pytest.mark.slow
 def test_conv_benchmark_writes_both_histories(tmp_path):
     cfg = TrainConfig(dataset="digits", arch="conv:4:3,pool:2,fc:10", cost="ce", epochs=2, limit_train=100, limit_test=50)
     r = conv_bench.run(cfg, tmp_path / "c.json")
@@ -27,6 +29,7 @@ def test_conv_benchmark_writes_both_histories(tmp_path):
     assert saved["ep_over_backprop_epoch_time"] > 0 and saved["reads_per_sample"]["positions_per_weight"] == [36, 1]
 
 
+@pytest.mark.slow
 def test_holomorphic_benchmark_orders_the_estimators(tmp_path):
     r = holo_bench.run((64, 12, 12, 10), "mse", 4, None, [0.1], [2, 4], [None, 5], tmp_path / "h.json")
     rows = {(row["N"], row["budget_steps"]): row for row in r["results"]}

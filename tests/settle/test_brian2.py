@@ -104,6 +104,7 @@ def test_fixed_points_match_the_torch_engine_and_scipy(activation, cost, kind, s
     assert inside.any()
 
 
+@pytest.mark.slow
 def test_trajectories_agree_step_for_step():
     # a fixed number of steps, including a concave MSE row (1 + β ≤ 0) and per-sample β
     model, x, y = network("hard_sigmoid", "mse", 3)
