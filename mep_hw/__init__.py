@@ -7,7 +7,7 @@ the same name.)
 
 from __future__ import annotations
 
-from mep_hw.errors import ConfigError, DataError, DeviceError, MepHwError, SettleError, TraceError
+from mep_hw.errors import ConfigError, DataError, DeviceError, DivergedError, MepHwError, SettleError, StorageError, TraceError
 from mep_hw.model import LayeredHopfield, one_hot
 from mep_hw.settle import SOLVERS, SettleConfig, SettleResult, SettleStatus, settle
 from mep_hw.ep import EPConfig, assign_grads, ep_gradients
@@ -20,7 +20,7 @@ from mep_hw.optimizers import (
 from mep_hw.model import FeedforwardEnergy
 
 __all__ = [
-    "ConfigError", "DataError", "DeviceError", "MepHwError", "SettleError", "TraceError",
+    "ConfigError", "DataError", "DeviceError", "DivergedError", "MepHwError", "SettleError", "StorageError", "TraceError",
     "LayeredHopfield", "one_hot",
     "SOLVERS", "SettleConfig", "SettleResult", "SettleStatus", "settle",
     "EPConfig", "assign_grads", "ep_gradients",

@@ -4,18 +4,23 @@
 
 Every option of ``mep-hw train`` is a field of :class:`mep_hw.train.TrainConfig`; the parser is
 built from those fields, so the CLI, ``config.toml`` and sweep files share one vocabulary.
-Errors a user can cause print one line saying what to change and exit with status 2;
-an interrupted run exits with 130 after saving what it had.
+
+Exit status: 0 done; 1 a sweep with points that did not complete; 2 an error a user can fix
+(bad option or file, missing data, a read-only folder, a full disk), printed as one line saying
+what to change; 3 a run that stopped because it diverged, stopped settling or a settle failed
+(its status is in metrics.json, the last good epoch in checkpoint.pt); 130 interrupted, after
+saving what it had. Warnings (e.g. many settles at their step limit) are one line each.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from mep_hw.errors import ConfigError, MepHwError, SettleError
+from mep_hw.errors import ConfigError, DivergedError, MepHwError, SettleError, StorageError
 
 __all__ = ["main", "build_parser"]
 
@@ -113,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=None, metavar="N", help="parallel points on the local process pool (default: one per core)")
     sp.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT", help="run the points on this Dask scheduler instead of the local pool")
     sp.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads per point (default: cores/workers locally, 1 on Dask)")
-    sp.add_argument("--dry-run", action="store_true", help="validate the sweep and list its points without running them")
+    sp.add_argument("--data-dir", default=None, metavar="DIR", help="folder with the IDX files, for every point "
+                    "(else [base] data_dir, else $MEP_HW_DATA, else downloaded once into the cache)")
+    sp.add_argument("--dry-run", action="store_true", help="validate the sweep, check its data and list its points without running them")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     cp = sub.add_parser(
@@ -133,23 +140,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_folder(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise StorageError(f"--out {out} is a file, not a folder; give a folder path (it is created if missing)")
+    return out
+
+
 def _train(args: argparse.Namespace) -> int:
     from mep_hw.hw import parse_sets
-    from mep_hw.io.runs import read_toml
+    from mep_hw.io.runs import read_json, read_toml
     from mep_hw.train import TrainConfig, option_names, train
+    from mep_hw.train.guards import plan_resume
 
     given = {n: getattr(args, n) for n in option_names() if getattr(args, n) is not None}
     if "set" in given:
         given["set"] = parse_sets(given["set"])
-    base = {}
-    if args.config:
-        base = read_toml(args.config)
-        base = base.get("train", base) if isinstance(base.get("train"), dict) else base
-    cfg = TrainConfig.from_dict({**base, **given}, source=args.config or "command line")
-    result = train(cfg, Path(args.out), resume=args.resume, explicit=set(given), progress=False if args.quiet else None)
+    out = _out_folder(args.out)
+    if args.resume:
+        if args.config:
+            raise ConfigError(f"--config with --resume: a resumed run continues with its own {out / 'config.toml'}; drop --config")
+        plan = plan_resume(out, given)  # continues exactly, or refuses with the reason
+        cfg = plan.config
+        m = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
+        if m.get("status") == "completed" and plan.start_epoch > cfg.epochs and not plan.changes:
+            print(f"mep-hw: {out} is complete ({cfg.epochs} of {cfg.epochs} epochs); nothing to do. "
+                  "Pass --epochs N to extend it", file=sys.stderr)
+            return 0
+    else:
+        base = {}
+        if args.config:
+            base = read_toml(args.config)
+            base = base.get("train", base) if isinstance(base.get("train"), dict) else base
+        cfg = TrainConfig.from_dict({**base, **given}, source=args.config or "command line")
+    result = train(cfg, out, resume=args.resume, explicit=set(given), progress=False if args.quiet else None)
     if not args.quiet:
         print(f"test accuracy {result.test_accuracy:.4f}; run folder {result.run_dir}")
-        _print_cost(Path(args.out))
+        _print_cost(out)
     return 0
 
 
@@ -173,6 +200,16 @@ def _unit(name: str) -> str:
         if name.endswith(suffix):
             return unit
     return ""
+
+
+#: fields whose value 0 is not a number of something but a mode
+ZERO_MEANS = {
+    "levels": "continuous conductance (no quantisation)",
+    "dac_bits": "ideal DAC (no quantisation, no clipping)",
+    "adc_bits": "ideal ADC (no quantisation, no clipping)",
+    "phase_bits": "continuous phase shifters",
+    "dw_min_uS": "pulse size range/1000",
+}
 
 
 def _devices(args: argparse.Namespace) -> int:
@@ -213,20 +250,35 @@ def _devices(args: argparse.Namespace) -> int:
             v = getattr(obj, f.name)
             src = card.sources.get(f.name, "")
             unit = _unit(f.name)
-            print(f"  {f.name:<20} = {v!s:<24} {unit:<4} {('— ' + src) if src else ''}".rstrip())
+            note = f"(0 = {ZERO_MEANS[f.name]}) " if f.name in ZERO_MEANS and v == 0 else ""
+            print(f"  {f.name:<20} = {v!s:<24} {unit:<4} {note}{('— ' + src) if src else ''}".rstrip())
+    zero = [n for n in ZERO_MEANS if any(n == f.name for obj in (card.device, card.periphery) for f in fields(obj))]
+    if zero:
+        print("0 means: " + "; ".join(f"{n} = 0: {ZERO_MEANS[n]}" for n in zero))
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from mep_hw.jobs.sweep import expand, load_sweep, run_sweep
+    from mep_hw.errors import DataError
+    from mep_hw.jobs.sweep import check_data, expand, load_sweep, run_sweep
 
     if args.dry_run:
-        points = expand(load_sweep(args.spec))
+        points = expand(load_sweep(args.spec, data_dir=args.data_dir))
         for p in points:
             print(f"{p.name}: " + ", ".join(f"{k}={v}" for k, v in p.values.items()))
-        print(f"{len(points)} points, all valid")
+        data = check_data(points)
+        for a in data:
+            where = "bundled with scikit-learn" if a.name == "digits" else (str(a.folder) if a.folder else a.problem)
+            print(f"data: {a.name}: {where}")
+        bad = [a for a in data if a.problem is not None and not a.download]
+        if bad:
+            raise DataError(f"{len(points)} points valid, but the data is missing: " + "; ".join(a.problem for a in bad))
+        fetch = [a.name for a in data if a.download]
+        print(f"{len(points)} points, all valid" + (f"; {', '.join(fetch)} will be downloaded once before the first point" if fetch else ""))
         return 0
-    results = run_sweep(args.spec, args.out, workers=args.workers, scheduler=args.scheduler, threads=args.threads, progress=False if args.quiet else None)
+    _out_folder(args.out)
+    results = run_sweep(args.spec, args.out, workers=args.workers, scheduler=args.scheduler, threads=args.threads,
+                        progress=False if args.quiet else None, data_dir=args.data_dir)
     counts: dict[str, int] = {}
     for r in results.values():
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -237,7 +289,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from mep_hw.jobs.compare import compare
 
-    report = compare([Path(p) for p in args.inputs], Path(args.out), pdf=args.pdf)
+    report = compare([Path(p) for p in args.inputs], _out_folder(args.out), pdf=args.pdf)
     print(f"report: {report}")
     return 0
 
@@ -250,25 +302,52 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    from mep_hw.train.guards import SettleWarning
+
+    if issubclass(category, SettleWarning):
+        print(f"mep-hw: warning: {message}", file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "devices":
+        return _devices(args)
+    if args.command == "trace":
+        return _trace(args)
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "compare":
+        return _compare(args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mep_hw.io.runs import storage_error
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "devices":
-            return _devices(args)
-        if args.command == "trace":
-            return _trace(args)
-        if args.command == "sweep":
-            return _sweep(args)
-        if args.command == "compare":
-            return _compare(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings
+            return _run(args)
     except SettleError as e:
         print(f"mep-hw: settle failed: {e}", file=sys.stderr)
         return 3
+    except DivergedError as e:
+        print(f"mep-hw: run stopped: {e}", file=sys.stderr)
+        return 3
     except MepHwError as e:
         print(f"mep-hw: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a filesystem failure not met where it happened (e.g. in matplotlib)
+        print(f"mep-hw: error: {storage_error(e, e.filename or 'a file')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.command == "sweep":

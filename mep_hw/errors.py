@@ -13,6 +13,8 @@ __all__ = [
     "SettleError",
     "TraceError",
     "DataError",
+    "StorageError",
+    "DivergedError",
 ]
 
 
@@ -46,3 +48,24 @@ class TraceError(MepHwError):
 class DataError(MepHwError):
     """Data is missing or invalid: a dataset file that is absent, truncated, corrupt or fails its
     checksum, a corrupt run file (checkpoint, metrics), or input tensors holding NaN/inf."""
+
+
+class StorageError(MepHwError, OSError):
+    """A file or folder cannot be written or read: a read-only folder, a full disk, a file where
+    a folder is expected. The message names the path and what to do; what was on disk before
+    the failed write is kept (every write is atomic)."""
+
+
+class DivergedError(MepHwError, RuntimeError):
+    """A training run stopped because it failed numerically; ``status`` says how:
+
+    * ``"diverged"`` — non-finite or exploding weights (or a non-finite settle);
+    * ``"not_settling"`` — the free-phase settles stopped reaching their steady state.
+
+    The message carries the remedy; the run folder keeps the last good checkpoint and records
+    the status in metrics.json.
+    """
+
+    def __init__(self, message: str, status: str = "diverged"):
+        super().__init__(message)
+        self.status = status

@@ -13,6 +13,7 @@ from mep_hw.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_foundation_benchmark_writes_its_figures(tmp_path):
     out = tmp_path / "f.json"
     foundation.main(["--dataset", "digits", "--layers", "64,32,10", "--epochs", "2", "--limit-train", "200",
@@ -36,6 +37,7 @@ def tiny_config(tmp_path, **over):
     return p
 
 
+@pytest.mark.slow
 def test_runner_writes_logs_table_and_plots(tmp_path):
     out = tmp_path / "out"
     code = runner.main(["--config", str(tiny_config(tmp_path)), "--baselines", "smep", "sdmep", "local_ep",
@@ -76,11 +78,13 @@ def test_runner_rejects_bad_configs(tmp_path, capsys):
     assert "runner: error" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runner_is_a_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "mep_hw.benchmarks.runner", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "--baselines" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["quickstart.py", "demo_ep_vs_backprop.py"])
 def test_examples_run(script, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--epochs", "2"], capture_output=True,
@@ -89,6 +93,7 @@ def test_examples_run(script, tmp_path):
     assert "accuracy" in r.stdout
 
 
+@pytest.mark.slow
 def test_brian2_benchmark_writes_agreement_times_and_accuracy(tmp_path):
     import importlib
 

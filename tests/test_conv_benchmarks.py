@@ -2,12 +2,13 @@
 
 import json
 
+import pytest
 import torch
 
 from mep_hw.benchmarks import conv as conv_bench
 from mep_hw.benchmarks import holomorphic as holo_bench
 from mep_hw.model import ConvHopfield
-from mep_hw.train import TrainConfig
+from mep_hw.train import TrainConfig, train
 
 
 def test_the_backprop_cnn_is_the_feedforward_pass_of_the_energy():
@@ -19,14 +20,21 @@ def test_the_backprop_cnn_is_the_feedforward_pass_of_the_energy():
     torch.testing.assert_close(net(x).clamp(0, 1), s[-1])  # the output: linear here, ρ in the energy
 
 
+@pytest.mark.slow
 def test_conv_benchmark_writes_both_histories(tmp_path):
     cfg = TrainConfig(dataset="digits", arch="conv:4:3,pool:2,fc:10", cost="ce", epochs=2, limit_train=100, limit_test=50)
-    r = conv_bench.run(cfg, tmp_path / "c.json")
+    r = conv_bench.run(cfg, tmp_path / "c.json", run_dir=tmp_path / "ep")
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["ep"]["test_accuracy_history"] == r["ep"]["test_accuracy_history"] and len(saved["backprop"]["epoch_seconds"]) == 2
     assert saved["ep_over_backprop_epoch_time"] > 0 and saved["reads_per_sample"]["positions_per_weight"] == [36, 1]
+    # the EP run, extended an epoch at a time, is the straight two-epoch run: one cosine, as the CNN's
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    stepped = json.loads((tmp_path / "ep" / "metrics.json").read_text())["history"]
+    assert [h["lr"] for h in stepped] == [h.lr for h in straight.history]
+    assert r["ep"]["test_accuracy_history"] == [h.test_accuracy for h in straight.history]
 
 
+@pytest.mark.slow
 def test_holomorphic_benchmark_orders_the_estimators(tmp_path):
     r = holo_bench.run((64, 12, 12, 10), "mse", 4, None, [0.1], [2, 4], [None, 5], tmp_path / "h.json")
     rows = {(row["N"], row["budget_steps"]): row for row in r["results"]}

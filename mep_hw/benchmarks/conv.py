@@ -92,8 +92,11 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
     bp_hist, ep_hist = [], []
     with tempfile.TemporaryDirectory() as tmp:
         rd = run_dir or Path(tmp) / "ep"
+        # the EP run is extended an epoch at a time; its cosine is planned over all cfg.epochs (one
+        # cycle, as the CNN's), so each extension continues it rather than starting a new cycle
+        plan = cfg.replace(cosine_cycles=(cfg.epochs,)) if cfg.schedule == "cosine" and cfg.cosine_cycles is None else cfg
         for epoch in range(1, cfg.epochs + 1):
-            res = train(cfg.replace(epochs=epoch), rd, resume=epoch > 1, explicit={"epochs"}, dataset=ds, progress=False)
+            res = train(plan.replace(epochs=epoch), rd, resume=epoch > 1, explicit={"epochs"}, dataset=ds, progress=False)
             ep_hist = list(res.history)
             t0 = time.perf_counter()
             for idx in iterate_batches(n, cfg.batch_size, epoch_generator(cfg.seed, epoch)):

@@ -38,8 +38,8 @@ import numpy as np
 
 from mep_hw.errors import ConfigError, DataError
 
-__all__ = ["DATASETS", "Dataset", "IdxSpec", "CIFAR10", "load_dataset", "read_idx", "read_cifar_bin", "download_idx",
-           "download_cifar10", "cache_dir"]
+__all__ = ["DATASETS", "Dataset", "IdxSpec", "CIFAR10", "DataAvailability", "check_dataset", "load_dataset", "read_idx",
+           "read_cifar_bin", "download_idx", "download_cifar10", "cache_dir"]
 
 
 class IdxSpec(NamedTuple):
@@ -428,6 +428,44 @@ def _load_cifar(data_dir, download: bool, mirrors) -> Dataset:
             raise DataError(f"cifar10 is not in the cache {folder} and downloading is off; pass --data-dir")
         download_cifar10(folder, mirrors)
     return _read_cifar(folder)
+
+
+class DataAvailability(NamedTuple):
+    """Where :func:`load_dataset` would find a dataset, checked without reading it."""
+
+    name: str
+    folder: Path | None  # the folder holding the files (None: digits, or not found)
+    problem: str | None  # why they cannot be loaded from here, with the fix (None: they can)
+    download: bool  # not in the cache yet: load_dataset would download it (needs the network)
+
+
+def check_dataset(name: str, data_dir: str | Path | None = None) -> DataAvailability:
+    """Whether ``name`` can be loaded with ``data_dir`` (else ``MEP_HW_DATA``, else the cache)
+    without reading the files: each of the four IDX files present (checksums are checked when
+    loading). Never downloads."""
+    if name == "digits":
+        return DataAvailability(name, None, None, False)
+    spec = _idx_spec(name)
+    files = [f for f, _ in spec.files.values()]
+    given = data_dir if data_dir is not None else os.environ.get("MEP_HW_DATA") or None
+    if given is None:
+        folder = cache_dir() / "datasets" / name
+        if all((folder / f).exists() for f in files):
+            return DataAvailability(name, folder, None, False)
+        return DataAvailability(
+            name, None, f"{name} is not in the cache {folder}; it is downloaded there first (needs the network), "
+            "or pass --data-dir DIR (or set MEP_HW_DATA) with the four IDX files", True)
+    src = "--data-dir" if data_dir is not None else "MEP_HW_DATA"
+    folder = Path(given).expanduser()
+    if not folder.is_dir():
+        return DataAvailability(name, None, f"{src}={folder} is not a folder; give the folder holding the {name} IDX files", False)
+    found = _locate(name, folder)
+    if found is None:
+        return DataAvailability(name, None, f"no {name} IDX files in {folder} or {folder / name} (expected {', '.join(files)})", False)
+    missing = [f for f in files if not (found / f).exists() and not (found / f[:-3]).exists()]
+    if missing:
+        return DataAvailability(name, None, f"{found} lacks {', '.join(missing)} of {name}; add them", False)
+    return DataAvailability(name, found, None, False)
 
 
 def load_dataset(

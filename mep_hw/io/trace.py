@@ -1,7 +1,10 @@
 """HDF5 training traces (``RUN_DIR/trace.h5``), written with h5py and readable with plain h5py.
 
-Layout (every dataset is chunked, gzip-compressed, resizable along its first axis, and has a
-``units`` attribute; "1" means dimensionless)::
+Layout (every dataset is chunked, resizable along its first axis and has a ``units`` attribute,
+"1" meaning dimensionless; the per-record arrays are gzip-compressed with the shuffle filter, one
+record per chunk, so each chunk is written once; the scalar series are not compressed: their
+256-record chunks are rewritten in place at every record, and a compressed chunk — whose size
+changes — killed mid-rewrite would take the committed records of that chunk with it)::
 
     /                       attrs: format="mep_hw.trace", version, config_toml, device_json,
                                    trace_every, mep_hw_version
@@ -33,13 +36,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mep_hw.errors import TraceError
+from mep_hw.errors import StorageError, TraceError
+from mep_hw.io.runs import storage_error
 
 __all__ = ["FORMAT", "VERSION", "TraceWriter", "Trace", "read_trace", "describe_trace"]
 
 FORMAT = "mep_hw.trace"
 VERSION = 1
 _COMPRESS = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+_SERIES_CHUNK = 256  # records per chunk of a scalar series (one record per chunk for arrays)
 
 
 def _h5py():
@@ -97,22 +102,27 @@ class TraceWriter:
     def open(cls, path: str | Path, attrs: dict[str, Any], *, keep_step: int | None = None, keep_epoch: int = 0) -> "TraceWriter":
         h5py = _h5py()
         path = Path(path)
-        if keep_step is None or not path.exists():
-            f = h5py.File(path, "w")
-            f.attrs["format"] = FORMAT
-            f.attrs["version"] = VERSION
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.create_group("intervals")
-            f.create_group("epochs")
+        try:
+            if keep_step is None or not path.exists():
+                f = h5py.File(path, "w")
+                f.attrs["format"] = FORMAT
+                f.attrs["version"] = VERSION
+                for k, v in attrs.items():
+                    f.attrs[k] = v
+                f.create_group("intervals")
+                f.create_group("epochs")
+                f.flush()
+                return cls(f, path)
+            f = _open_foreign(path, "r+")
+            w = cls(f, path)
+            w._truncate("intervals", "step", lambda steps: int(np.searchsorted(steps, keep_step, side="right")))
+            w._truncate("epochs", "epoch", lambda ep: int(np.searchsorted(ep, keep_epoch, side="right")))
             f.flush()
-            return cls(f, path)
-        f = _open_foreign(path, "r+")
-        w = cls(f, path)
-        w._truncate("intervals", "step", lambda steps: int(np.searchsorted(steps, keep_step, side="right")))
-        w._truncate("epochs", "epoch", lambda ep: int(np.searchsorted(ep, keep_epoch, side="right")))
-        f.flush()
-        return w
+            return w
+        except (TraceError, StorageError):
+            raise
+        except OSError as e:  # h5py: read-only folder, full disk, a file where the folder should be
+            raise storage_error(e, path) from None
 
     def _truncate(self, group: str, marker: str, keep) -> None:
         g = self.f[group]
@@ -126,6 +136,14 @@ class TraceWriter:
                 ds.resize(n, axis=0)
 
     def _append(self, group: str, marker: str, values: dict[str, tuple[Any, str]]) -> None:
+        try:
+            self._write(group, marker, values)
+        except (TraceError, StorageError):
+            raise
+        except OSError as e:  # a full disk: what was committed before stays readable
+            raise storage_error(e, self.path) from None
+
+    def _write(self, group: str, marker: str, values: dict[str, tuple[Any, str]]) -> None:
         g = self.f[group]
         n = g[marker].shape[0] if marker in g else 0
         known = set(_walk(g))
@@ -140,8 +158,8 @@ class TraceWriter:
             value, units = values[name]
             a = np.asarray(value)
             if name not in g:
-                chunks = (1, *a.shape) if a.ndim else (256,)
-                opts = _COMPRESS if a.ndim else {}
+                chunks = (1, *a.shape) if a.ndim else (_SERIES_CHUNK,)
+                opts = _COMPRESS if a.ndim else {}  # see the module docstring: crash safety of the series
                 ds = g.create_dataset(name, shape=(0, *a.shape), maxshape=(None, *a.shape), dtype=a.dtype, chunks=chunks, **opts)
                 ds.attrs["units"] = units
             ds = g[name]

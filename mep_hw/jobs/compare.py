@@ -19,6 +19,7 @@ data is absent):
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mep_hw.errors import ConfigError, MepHwError
-from mep_hw.io.runs import read_json, read_toml
+from mep_hw.io.runs import atomic_write_bytes, ensure_dir, read_json, read_toml, storage_error
 from mep_hw.io.trace import read_trace
 from mep_hw.jobs.sweep import RESULTS_FILE, read_results
 
@@ -48,13 +49,41 @@ class RunInfo(NamedTuple):
         return self.device in (None, "ideal")
 
 
-def _label(config: dict) -> str:
+#: options that do not change what a run computes: never part of a label
+_NOT_IN_LABEL = {"device", "set", "data_dir", "trace_every", "eval_batch_size"}
+
+
+def _flat(config: dict) -> dict[str, Any]:
+    """A run's options with the card overrides as "set.FIELD" keys."""
+    out = {k: v for k, v in config.items() if k not in _NOT_IN_LABEL}
+    for k, v in (config.get("set") or {}).items():
+        out[f"set.{k}"] = v
+    return out
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _label(config: dict, differ: list[str] | None = None) -> str:
+    """The device (or "ideal (float)") and the options listed in ``differ`` that this run sets:
+    what tells it apart from the runs it is compared with. ``differ`` None: its card overrides."""
     dev = config.get("device")
-    if not dev:
-        return "ideal (float)"
-    sets = config.get("set", {})
-    extra = " ".join(f"{k}={v}" for k, v in sets.items())
-    return f"{Path(dev).stem}{' ' + extra if extra else ''}"
+    head = Path(dev).stem if dev else "ideal (float)"
+    flat = _flat(config)
+    keys = [k for k in flat if k.startswith("set.")] if differ is None else [k for k in differ if k in flat]
+    extra = " ".join(f"{k.removeprefix('set.')}={_value(flat[k])}" for k in keys)
+    return f"{head}{' ' + extra if extra else ''}"
+
+
+def _differing(configs: list[dict]) -> list[str]:
+    """The options (card overrides as set.FIELD) whose values are not the same in every config,
+    in a stable order; an option a config lacks counts as its default (None)."""
+    flats = [_flat(c) for c in configs]
+    keys = sorted({k for f in flats for k in f}, key=lambda k: (k.startswith("set."), k))
+    return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
 
 
 def load_run(path: Path) -> RunInfo:
@@ -84,6 +113,9 @@ def _load_inputs(inputs: list[Path]) -> tuple[list[RunInfo], list[Sweep]]:
             runs.append(load_run(p))
         else:
             raise ConfigError(f"{p} is neither a run folder (metrics.json) nor a sweep folder ({RESULTS_FILE}); check the path")
+    if len(runs) > 1:  # label each run by what differs between the runs compared
+        differ = _differing([r.config for r in runs])
+        runs = [r._replace(label=_label(r.config, differ)) for r in runs]
     labels = [r.label for r in runs]
     runs = [r._replace(label=f"{r.label} ({r.path.name})") if labels.count(r.label) > 1 else r for r in runs]
     return runs, sweeps
@@ -98,13 +130,24 @@ def _plt():
     return plt
 
 
-def _save(fig, out: Path, name: str, pdf: bool) -> str:
-    fig.tight_layout()
+def _save(fig, out: Path, name: str, pdf: bool, legend_rows: int = 0) -> str:
+    # a run legend (see _run_legend) sits in a band of that many rows under the axes
+    fig.tight_layout(rect=(0, min(0.5, (0.15 + 0.22 * legend_rows) / fig.get_figheight()) if legend_rows else 0, 1, 1))
     fig.savefig(out / f"{name}.png", dpi=120)
     if pdf:
         fig.savefig(out / f"{name}.pdf")
     _plt().close(fig)
     return f"{name}.png"
+
+
+def _run_legend(fig, ax) -> int:
+    """The legend of ``ax``'s runs under the figure, where it covers no data; returns its rows."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return 0
+    ncol = 1 if max(len(t) for t in labels) > 60 else min(len(labels), 3 if max(len(t) for t in labels) > 30 else 4)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    return -(-len(labels) // ncol)
 
 
 def _style(run: RunInfo) -> dict:
@@ -128,8 +171,7 @@ def _epoch_panels(runs: list[RunInfo], out: Path, pdf: bool, name: str, panels) 
         ax.set(xlabel="epoch", ylabel=ylabel, title=title, yscale=yscale)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axs[0].legend(fontsize=8)
-    return _save(fig, out, name, pdf)
+    return _save(fig, out, name, pdf, legend_rows=_run_legend(fig, axs[0]))
 
 
 def plot_curves(runs: list[RunInfo], out: Path, pdf: bool) -> str | None:
@@ -189,6 +231,7 @@ def plot_sweep(sw: Sweep, out: Path, pdf: bool) -> list[tuple[str, str]]:
         return made
     vals = [sorted({k[i] for k in acc}, key=lambda v: (isinstance(v, str), v)) for i in range(len(axes))]
     nseeds = max((len(v) for v in acc.values()), default=0)
+    seeds = f"mean of {nseeds} seed(s)" if nseeds else "no completed point"
     tag = sw.name.replace(" ", "_")
     if len(axes) >= 2:
         rest = "" if len(axes) == 2 else f", averaged over {', '.join(axes[2:])}"
@@ -208,8 +251,10 @@ def plot_sweep(sw: Sweep, out: Path, pdf: bool) -> list[tuple[str, str]]:
         ax.set_xticks(range(len(vals[0])), [_tick(axes[0], v) for v in vals[0]])
         ax.set_yticks(range(len(vals[1])), [_tick(axes[1], v) for v in vals[1]])
         ax.set(xlabel=_axis_label(axes[0]), ylabel=_axis_label(axes[1]),
-               title=f"{sw.name}: test accuracy (%), mean of {nseeds} seed(s){rest}")
+               title=f"{sw.name}: test accuracy (%), {seeds}{rest}")
         fig.colorbar(im, ax=ax, label="test accuracy (%)")
+        if not finite.size:
+            _no_data(ax)
         made.append((_save(fig, out, f"sweep_{tag}_heatmap", pdf), f"Mean final test accuracy over {_axis_label(axes[0])} × {_axis_label(axes[1])}{rest}."))
     fig, ax = plt.subplots(figsize=(8, 5))
     x = vals[0]
@@ -226,12 +271,26 @@ def plot_sweep(sw: Sweep, out: Path, pdf: bool) -> list[tuple[str, str]]:
         ax.errorbar([x + shift for x in xpos], ys, yerr=es, marker="o", capsize=3, label=lab)
     ax.set_xticks(xpos, [_tick(axes[0], v) for v in x])
     ax.set(xlabel=_axis_label(axes[0]), ylabel="test accuracy (%)",
-           title=f"{sw.name}: accuracy vs {_axis_label(axes[0])}\n(mean ± std over {nseeds} seed(s))")
+           title=f"{sw.name}: accuracy vs {_axis_label(axes[0])}\n({f'mean ± std over {nseeds} seed(s)' if nseeds else 'no completed point'})")
     ax.grid(alpha=0.3)
-    if len(axes) >= 2:
+    if not any(acc.values()):
+        ax.set_ylim(0, 100)
+        _no_data(ax)
+    elif len(axes) >= 2:
         ax.legend(fontsize=8)
     made.append((_save(fig, out, f"sweep_{tag}_lines", pdf), f"Final test accuracy vs {_axis_label(axes[0])}; error bars: ±1 std over seeds."))
     return made
+
+
+def _no_data(ax) -> None:
+    ax.text(0.5, 0.5, "no data: no point of this sweep completed\n(the report lists each point's status and error)",
+            transform=ax.transAxes, ha="center", va="center", fontsize=11,
+            bbox={"facecolor": "white", "edgecolor": "0.5", "alpha": 0.9})
+
+
+def _title(text: str, width: int = 48) -> str:
+    """A plot title wrapped to lines of ``width`` characters (long run labels are not clipped)."""
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def _last_layer0(run: RunInfo) -> dict[str, tuple[np.ndarray, str]] | None:
@@ -261,7 +320,8 @@ def plot_weights_vs_physical(runs: list[RunInfo], out: Path, pdf: bool) -> str |
             ax.hist(arr[-1].ravel(), bins=80, color="tab:blue" if name == "weight" else "tab:orange")
             unit = "" if units in ("1", "") else f" ({units.replace('uS', 'µS')})"
             ax.set(xlabel=f"{'logical weight' if name == 'weight' else name}{unit}", ylabel="cells" if j == 0 else None,
-                   title=f"{r.label}: W0 {name}", yscale="log")
+                   yscale="log")
+            ax.set_title(_title(f"{r.label}: W0 {name}", 34), fontsize=9)
         for j in range(len(names), ncol):
             axs[i, j].axis("off")
     return _save(fig, out, "weights_vs_conductances", pdf)
@@ -272,7 +332,7 @@ def plot_weights_over_training(runs: list[RunInfo], out: Path, pdf: bool) -> str
     if not traced:
         return None
     plt = _plt()
-    fig, axs = plt.subplots(len(traced), 2, figsize=(11, 3.4 * len(traced)), squeeze=False)
+    fig, axs = plt.subplots(len(traced), 2, figsize=(11, 3.7 * len(traced)), squeeze=False)
     for i, r in enumerate(traced):
         t = read_trace(r.trace)
         steps = t.intervals["step"]
@@ -285,7 +345,8 @@ def plot_weights_over_training(runs: list[RunInfo], out: Path, pdf: bool) -> str
         rng = np.random.default_rng(0)
         for c in rng.choice(w.shape[1], size=min(5, w.shape[1]), replace=False):
             ax.plot(steps, w[:, c], linewidth=0.8)
-        ax.set(xlabel="optimizer step", ylabel="W0 weight", title=f"{r.label}: W0 quantiles and 5 cells")
+        ax.set(xlabel="optimizer step", ylabel="W0 weight")
+        ax.set_title(_title(f"{r.label}: W0 quantiles and 5 cells"), fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
         ax = axs[i, 1]
         k = 0
@@ -293,7 +354,8 @@ def plot_weights_over_training(runs: list[RunInfo], out: Path, pdf: bool) -> str
             wk = t.intervals[f"layers/W{k}/weight"].reshape(len(steps), -1)
             ax.plot(steps, np.abs(wk).mean(1), marker=".", label=f"W{k}")
             k += 1
-        ax.set(xlabel="optimizer step", ylabel="mean |W|", title=f"{r.label}: mean |weight| per layer")
+        ax.set(xlabel="optimizer step", ylabel="mean |W|")
+        ax.set_title(_title(f"{r.label}: mean |weight| per layer"), fontsize=10)
         ax.legend(fontsize=8)
         for a in axs[i]:
             a.grid(alpha=0.3)
@@ -312,29 +374,39 @@ def plot_pulses(runs: list[RunInfo], out: Path, pdf: bool) -> str | None:
     if not hw:
         return None
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
-    bars, labels = [], []
+    bars, labels, groups = [], [], []  # groups: (first bar, last bar, run label)
     for r in hw:
+        first = len(labels)
         for layer in r.metrics["pulses"]:
             bars.append([layer["pulses_up"], layer["pulses_down"], layer["refreshes"]])
-            labels.append(f"{r.label}\n{layer['layer']} {layer['shape'][0]}×{layer['shape'][1]}")
+            labels.append(f"{layer['layer']}\n{layer['shape'][0]}×{layer['shape'][1]}")
+        groups.append((first, len(labels) - 1, r.label))
     bars = np.array(bars, dtype=float)
-    x = np.arange(len(labels))
+    x = np.arange(len(labels), dtype=float)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(12.0, 6.0 + 1.1 * len(labels)), 4.8),
+                               gridspec_kw={"width_ratios": [max(1.0, len(labels) / 4), 1.0]})
     for k, (name, color) in enumerate((("up (potentiating)", "tab:green"), ("down (depressing)", "tab:red"), ("refreshes", "tab:gray"))):
         pos = x + (k - 1) * 0.27
         a.bar(pos, np.where(bars[:, k] > 0, bars[:, k], np.nan), width=0.27, label=name, color=color)
         for xi in pos[bars[:, k] == 0]:  # log axis: a zero gets a label, not a bar
             a.text(xi, 1.0, "0", ha="center", va="bottom", fontsize=8, color=color)
-    a.set_xticks(x, labels, fontsize=7)
-    a.set(ylabel="pulses (whole run)", yscale="log", title="Programming pulses per layer", ylim=(0.8, None))
-    a.legend(fontsize=8)
+    a.set_xticks(x, labels, fontsize=8)
+    a.set(ylabel="pulses (whole run)", yscale="log", ylim=(0.8, None), xlim=(-0.6, len(labels) - 0.4))
+    a.set_title("Programming pulses per layer", pad=26)
+    for i, (lo, hi, lab) in enumerate(groups):  # the run under its layers, runs parted by a line
+        a.annotate(_title(lab, max(14, 12 * (hi - lo + 1))), xy=((lo + hi) / 2, 0), xycoords=("data", "axes fraction"),
+                   xytext=(0, -30), textcoords="offset points", ha="center", va="top", fontsize=8)
+        if i:
+            a.axvline(lo - 0.5, color="0.6", linewidth=0.8)
+    # above the bars, outside the axes: the legend never covers one
+    a.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     for r in hw:
         h = r.metrics.get("history", [])
         b.plot([x["epoch"] for x in h], [x.get("pulses_up", 0) + x.get("pulses_down", 0) for x in h], marker="o", label=r.label)
     b.set(xlabel="epoch", ylabel="pulses in the epoch (up + down)", yscale="log", title="Pulses per epoch")
     b.grid(alpha=0.3)
     b.xaxis.get_major_locator().set_params(integer=True)
-    b.legend(fontsize=8)
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     return _save(fig, out, "pulses", pdf)
 
 
@@ -350,23 +422,31 @@ def compare(inputs: list[Path], out: Path, *, pdf: bool = False) -> Path:
     if not inputs:
         raise ConfigError("compare needs at least one run or sweep folder")
     runs, sweeps = _load_inputs([Path(p) for p in inputs])
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out)
+    try:
+        return _report(inputs, runs, sweeps, out, pdf)
+    except OSError as e:  # a plot that cannot be written (full disk, read-only folder)
+        raise storage_error(e, e.filename or out) from None
+
+
+def _report(inputs, runs: list[RunInfo], sweeps: list[Sweep], out: Path, pdf: bool) -> Path:
     md = ["# mep_hw comparison report", ""]
     md.append("Inputs: " + ", ".join(f"`{p}`" for p in inputs) + ".")
     md.append("")
     ideal = [r for r in runs if r.ideal]
     if runs:
-        md += ["## Runs", "", "| run | device | epochs | final test accuracy (%) | gap to ideal (points) | train time (s) | pulses up/down |",
-               "|---|---|---|---|---|---|---|"]
+        md += ["## Runs", "", "| run | device | status | epochs | final test accuracy (%) | gap to ideal (points) | train time (s) | pulses up/down |",
+               "|---|---|---|---|---|---|---|---|"]
         for r in runs:
             m = r.metrics
             acc = m.get("test_accuracy")
             ref = [i for i in ideal if i.config.get("dataset") == r.config.get("dataset") and i.metrics.get("epochs_completed") == m.get("epochs_completed")]
+            ref.sort(key=lambda i: len(_differing([i.config, r.config])))  # the ideal run most like this one
             gap = "—" if (r.ideal or not ref or acc is None) else f"{100 * (ref[0].metrics['test_accuracy'] - acc):+.2f}"
             wall = sum(h.get("epoch_seconds", 0.0) for h in m.get("history", []))
             pul = m.get("pulses") or []
             pulses = f"{sum(p['pulses_up'] for p in pul):.3g} / {sum(p['pulses_down'] for p in pul):.3g}" if pul else "—"
-            md.append(f"| {r.label} | {r.device or 'none (float)'} | {m.get('epochs_completed')} | {_fmt(acc, True)} | {gap} | {wall:.1f} | {pulses} |")
+            md.append(f"| {r.label} | {r.device or 'none (float)'} | {m.get('status', '?')} | {m.get('epochs_completed')} | {_fmt(acc, True)} | {gap} | {wall:.1f} | {pulses} |")
         md.append("")
         if not ideal:
             md += ["No ideal run among the inputs: add one (a run without `--device`) to see the gap.", ""]
@@ -401,8 +481,8 @@ def compare(inputs: list[Path], out: Path, *, pdf: bool = False) -> Path:
             md += ["| " + " | ".join(_axis_label(a) for a in axes) + " | test accuracy (%) mean ± std | seeds |",
                    "|" + "---|" * (len(axes) + 2)]
             for k in sorted(acc, key=lambda k: tuple((isinstance(v, str), v) for v in k)):
-                v = acc[k]
-                cell = f"{np.mean(v):.2f} ± {np.std(v):.2f}" if v else "failed"
+                v = acc[k]  # one seed has no spread to show
+                cell = (f"{np.mean(v):.2f} ± {np.std(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}") if v else "no point completed"
                 md.append("| " + " | ".join(_tick(a, x) for a, x in zip(axes, k)) + f" | {cell} | {len(v)} |")
             md.append("")
         for png, caption in plot_sweep(sw, out, pdf):
@@ -412,5 +492,5 @@ def compare(inputs: list[Path], out: Path, *, pdf: bool = False) -> Path:
             md += [f"- point {r['point']} ({', '.join(f'{a}={r[a]}' for a in sw.axes)}): {r['status']} — {r['error'][:200]}" for r in failed]
             md.append("")
     report = out / "report.md"
-    report.write_text("\n".join(md) + "\n")
+    atomic_write_bytes(report, ("\n".join(md) + "\n").encode())
     return report

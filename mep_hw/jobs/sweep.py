@@ -17,12 +17,15 @@ A sweep file (TOML)::
 
 The points are the Cartesian product of the ``[axes]`` lists and the ``[zip]`` group. Every
 point's :class:`TrainConfig` (card and overrides included) is built before anything runs, so an
-unknown option or card field, or a value out of range, fails the whole sweep at once.
+unknown option or card field, or a value out of range, fails the whole sweep at once; so does a
+dataset that is neither in the data folder (``data_dir``: ``--data-dir``, else ``[base]``, else
+``MEP_HW_DATA``) nor downloadable into the cache (it is downloaded once, before the points run).
 
 Each point runs in its own folder ``DIR/points/NNNN-<values>-<hash>`` (the hash is of the point's
-full configuration, so editing the sweep never reuses a folder of another configuration). A
-point whose folder holds a completed run is skipped; a partial one is resumed; a point that
-diverges or fails is recorded with its status and error and the sweep goes on (rerunning the
+full configuration — where the data is excepted —, so editing the sweep never reuses a folder of
+another configuration). A point whose folder holds a completed run is skipped; a partial one is
+resumed; a point that diverges, stops settling or fails is recorded with its status
+(``diverged``, ``not_settling``, ``failed``) and error and the sweep goes on (rerunning the
 sweep retries it). Points run on a local process pool (``workers``, default: one per core, each
 with cores/workers torch threads) or, with ``scheduler="tcp://HOST:PORT"``, on a Dask cluster
 (each point one task, one torch thread). ``DIR/results.csv`` has one row per point — the axis
@@ -44,11 +47,13 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from mep_hw.errors import ConfigError, MepHwError, SettleError
-from mep_hw.io.runs import atomic_write_bytes, read_json, read_toml, write_json, write_toml
+from mep_hw.errors import ConfigError, DataError, DivergedError, MepHwError, SettleError
+from mep_hw.io import DataAvailability, cache_dir, check_dataset, download_idx
+from mep_hw.io.runs import atomic_write_bytes, ensure_dir, read_json, read_toml, write_json, write_toml
 from mep_hw.train import TrainConfig, option_names
 
-__all__ = ["SweepSpec", "SweepPoint", "PointResult", "load_sweep", "expand", "run_sweep", "read_results", "RESULTS_FILE"]
+__all__ = ["SweepSpec", "SweepPoint", "PointResult", "load_sweep", "expand", "check_data", "run_sweep", "read_results",
+           "RESULTS_FILE"]
 
 RESULTS_FILE = "results.csv"
 SPEC_FILE = "sweep.toml"
@@ -70,7 +75,7 @@ class SweepPoint(NamedTuple):
 
 
 class PointResult(NamedTuple):
-    status: str  # completed, diverged, failed, skipped (completed before)
+    status: str  # completed, diverged, not_settling, failed, skipped (completed before)
     test_accuracy: float | None
     wall_seconds: float
     epochs_completed: int
@@ -92,8 +97,9 @@ def _list(key: str, v, source: str) -> list:
     return v
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and check the shape of a sweep file (values are checked by :func:`expand`)."""
+def load_sweep(path: str | Path, *, data_dir: str | Path | None = None) -> SweepSpec:
+    """Read and check the shape of a sweep file (values are checked by :func:`expand`).
+    ``data_dir`` (``--data-dir``) sets the data folder of every point, as an absolute path."""
     path = Path(path)
     raw = read_toml(path)
     src = str(path)
@@ -130,6 +136,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{src}: the [zip] lists must have one length, got {lengths}")
     if not tables["axes"] and not tables["zip"]:
         raise ConfigError(f"{src}: the sweep has no axes; add an [axes] table, e.g. seed = [0, 1, 2]")
+    if "data_dir" in tables["axes"] or "data_dir" in tables["zip"]:
+        raise ConfigError(f"{src}: data_dir is where the data is, not an axis; give it in [base] or with --data-dir")
+    if data_dir is not None:
+        base["data_dir"] = str(Path(data_dir).expanduser().resolve())
     return SweepSpec(base, tables["axes"], tables["zip"], src)
 
 
@@ -143,9 +153,11 @@ def _slug(values: dict[str, Any]) -> str:
 
 
 def _config_hash(cfg: TrainConfig) -> str:
+    """Of everything that decides the point's result (not where its data is read from)."""
     import tomli_w
 
-    return hashlib.sha1(tomli_w.dumps(cfg.to_dict()).encode()).hexdigest()[:8]
+    d = {k: v for k, v in cfg.to_dict().items() if k != "data_dir"}
+    return hashlib.sha1(tomli_w.dumps(d).encode()).hexdigest()[:8]
 
 
 def expand(spec: SweepSpec) -> list[SweepPoint]:
@@ -175,12 +187,36 @@ def expand(spec: SweepSpec) -> list[SweepPoint]:
     return points
 
 
+def check_data(points: list[SweepPoint]) -> list[DataAvailability]:
+    """Where each dataset of the sweep comes from (one entry per dataset and data folder)."""
+    seen: dict[tuple, DataAvailability] = {}
+    for p in points:
+        key = (p.config.dataset, p.config.data_dir)
+        if key not in seen:
+            seen[key] = check_dataset(*key)
+    return list(seen.values())
+
+
+def _ensure_data(points: list[SweepPoint], source: str) -> None:
+    """Fail before any point runs if a dataset cannot be had; download a missing one once."""
+    for a in check_data(points):
+        if a.problem is None:
+            continue
+        if not a.download:
+            raise DataError(f"{source}: {a.problem}; no point was run")
+        download_idx(a.name, cache_dir() / "datasets" / a.name)  # DataError (offline) names --data-dir
+
+
 def run_point(config: dict, run_dir: str, threads: int | None) -> PointResult:
     """Run (or resume, or skip) one point; never raises for a failure of the point itself."""
+    import warnings
+
     import torch
 
     from mep_hw.train import train
+    from mep_hw.train.guards import SettleWarning
 
+    warnings.simplefilter("ignore", SettleWarning)  # recorded in the point's metrics.json
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
@@ -191,12 +227,15 @@ def run_point(config: dict, run_dir: str, threads: int | None) -> PointResult:
     resume = (run_dir / "config.toml").exists()
     try:
         cfg = TrainConfig.from_dict(config, source=str(run_dir))
-        res = train(cfg, run_dir, resume=resume, progress=False)
+        # a resumed point reads its data from where this sweep says (the files are checked by MD5)
+        res = train(cfg, run_dir, resume=resume, explicit={"data_dir"}, progress=False)
         out = PointResult("completed", res.test_accuracy, time.perf_counter() - t0, len(res.history), None)
         write_json(run_dir / POINT_FILE, out._asdict())
         return out
     except SettleError as e:
         status, err = "diverged", str(e)
+    except DivergedError as e:
+        status, err = e.status, str(e)
     except MepHwError as e:
         status, err = "failed", f"{type(e).__name__}: {e}"
     except Exception as e:  # a bug or resource error in one point must not stop the sweep
@@ -254,18 +293,20 @@ def run_sweep(
     scheduler: str | None = None,
     threads: int | None = None,
     progress: bool | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict[int, PointResult]:
     """Run every point of the sweep (see the module docstring); returns the result per point index.
-    ``threads``: torch threads per point (default: cores // workers on the local pool, 1 on Dask)."""
+    ``threads``: torch threads per point (default: cores // workers on the local pool, 1 on Dask).
+    ``data_dir``: the data folder of every point (``--data-dir``)."""
     from tqdm.auto import tqdm
 
     for name, v in (("workers", workers), ("threads", threads)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"--{name} {v!r} must be an integer ≥ 1")
-    spec = load_sweep(spec_path)
+    spec = load_sweep(spec_path, data_dir=data_dir)
     points = expand(spec)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _ensure_data(points, spec.source)
+    out = ensure_dir(out)
     write_toml(out / SPEC_FILE, read_toml(spec_path))  # what ran; points keep their own config.toml
     axes = list(spec.axes) + list(spec.zipped)
     results: dict[int, PointResult] = {}

@@ -2,6 +2,10 @@
 
 from mep_hw.train.config import TrainConfig, option_names, parse_layers
 from mep_hw.train.fit import Observer, fit
+from mep_hw.train.guards import STATUSES, SettleWarning
 from mep_hw.train.loop import EpochStats, EPTrainer, TrainResult, evaluate, train
 
-__all__ = ["EPTrainer", "EpochStats", "Observer", "TrainConfig", "TrainResult", "evaluate", "fit", "option_names", "parse_layers", "train"]
+__all__ = [
+    "EPTrainer", "EpochStats", "Observer", "STATUSES", "SettleWarning", "TrainConfig", "TrainResult", "evaluate", "fit",
+    "option_names", "parse_layers", "train",
+]

@@ -23,7 +23,7 @@ from mep_hw.hw.pulses import SAMPLINGS
 from mep_hw.optimizers.host import HOST_OPTIMIZERS
 from mep_hw.settle import SOLVER_NAMES as SOLVERS, SettleConfig  # tableaus and backends (brian2)
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "UPDATES", "SCHEDULES", "DTYPES", "parse_layers", "option_names"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "UPDATES", "SCHEDULES", "DTYPES", "parse_layers", "parse_cycles", "option_names"]
 
 OPTIMIZERS = HOST_OPTIMIZERS
 UPDATES = ("host", "analog", "tiki-taka")
@@ -55,6 +55,20 @@ def parse_layers(value) -> tuple[int, ...] | None:
     return out
 
 
+def parse_cycles(value) -> tuple[int, ...] | None:
+    """Cosine cycle lengths in epochs from "2,2", a list of ints, or None."""
+    if value is None:
+        return None
+    given = value
+    try:
+        out = tuple(int(v) for v in (value.replace(" ", "").split(",") if isinstance(value, str) else value) if v != "")
+    except (TypeError, ValueError):
+        raise ConfigError(f"cosine_cycles={given!r} must be comma-separated integers, e.g. 5,10") from None
+    if not out or any(n < 1 for n in out) or (not isinstance(value, str) and any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+        raise ConfigError(f"cosine_cycles={given!r} must be one or more whole numbers of epochs ≥ 1, e.g. 5,10")
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything needed to reproduce an EP training run."""
@@ -79,6 +93,10 @@ class TrainConfig:
     momentum: float = _opt(0.9, "momentum of sgd", metavar="F")
     weight_decay: float = _opt(0.0, "L2 weight decay of the host optimizer", metavar="F")
     schedule: str = _opt("cosine", "learning-rate schedule over the whole run", choices=SCHEDULES)
+    cosine_cycles: tuple[int, ...] | None = _opt(
+        None, "cosine schedule restarted from lr after each of these many epochs (SGDR warm restarts); epochs past "
+        "their sum form one last cycle. Written by --resume --epochs to record how the schedule was extended", metavar="N,N,…",
+    )
     beta: float = _opt(0.5, "nudging strength β > 0", metavar="F")
     estimator: str = _opt("symmetric", "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs --activation sigmoid)", choices=ESTIMATORS)
     random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
@@ -162,6 +180,7 @@ class TrainConfig:
                     f"spectral_gamma bounds the coupling of weight matrices and does not yet cover convolutions "
                     f"(arch={self.arch!r}); drop --spectral-gamma or use fc layers only"
                 )
+        object.__setattr__(self, "cosine_cycles", parse_cycles(self.cosine_cycles))  # [rel11]
         for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method", "pulse_sampling"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
@@ -193,6 +212,16 @@ class TrainConfig:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"torch_device={self.torch_device!r} but CUDA is not available here; use --torch-device cpu")
         self.ep_config()  # validates the settle and EP settings
+        if self.cosine_cycles is not None and self.schedule != "cosine":
+            raise ConfigError(f"cosine_cycles={','.join(map(str, self.cosine_cycles))} needs --schedule cosine (the schedule is {self.schedule!r})")
+        if self.cost == "mse" and self.beta >= 1 and (self.estimator == "symmetric" or self.random_sign):
+            # F = E − βC in the −β phase: the output's energy ½(1 − β)s² − s(d − βy) is concave for
+            # β > 1 (flat at 1), so that phase has no fixed point inside the box
+            raise ConfigError(
+                f"beta={self.beta:g} ≥ 1 with the MSE cost and a −β phase ({'random sign' if self.random_sign else 'symmetric estimator'}): "
+                "the −β phase's output energy ½(1 − β)s² is then not convex, its settle has no interior fixed point and "
+                "the estimate is not EP's gradient; use a small beta (0.05–0.5), or --estimator one-sided without --random-sign"
+            )
         if self.estimator == "holomorphic" and self.activation not in HOLOMORPHIC_ACTIVATIONS:
             raise ConfigError(
                 f"estimator='holomorphic' settles at complex β and needs a holomorphic activation, but activation="

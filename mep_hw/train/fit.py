@@ -73,8 +73,12 @@ def fit(
 
     ``on_batch(epoch, batch)`` is called after every step (tests interrupt runs with it).
     ``progress`` shows a bar (None: only on a terminal). An exception of a type in
-    ``stop_errors`` (type → status) ends the run with that status (observers are told, with the
-    message) and is re-raised; KeyboardInterrupt ends it as ``interrupted``.
+    ``stop_errors`` (type → status; the first matching type in the mapping's order, unless the
+    exception carries its own ``status``, as :class:`~mep_hw.errors.DivergedError` does) ends
+    the run with that status (observers are told, with the message) and is re-raised;
+    KeyboardInterrupt ends it as ``interrupted``. Every observer is told how the run stopped: an
+    observer failing in ``on_stop`` (e.g. a full disk) does not keep the others from being told;
+    after an error the original exception is the one raised.
     """
     from tqdm.auto import tqdm
 
@@ -83,9 +87,15 @@ def fit(
     steps_per_epoch = -(-n // batch_size)
     statuses = dict(stop_errors or {})
 
-    def stop(status: str, error: str | None) -> None:
+    def stop(status: str, error: str | None, failed: bool = True) -> None:
+        first = None
         for ob in observers:
-            ob.on_stop(status, error)
+            try:
+                ob.on_stop(status, error)
+            except Exception as e:  # told the others first; a stopping run keeps its own error
+                first = first or e
+        if first is not None and not failed:
+            raise first
 
     try:
         for epoch in range(start, epochs + 1):
@@ -116,7 +126,7 @@ def fit(
         stop("interrupted", f"interrupted during epoch {len(history) + 1}; resume with --resume")
         raise
     except tuple(statuses) as e:  # type: ignore[misc]
-        stop(next(s for t, s in statuses.items() if isinstance(e, t)), str(e))
+        stop(getattr(e, "status", None) or next(s for t, s in statuses.items() if isinstance(e, t)), str(e))
         raise
-    stop("completed", None)
+    stop("completed", None, failed=False)
     return history

@@ -12,10 +12,14 @@ checkpoint of its last finished epoch exactly as if it had never stopped, and th
 the same metrics on the same machine.
 
 A run folder holds ``config.toml`` (the full configuration), ``checkpoint.pt`` (weights, the
-device store, optimizer and schedule state, history; rewritten atomically after every epoch)
-and ``metrics.json`` (also rewritten after every epoch, and when the run is interrupted or
-diverges, with ``status`` saying which), and with ``--trace-every`` an HDF5 ``trace.h5``
-(see :mod:`mep_hw.train.tracing` and :mod:`mep_hw.io.trace`).
+device store, optimizer and schedule state, history, the trace interval in progress; rewritten
+atomically after every epoch) and ``metrics.json`` (written when the run starts, after every
+epoch, and when the run is interrupted, diverges or fails, with ``status`` saying which: one of
+:data:`mep_hw.train.guards.STATUSES`), and with ``--trace-every`` an HDF5 ``trace.h5`` (see
+:mod:`mep_hw.train.tracing` and :mod:`mep_hw.io.trace`). What a resume may change, and when a
+run is stopped as ``diverged`` or ``not_settling``: :mod:`mep_hw.train.guards`. A filesystem
+failure (a read-only folder, a full disk) is a :class:`~mep_hw.errors.StorageError`; the files
+written before it are kept.
 """
 
 from __future__ import annotations
@@ -29,16 +33,17 @@ import torch
 from torch import Tensor
 
 from mep_hw.ep import ep_gradients, free_phase
-from mep_hw.errors import ConfigError, SettleError
+from mep_hw.errors import ConfigError, DivergedError, MepHwError, SettleError
 from mep_hw.hw import build_store
 from mep_hw.io import Dataset, load_dataset
-from mep_hw.io.runs import load_checkpoint, read_toml, write_toml
+from mep_hw.io.runs import ensure_dir, write_toml
 from mep_hw.model import LayeredHopfield, build_network, one_hot
 from mep_hw.train.config import TrainConfig
 from mep_hw.train.cost import CostAccumulator
 from mep_hw.train.fit import epoch_generator, fit, iterate_batches
+from mep_hw.train.guards import CosineCycles, GuardObserver, RunGuard, cosine_cycle, plan_resume
 from mep_hw.train.observers import (
-    CheckpointObserver, CostObserver, MetricsObserver, ProgressObserver, StepOut, TraceObserver,
+    CHECKPOINT_FORMAT, CheckpointObserver, CostObserver, MetricsObserver, ProgressObserver, StepOut, TraceObserver,
 )
 from mep_hw.train.regimes import Estimate, build_regime
 from mep_hw.train.tracing import StepTotals, batch_sums, open_trace, parse_trace_every
@@ -76,7 +81,7 @@ class TrainResult(NamedTuple):
     run_dir: Path
     test_accuracy: float
     history: tuple[EpochStats, ...]
-    status: str  # completed
+    status: str  # completed (a run that stops otherwise raises: see mep_hw.train.guards)
 
 
 @torch.no_grad()
@@ -169,21 +174,6 @@ def _tensors(ds: Dataset, cfg: TrainConfig):
     )
 
 
-def _check_resume(cfg: TrainConfig, run_dir: Path, explicit: set[str]) -> TrainConfig:
-    """The stored configuration of ``run_dir``; options given again must agree (epochs may grow)."""
-    stored = TrainConfig.from_dict(read_toml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
-    clash = [n for n in explicit - {"epochs"} if getattr(cfg, n) != getattr(stored, n)]
-    if clash:
-        detail = ", ".join(f"{n}={getattr(cfg, n)!r} (run has {getattr(stored, n)!r})" for n in sorted(clash))
-        raise ConfigError(
-            f"--resume continues the run in {run_dir} with its stored config, but {detail}; drop those "
-            "options or start a new run with a different --out"
-        )
-    if "epochs" in explicit and cfg.epochs != stored.epochs:
-        stored = stored.replace(epochs=cfg.epochs)
-    return stored
-
-
 def train(
     cfg: TrainConfig,
     run_dir: str | Path,
@@ -207,12 +197,17 @@ def train(
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT_FILE
     state = None
+    plan = None
     if resume:
-        if not (run_dir / CONFIG_FILE).exists():
-            raise ConfigError(f"--resume: {run_dir} holds no run ({CONFIG_FILE} is missing); drop --resume to start one")
-        cfg = _check_resume(cfg, run_dir, explicit or set())
-        if ckpt_path.exists():
-            state = load_checkpoint(ckpt_path)
+        # [rel11: resume] continue exactly or refuse with the reason; epochs/data_dir changes recorded
+        plan = plan_resume(run_dir, {n: getattr(cfg, n) for n in sorted(explicit or ())})
+        cfg, state = plan.config, plan.state
+        if state is not None and state.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(
+                f"{ckpt_path} was written by another mep_hw version (checkpoint format {state.get('format', 1)}, this "
+                f"one reads format {CHECKPOINT_FORMAT}), so the run cannot be continued exactly; start a new run with "
+                "a different --out (the old folder is left as it is)"
+            )
     elif (run_dir / CONFIG_FILE).exists() or ckpt_path.exists():
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out "
@@ -230,12 +225,12 @@ def train(
         raise ConfigError(f"--update {cfg.update} applies the update in the array: give the device with --device")
     store = build_store(card, list(model.weights), cfg.seed, biases=list(model.biases) if in_array else None)
     model.use_store(store)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)  # [rel11] a file or a read-only folder as --out: StorageError
     write_toml(run_dir / CONFIG_FILE, cfg.to_dict())
 
     xtr, ytr, xte, yte = _tensors(ds, cfg)
     n_batches = -(-xtr.shape[0] // cfg.batch_size)
-    regime = build_regime(model, cfg, cfg.epochs * n_batches)
+    regime = build_regime(model, cfg, cosine_cycle(cfg, 1)[1] * n_batches)
     from mep_hw.train.backprop import BPTrainer
 
     trainer = (EPTrainer if cfg.method == "ep" else BPTrainer)(model, cfg, regime, xte, yte)
@@ -243,16 +238,18 @@ def train(
     history: list[EpochStats] = []
     start = 1
     if state is not None:
-        if state.get("format") != 2:
-            raise ConfigError(f"{ckpt_path} was written by an older mep_hw (checkpoint format {state.get('format', 1)}); "
-                              "start a new run with a different --out")
         model.load_state_dict(state["model"])
         if state["hardware"] is not None:
             store.load_state_dict(state["hardware"])
         regime.load_state_dict(state["regime"])
         cost.load_state_dict(state.get("cost"))
         history = [EpochStats(**h) for h in state["history"]]
-        start = int(state["epoch"]) + 1
+        start = plan.start_epoch
+
+    # [rel11: health] stops the run as diverged / not_settling; warns on step-limit hits
+    guard = RunGuard(names=[f"W{k}" for k in range(len(model.weights))] + [f"b{k}" for k in range(len(model.biases))],
+                     max_steps=cfg.max_steps, nudged_max_steps=cfg.nudged_max_steps,
+                     warnings=plan.warnings if plan is not None else ())
 
     def static() -> dict:
         return {
@@ -260,29 +257,45 @@ def train(
             "device": card.to_dict() if card is not None else None,
             "pulses": store.layer_info() if card is not None else None,
             "cost": cost.summary(card, cfg, model) if card is not None else None,
+            "warnings": guard.warnings,
+            "resumes": plan.resumes if plan is not None else [],
         }
+
+    trace = None
 
     def checkpoint() -> dict:
         return {"model": model.state_dict(), "hardware": store.state_dict() if card is not None else None,
-                "regime": regime.state_dict(), "cost": cost.state_dict()}
+                "regime": regime.state_dict(), "cost": cost.state_dict(),
+                "trace": trace.state_dict() if trace is not None else None}
 
-    observers = []
+    # order matters: the guard first (a diverged step is not recorded), the trace's epoch row and
+    # the cost before the checkpoint, metrics.json after it (it records only checkpointed epochs)
+    observers = [GuardObserver(guard, [*model.weights, *model.biases], xtr.shape[0], n_batches),
+                 CosineCycles(regime, cfg, n_batches)]
     if card is not None:
         observers.append(CostObserver(cost, trainer.counts, xtr.shape[0], xte.shape[0]))
-    observers.append(CheckpointObserver(ckpt_path, checkpoint))
-    metrics = MetricsObserver(run_dir / METRICS_FILE, static, history, cfg.epochs)
-    observers.append(metrics)
     every = parse_trace_every(cfg.trace_every)
     if every:
         tracer = open_trace(run_dir, cfg, card, resume_epoch=(start - 1) if resume else None, steps_per_epoch=n_batches)
-        trace = TraceObserver(tracer, every, model, n_batches, extra=getattr(regime, "trace_values", None))
+        trace = TraceObserver(tracer, every, model, n_batches, extra=getattr(regime, "trace_values", None), epochs=cfg.epochs)
+        if state is not None:
+            trace.load_state_dict(state.get("trace"))  # [rel11] the interval in progress resumes
         if start == 1:
             trace.record_initial()
         observers.append(trace)
+    observers.append(CheckpointObserver(ckpt_path, checkpoint))
+    metrics = MetricsObserver(run_dir / METRICS_FILE, static, history, cfg.epochs)
+    observers.append(metrics)
     if progress is not False:
         observers.append(ProgressObserver(cfg.epochs))
 
+    try:
+        metrics.write("running")
+    except BaseException:
+        if trace is not None:
+            trace.tracer.close()
+        raise
     history = fit(trainer, xtr, ytr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, start=start,
                   history=history, observers=observers, on_batch=on_batch, progress=progress,
-                  stop_errors={SettleError: "diverged"})
+                  stop_errors={SettleError: "diverged", DivergedError: "diverged", MepHwError: "failed"})
     return TrainResult(run_dir, history[-1].test_accuracy, tuple(history), "completed")

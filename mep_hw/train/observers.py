@@ -17,7 +17,8 @@ from mep_hw.train.tracing import StepTotals, TraceEvery, epoch_units, interval_v
 
 __all__ = ["StepOut", "CheckpointObserver", "MetricsObserver", "TraceObserver", "CostObserver", "ProgressObserver"]
 
-CHECKPOINT_FORMAT = 2  # 2: weight store + host optimizer through the write path (issue 12)
+CHECKPOINT_FORMAT = 3  # 2: weight store + host optimizer through the write path (issue 12); 3: the trace
+#                        interval in progress (issue 11)
 
 
 class StepOut(NamedTuple):
@@ -43,10 +44,15 @@ class CheckpointObserver(Observer):
 
 class MetricsObserver(Observer):
     """Rewrites ``metrics.json`` after every epoch (status ``running`` until the last) and when
-    the run stops, with the status and the error."""
+    the run stops, with the status and the error (one of :data:`mep_hw.train.guards.STATUSES`).
+
+    Placed after the :class:`CheckpointObserver`, it records an epoch only once that epoch's
+    checkpoint is on disk: a run that fails writing it (a full disk) leaves ``metrics.json`` and
+    ``checkpoint.pt`` agreeing on the last saved epoch. When the stop itself cannot be written
+    (the disk is full or read-only), the run's error is what is reported."""
 
     def __init__(self, path: Path, static: Callable[[], dict], history: list, epochs: int):
-        self.path, self.static, self.history, self.epochs = path, static, history, epochs
+        self.path, self.static, self.history, self.epochs = path, static, list(history), epochs
 
     def write(self, status: str, error: str | None = None) -> None:
         h = self.history
@@ -62,7 +68,7 @@ class MetricsObserver(Observer):
         })
 
     def on_epoch(self, epoch, stats, history) -> None:
-        self.history = history
+        self.history = list(history)  # a snapshot: fit appends the next epoch before its checkpoint
         self.write("running" if epoch < self.epochs else "completed")
 
     def on_stop(self, status, error) -> None:
@@ -74,13 +80,28 @@ class TraceObserver(Observer):
     :mod:`mep_hw.train.tracing`) and appends each epoch's metrics to ``/epochs``. Settle
     statistics, loss and accuracy are averaged over the steps since the previous interval; what
     needs extra work (the free-state energy, the weights and the device state) is computed only
-    when an interval is due."""
+    when an interval is due. The run's last step (epoch ``epochs``) is always recorded.
 
-    def __init__(self, tracer, every: TraceEvery, model, steps_per_epoch: int, extra: Callable[[], dict] | None = None):
+    The sums of the interval in progress are the observer's state (:meth:`state_dict`, part of
+    the checkpoint): a run resumed at an epoch boundary in the middle of an interval records the
+    same averages as a run that never stopped. Place it before the :class:`CheckpointObserver`:
+    its epoch row is then written before the checkpoint (a resume from the previous checkpoint
+    trims it), never missing from a checkpointed epoch."""
+
+    def __init__(self, tracer, every: TraceEvery, model, steps_per_epoch: int, extra: Callable[[], dict] | None = None,
+                 *, epochs: int | None = None):
         self.tracer, self.every, self.model = tracer, every, model
         self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs  # the run's last epoch (None: the last step is not forced)
         self.acc = StepTotals()
         self.extra = extra  # more datasets per interval (e.g. tiki-taka's fast arrays and buffers)
+
+    def state_dict(self) -> dict[str, float]:
+        """The running sums of the interval in progress."""
+        return self.acc.state_dict()
+
+    def load_state_dict(self, state: dict[str, float] | None) -> None:
+        self.acc.load_state_dict(state)
 
     def _values(self, energy: float = float("nan")) -> dict:
         values = interval_values(self.model, self.acc, energy)
@@ -95,7 +116,7 @@ class TraceObserver(Observer):
     def on_step(self, step, epoch, batch, out: StepOut) -> None:
         self.acc.add(out.sums)
         last = batch == self.steps_per_epoch - 1
-        if self.every.due_step(step) or (last and self.every.due_epoch(epoch)):
+        if self.every.due(step, epoch, epoch_end=last, run_end=last and epoch == self.epochs):
             energy = float("nan")
             free = out.result.free.states
             if free:  # an EP step (a backprop step has no free state)

@@ -7,8 +7,12 @@ state (conductances in µS, MZI phases in rad, fixed-point integers), the cumula
 counts, and — averaged over the steps since the previous interval — settle steps and final
 residuals of the free and nudged phases, the training loss and accuracy; and the mean energy
 E(s⁰) of the free fixed points of the batch of the step the interval is recorded at (under the
-held weights: computed only then). Step 0 (the initial weights) is always recorded.
-Every finished epoch appends its metrics to ``/epochs``.
+held weights: computed only then). Step 0 (the initial weights) and the run's last step are
+always recorded. Every finished epoch appends its metrics to ``/epochs``.
+
+The running sums of the interval in progress are part of the checkpoint (the trace observer's
+state, :meth:`StepTotals.state_dict`), so a run resumed from the end of an epoch in the middle
+of an interval records the same averages as a run that never stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ class TraceEvery(NamedTuple):
 
     def due_epoch(self, epoch: int) -> bool:
         return self.unit == "epochs" and epoch % self.n == 0
+
+    def due(self, step: int, epoch: int, *, epoch_end: bool, run_end: bool) -> bool:
+        """Whether an interval is recorded after optimizer step ``step`` (in epoch ``epoch``):
+        every n-th step, at the end of every n-th epoch, and always at the run's last step."""
+        return run_end or self.due_step(step) or (epoch_end and self.due_epoch(epoch))
 
 
 def parse_trace_every(value) -> TraceEvery | None:
@@ -86,6 +95,17 @@ class StepTotals:
     def reset(self):
         self.sums = dict.fromkeys(self.KEYS, 0.0)
 
+    def state_dict(self) -> dict[str, float]:
+        """The running sums as plain floats (for the checkpoint)."""
+        return {k: float(v) for k, v in self.sums.items()}
+
+    def load_state_dict(self, state: dict[str, float] | None) -> None:
+        """Continue from :meth:`state_dict` (None, from an older checkpoint: start from zero)."""
+        self.reset()
+        for k, v in (state or {}).items():
+            if k in self.sums:
+                self.sums[k] = float(v)
+
     def add(self, sums: dict[str, float]) -> None:
         for k, v in sums.items():
             self.sums[k] += v
@@ -111,6 +131,8 @@ def epoch_units(field: str) -> str:
     """Units of an EpochStats field in the trace's /epochs group."""
     if field.endswith("seconds"):
         return "s"
+    if field.endswith("time_mean"):
+        return "tau"  # settle time in units of the network's time constant (× the card's tau_s: seconds)
     if field.endswith("steps_mean"):
         return "steps"
     if field.startswith("pulses") or field == "refreshes":

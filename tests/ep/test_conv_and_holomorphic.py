@@ -39,6 +39,7 @@ def slope(betas, errs):
 
 @pytest.mark.parametrize("pool", ["pool", "avgpool"])
 @pytest.mark.parametrize("cost", ["mse", "ce"])
+@pytest.mark.slow
 def test_conv_ep_converges_to_the_implicit_gradient_with_the_right_order(pool, cost):
     m, x, y = small_conv(pool, cost=cost)
     ref = implicit_gradient(m, x, y)
@@ -60,6 +61,7 @@ def test_conv_hard_sigmoid_symmetric_estimate_matches_the_implicit_gradient():
     assert rel_err(ep_gradients(m, x, y, cfg).grads, ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_conv_ep_through_tiles_equals_exact_weights():
     # ideal tiles read by unfold → mvm → fold: the same EP gradient as conv2d on exact weights
     m, x, y = small_conv(cost="ce")
@@ -74,6 +76,7 @@ def test_conv_ep_through_tiles_equals_exact_weights():
 # ----------------------------------------------------------------------------- holomorphic EP
 @pytest.mark.parametrize("cost", ["mse", "ce"])
 @pytest.mark.parametrize("N", [3, 4, 5])
+@pytest.mark.slow
 def test_holomorphic_bias_falls_as_beta_to_the_n(cost, N):
     # the N-point estimate at |β| is a_1 + a_{N+1}|β|^N + …: log-log slope N
     m, x, y = small_net(cost=cost)
@@ -89,6 +92,7 @@ def test_holomorphic_bias_falls_as_beta_to_the_n(cost, N):
     assert errs[-1] < 0.25 * sym
 
 
+@pytest.mark.slow
 def test_holomorphic_on_a_conv_net_with_average_pooling():
     m, x, y = small_conv("avgpool", cost="ce")
     ref = implicit_gradient(m, x, y)
@@ -98,6 +102,7 @@ def test_holomorphic_on_a_conv_net_with_average_pooling():
     assert abs(slope(betas, errs) - 4) < 0.3, errs
 
 
+@pytest.mark.slow
 def test_two_points_are_the_symmetric_estimator():
     m, x, y = small_net(cost="ce")
     sym = ep_gradients(m, x, y, EPConfig(beta=0.2, init="zeros", free=TIGHT, nudged=TIGHT)).grads
@@ -115,6 +120,7 @@ def test_only_the_phases_with_nonnegative_imaginary_beta_settle():
     assert all(not res.time.is_complex() for res in r.nudged)
 
 
+@pytest.mark.slow
 def test_holomorphic_through_tiles_reads_complex_states_as_two_real_reads():
     m, x, y = small_net(cost="ce")
     cfg = EPConfig(beta=0.2, estimator="holomorphic", points=3, init="zeros", free=TIGHT, nudged=TIGHT)

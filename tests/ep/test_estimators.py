@@ -57,6 +57,7 @@ def rel_err(a, b):
     return (num / sum(float((v**2).sum()) for v in b)) ** 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cost", ["mse", "ce"])
 @pytest.mark.parametrize("estimator,slope", [("one-sided", 1.0), ("symmetric", 2.0)])
 def test_ep_converges_to_the_implicit_gradient_with_the_right_order(cost, estimator, slope):
@@ -79,6 +80,7 @@ def test_hard_sigmoid_symmetric_estimate_matches_the_implicit_gradient():
     assert rel_err(ep_gradients(m, x, y, cfg).grads, ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_stacked_symmetric_phases_equal_two_separate_settles():
     m, x, y = small_net()
     cfg = EPConfig(beta=0.3, init="zeros", free=TIGHT, nudged=TIGHT)
@@ -90,6 +92,7 @@ def test_stacked_symmetric_phases_equal_two_separate_settles():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_grads_go_into_dot_grad_and_a_host_optimizer_lowers_the_loss():
     m, x, y = small_net()
     cfg = EPConfig(beta=0.1, init="zeros", free=TIGHT, nudged=TIGHT)

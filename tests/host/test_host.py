@@ -20,6 +20,7 @@ from mep_hw.host import (
 F64 = torch.float64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(30, 50), (50, 30), (64, 64), (10, 500)])
 def test_newton_schulz_maps_each_singular_value_by_the_quintic(shape):
     g = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ from mep_hw.hw import (
     OpticalMZI,
     Periphery,
     Tile,
+    KINDS,
     card_names,
     list_cards,
     load_card,
@@ -29,11 +30,15 @@ def test_every_shipped_card_loads_with_a_source():
     assert EXPECTED <= names
     for card in list_cards():
         assert card.source.strip() and card.description.strip(), card.name
-        assert card.kind in ("ideal", "crossbar", "optical_mzi", "fixed_point")
+        assert card.kind in KINDS
         for field in card.sources:
             assert hasattr(card.device, field) or hasattr(card.periphery, field) or hasattr(card.cost, field), (card.name, field)
         d = card.to_dict()
         assert d["name"] == card.name and "device" in d and "periphery" in d
+
+
+def test_every_device_kind_has_a_shipped_card():
+    assert {c.kind for c in list_cards()} == set(KINDS)
 
 
 def test_the_figure_overrides_work_on_every_crossbar_card():

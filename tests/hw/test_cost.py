@@ -84,6 +84,7 @@ def test_host_flop_counts_by_hand():
     assert host_step_flops("dion", [(500, 784)], [500]) == 12 * 500 + dion_flops(500, 784, 100)
 
 
+@pytest.mark.slow
 def test_a_hardware_run_records_its_cost(tmp_path):
     cfg = TrainConfig(dataset="digits", layers=(64, 12, 10), epochs=1, batch_size=50, limit_train=100, limit_test=40, device="pcm", lr=0.02)
     train(cfg, tmp_path / "r", progress=False)

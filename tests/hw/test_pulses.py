@@ -14,6 +14,7 @@ F64 = torch.float64
 
 @pytest.mark.parametrize("sampler", [coincidences, coincidences_marginal])
 @pytest.mark.parametrize("cx,cd", [(0.7, 0.5), (1.6, 0.9)])  # the second clips probabilities at 1
+@pytest.mark.slow
 def test_coincidence_counts_have_the_expectation_and_variance_of_their_formula(cx, cd, sampler):
     # R independent replicas in one call: x and d tiled R times; the diagonal blocks of the
     # (3R × 4R) count matrix are cells with their own row and column trains

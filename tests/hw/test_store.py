@@ -24,6 +24,7 @@ def test_op_counts_add_and_subtract_field_by_field():
     assert (a + b).pulses == 44 + 55
 
 
+@pytest.mark.slow
 def test_the_ideal_store_writes_exactly_and_the_host_params_are_its_weights():
     m = net()
     st = m.store
@@ -81,6 +82,7 @@ def test_a_tile_store_round_trips_its_state_exactly():
 
 
 @pytest.mark.parametrize("x_scale", [1.0, 0.3])
+@pytest.mark.slow
 def test_the_output_sampled_read_equals_the_per_cell_read_in_distribution(x_scale):
     # per-cell read noise σ_ij i.i.d. per read: the output noise has variance Σ_j σ_ij² x_j². The fast
     # path samples it at the outputs; the reference draws every cell. Same mean and std within 5 %.

@@ -43,6 +43,15 @@ def test_round_trip_with_units_and_plain_h5py(tmp_path):
         ds = f["intervals/layers/W0/weight"]
         assert ds.shape == (4, 3, 4) and ds.maxshape[0] is None and ds.compression == "gzip" and ds.chunks == (1, 3, 4)
         assert ds.attrs["units"] == "1"
+        every = []
+        f.visititems(lambda name, obj: every.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        assert len(every) == 8  # 4 interval records + step and epoch, epoch and test_accuracy
+        for name, obj in every:  # as docs/traces.md says: arrays compressed, scalar series in place
+            assert obj.maxshape[0] is None and obj.chunks is not None and "units" in obj.attrs, name
+            if obj.ndim > 1:
+                assert obj.compression == "gzip" and obj.shuffle and obj.chunks[0] == 1, name
+            else:
+                assert obj.compression is None and obj.chunks == (256,), name
     text = describe_trace(p)
     assert "intervals: 4 (steps 0–15" in text and "g_plus" in text and "uS" in text
 

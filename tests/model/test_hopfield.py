@@ -95,6 +95,7 @@ def _solve_fixed_point(m, x, beta, y):
     return torch.from_numpy(np.stack(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid"])
 @pytest.mark.parametrize("beta", [0.0, 0.5])

@@ -27,6 +27,7 @@ def grads(step):
     ("adam", lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1), dict(lr=0.01, weight_decay=0.1)),
     ("sgd", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1), dict(lr=0.05, momentum=0.9, weight_decay=0.1)),
 ])
+@pytest.mark.slow
 def test_adam_and_sgd_follow_torch_optim(name, ref, kw):
     a, b = params(), params()
     ours, theirs = host_optimizer(name, a, **kw), ref(b)

@@ -45,6 +45,7 @@ def params_of(m):
     return [p.detach().clone() for p in m.parameters()]
 
 
+@pytest.mark.slow
 def test_the_two_ep_call_forms_give_the_same_step():
     x, y = data()
     a, b = net(), net()
@@ -62,6 +63,7 @@ def test_the_two_ep_call_forms_give_the_same_step():
         torch.testing.assert_close(p, q)
 
 
+@pytest.mark.slow
 def test_ep_training_lowers_the_loss():
     x, y = data(256)
     m = net()
@@ -121,6 +123,7 @@ def test_backprop_mode_is_muon_on_matrices_and_adam_on_the_rest():
         torch.testing.assert_close(p.detach(), expected)
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip_resumes_identically():
     x, y = data()
     a = net()
@@ -142,6 +145,7 @@ def test_state_dict_round_trip_resumes_identically():
     assert "dion_Q" in opt_b.state[b[0].weight] and "momentum_buffer" in opt_b.state[b[2].weight]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gamma", [0.95, 0.5, "auto"])
 def test_spectral_constraint_holds_after_every_step(gamma):
     x, y = data()
@@ -277,6 +281,7 @@ def test_param_groups_and_zero_grad():
     assert all(p.grad is None for p in m.parameters())
 
 
+@pytest.mark.slow
 def test_muon_bound_is_what_the_constraint_relies_on():
     g = torch.Generator().manual_seed(6)
     for shape in ((8, 30), (30, 8), (16, 16)):

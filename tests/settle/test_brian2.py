@@ -78,6 +78,7 @@ def scipy_minimiser(model, dyn, init):
     return torch.from_numpy(sol.x.reshape(B, -1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("kind", ["free", "nudged", "symmetric"])
 @pytest.mark.parametrize("cost", ["mse", "ce"])
@@ -103,6 +104,7 @@ def test_fixed_points_match_the_torch_engine_and_scipy(activation, cost, kind, s
     assert inside.any()
 
 
+@pytest.mark.slow
 def test_trajectories_agree_step_for_step():
     # a fixed number of steps, including a concave MSE row (1 + β ≤ 0) and per-sample β
     model, x, y = network("hard_sigmoid", "mse", 3)
@@ -125,6 +127,7 @@ def test_trajectories_agree_step_for_step():
     or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
     reason="brian2_cython compiles C for tens of seconds and needs a compiler and Python headers: not in CI",
 )
+@pytest.mark.slow
 def test_the_cython_target_agrees():
     # the first run compiles the model's code (tens of seconds); Brian2 caches it for later runs
     model, x, y = network("hard_sigmoid", "mse", 3)
@@ -171,6 +174,7 @@ def test_finished_samples_leave_by_the_rule_of_the_torch_engine(compact_frac, co
     assert torch.allclose(res.residual, ref.residual, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_a_sample_does_not_depend_on_its_batch():
     # with compact_frac = compact_min = 0 finished samples are frozen at their own finishing step
     model, x, y = network("sigmoid", "ce", 5)
@@ -211,6 +215,8 @@ def test_min_steps_delays_the_stop():
     assert (res0.steps == 0).all()
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the divergence this test makes
 def test_a_diverging_settle_is_nonfinite():
     # Euler with dt = 2.5 on the leak −s multiplies s by −1.5 per step: it overflows to NaN
     model, x, _ = network("sigmoid", "mse", 2)
@@ -272,6 +278,7 @@ def test_brian2_is_a_registered_solver():
         TrainConfig(solver="brain2")
 
 
+@pytest.mark.slow
 def test_brian2_is_imported_only_when_used_and_prefs_are_restored():
     code = (
         "import sys, warnings, mep_hw, torch\n"
@@ -290,6 +297,7 @@ def test_brian2_is_imported_only_when_used_and_prefs_are_restored():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_ep_training_reaches_the_accuracy_of_the_torch_engine(tmp_path):
     # A short digits run (45 Adam steps; the default lr learns too little in so few). Measured over
     # seeds 0–4 (benchmarks/results/brian2.json): test accuracies 0.435–0.62 across seeds (std 0.08),

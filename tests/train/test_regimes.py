@@ -33,6 +33,7 @@ def setup(update="analog", dw=1e-4, **cfg):
     return m, c, res, est
 
 
+@pytest.mark.slow
 def test_the_in_array_update_is_the_host_sgd_step_in_expectation():
     m, cfg, res, est = setup()
     store = m.store
@@ -110,6 +111,7 @@ def test_the_in_array_ep_update_does_no_host_arithmetic(tmp_path):
 
 
 @pytest.mark.parametrize("update", ["analog", "tiki-taka"])
+@pytest.mark.slow
 def test_an_in_array_run_learns_and_resumes_exactly(tmp_path, update):
     cfg = TrainConfig(**SMALL, device="ideal", update=update, lr=0.35, transfer_lr=0.2)
     res = train(cfg, tmp_path / "full", progress=False)

@@ -19,11 +19,12 @@ from tests.train.runs import metrics, run_interrupted
 SMALL = dict(dataset="digits", layers=(64, 16, 10), epochs=2, batch_size=50, limit_train=200, limit_test=100)
 
 
+@pytest.mark.slow
 def test_a_traced_run_records_weights_settle_stats_and_epochs(tmp_path):
     train(TrainConfig(**SMALL, trace_every="3"), tmp_path / "r", progress=False)
     t = read_trace(tmp_path / "r" / "trace.h5")
-    assert list(t.intervals["step"]) == [0, 3, 6]  # 4 batches per epoch, 8 steps
-    assert list(t.intervals["epoch"]) == [0, 1, 2]
+    assert list(t.intervals["step"]) == [0, 3, 6, 8]  # 4 batches per epoch, 8 steps: the last step too
+    assert list(t.intervals["epoch"]) == [0, 1, 2, 2]
     ck = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
     assert not np.array_equal(t.intervals["layers/W0/weight"][0], t.intervals["layers/W0/weight"][2])
     # step 0 holds the initial weights: a fresh model of the same seed
@@ -32,15 +33,20 @@ def test_a_traced_run_records_weights_settle_stats_and_epochs(tmp_path):
     c = TrainConfig(**SMALL)
     init = build_network(arch=None, layers=c.layers, input_shape=(64,), n_classes=10, seed=c.seed)
     np.testing.assert_array_equal(t.intervals["layers/W0/weight"][0], init.weights[0].detach().numpy())
-    assert t.intervals["layers/W1/weight"].shape == (3, 10, 16)
+    assert t.intervals["layers/W1/weight"].shape == (4, 10, 16)
+    np.testing.assert_array_equal(t.intervals["layers/W1/weight"][-1], ck["model"]["weights.1"].numpy())  # the end state
     assert np.isnan(t.intervals["settle/free_steps_mean"][0]) and (t.intervals["settle/free_steps_mean"][1:] >= 0).all()
     assert np.isfinite(t.intervals["energy/free_mean"][1:]).all()
     m = metrics(tmp_path / "r")
     assert t.epochs["test_accuracy"].tolist() == [h["test_accuracy"] for h in m["history"]]
     assert t.config["trace_every"] == "3" and t.config["layers"] == [64, 16, 10]
+    # settle times are in units of the time constant τ, not dimensionless
+    assert t.units["epochs/free_time_mean"] == t.units["epochs/nudged_time_mean"] == "tau"
+    assert t.units["epochs/epoch_seconds"] == "s" and t.units["epochs/free_steps_mean"] == "steps"
     assert ck["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_a_device_run_traces_conductances_and_pulses(tmp_path):
     train(TrainConfig(**SMALL, device="pcm", set={"levels": 16}, lr=0.02, trace_every="1epoch"), tmp_path / "r", progress=False)
     t = read_trace(tmp_path / "r" / "trace.h5")
@@ -56,6 +62,7 @@ def test_a_device_run_traces_conductances_and_pulses(tmp_path):
     assert np.corrcoef(w.ravel(), (gp[-1] - t.intervals["layers/W0/g_minus"][-1]).ravel())[0, 1] > 0.99
 
 
+@pytest.mark.slow
 def test_resume_appends_without_duplicates_or_gaps(tmp_path):
     cfg = TrainConfig(**{**SMALL, "epochs": 3}, trace_every="1")
     train(cfg, tmp_path / "full", progress=False)
@@ -70,6 +77,25 @@ def test_resume_appends_without_duplicates_or_gaps(tmp_path):
         np.testing.assert_array_equal(a.intervals[k], b.intervals[k], err_msg=k)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("every,steps", [("5", [0, 5, 10, 12]), ("2epoch", [0, 8, 12])])
+def test_a_resumed_trace_equals_the_uninterrupted_one_when_intervals_span_the_resume(tmp_path, every, steps):
+    # 4 steps an epoch; every 5 steps the interval (5, 10] spans the checkpoint at step 8, so its
+    # averages need the sums of steps 6–8 from before the interruption
+    cfg = TrainConfig(**{**SMALL, "epochs": 3}, trace_every=every)
+    train(cfg, tmp_path / "full", progress=False)
+    run_interrupted(cfg, tmp_path / "cut", epoch=3, batch=1)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    a, b = read_trace(tmp_path / "full" / "trace.h5"), read_trace(tmp_path / "cut" / "trace.h5")
+    assert list(a.intervals["step"]) == list(b.intervals["step"]) == steps  # the run's last step is recorded
+    for k in a.intervals:
+        np.testing.assert_array_equal(a.intervals[k], b.intervals[k], err_msg=k)
+    for k in a.epochs:
+        if not k.endswith("seconds"):
+            np.testing.assert_array_equal(a.epochs[k], b.epochs[k], err_msg=k)
+
+
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_leaves_a_readable_trace_and_resumes(tmp_path):
     run = tmp_path / "r"
     cmd = [sys.executable, "-m", "mep_hw", "train", "--dataset", "digits", "--layers", "64,32,10", "--epochs", "40",
@@ -78,7 +104,7 @@ def test_a_run_killed_with_sigkill_leaves_a_readable_trace_and_resumes(tmp_path)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(1200):  # wait until at least one epoch is done, then kill mid-epoch
-            if (run / "metrics.json").exists() or proc.poll() is not None:
+            if proc.poll() is not None or ((run / "metrics.json").exists() and metrics(run)["epochs_completed"] >= 1):
                 break
             time.sleep(0.1)
         assert proc.poll() is None, proc.stderr.read().decode()
