@@ -71,9 +71,14 @@ class EPGradient:
     through all blocks, so it is not local — that converges in a few steps; ``'local'`` is the
     gradient flow of F with per-layer time constants, each layer driven by its own error and its
     upper neighbour's error through that block's Jacobian-transpose (the relaxation of
-    predictive coding / EP), tens to hundreds of steps. With ``'local'`` and the symmetric
-    estimator the −β phase starts from the reflection 2s⁰ − s^{+β} of the settled +β phase
-    (each unit's own two stored states), which is O(β²) from its fixed point instead of O(β).
+    predictive coding / EP), tens to hundreds of steps.
+
+    ``reflect`` (symmetric estimator): settle +β first, then −β from the reflection
+    2s⁰ − s^{+β} (each unit's own two stored states), which is O(β²) from its fixed point
+    instead of O(β): about half the −β steps per sample (the physical settle time of a device
+    that runs the phases one after the other), but more wall time in simulation, where both
+    phases otherwise settle as one batch and the slowest samples set the step count
+    (docs/optimizers.md).
 
     ``settle_steps`` bounds each nudged settle (default: :data:`SETTLE_STEPS` of the flow),
     ``settle_lr`` is its Euler step (in units of τ), ``settle_tol`` its absolute steady-state
@@ -87,6 +92,7 @@ class EPGradient:
     settle_tol: float = 1e-5
     loss_type: str = "cross_entropy"
     settle: str = "newton"
+    reflect: bool = False
 
     def config(self) -> EPConfig:
         if self.settle not in SETTLE_FLOWS:
@@ -99,6 +105,8 @@ class EPGradient:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"settle_steps={steps!r} must be an integer ≥ 1 (or None: {SETTLE_STEPS})")
         _check("settle_lr", self.settle_lr, lo=0.0, lo_open=True)
+        if not isinstance(self.reflect, bool):
+            raise ConfigError(f"reflect={self.reflect!r} must be true or false")
         nudged = SettleConfig(solver="euler", dt=float(self.settle_lr), atol=self.settle_tol, rtol=0.0, max_steps=steps)
         free = SettleConfig(solver="euler", dt=float(self.settle_lr), atol=self.settle_tol, rtol=0.0, max_steps=1)
         return EPConfig(beta=self.beta, estimator=self.estimator, init="forward", free=free, nudged=nudged)
@@ -112,7 +120,7 @@ class EPGradient:
     def compute(self, energy: FeedforwardEnergy, x: Tensor, target: Tensor, free_states=None) -> EPResult:
         """Settle, estimate and assign ``.grad`` of the energy's parameters; returns the result."""
         cfg = self.config()
-        if energy.settle == "local" and cfg.estimator == "symmetric":
+        if self.reflect and cfg.estimator == "symmetric":
             res = reflected_symmetric(energy, x, target, cfg, free_states, self._contrast(energy))
         else:
             res = ep_gradients(energy, x, target, cfg, free_states=free_states, contrast=self._contrast(energy))
@@ -348,6 +356,8 @@ def settle_safe_gamma(beta: float, n_blocks: int, loss_type: str) -> float:
     converges: the Newton settle's error contracts by β ‖∇²C‖ ‖(I − 𝒥)⁻¹‖², and with every
     block γ-Lipschitz (1-Lipschitz activations) ‖(I − 𝒥)⁻¹‖ ≤ Σ_{k<L} γᵏ, so γ solves
     (Σ_{k<L} γᵏ)² β c = 1 with c = ½ (softmax cross-entropy) or 1 (MSE). Infinite for one block.
+    The same condition keeps F's Gauss–Newton Hessian minus β∇²C positive definite (its smallest
+    eigenvalue is 1/‖(I − 𝒥)⁻¹‖²), so the local settle's −β phase has a unique minimiser too.
     """
     c = 0.5 if loss_type == "cross_entropy" else 1.0
     if beta * c >= 1.0:
