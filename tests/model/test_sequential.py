@@ -325,7 +325,7 @@ def test_time_constants_make_a_unit_euler_step_stable_whatever_the_weights_scale
             r = torch.cat([rates[b, l].expand(n) for l, n in enumerate(dyn.sizes)]).sqrt()
             lam = torch.linalg.eigvalsh((r[:, None] * H * r[None, :]).detach())
             assert 0 < float(lam.min()) and float(lam.max()) <= bound, (iters, float(lam.max()))
-    cfg = SettleConfig(dt=1.0, atol=1e-10, rtol=0, max_steps=3000)
+    cfg = SettleConfig(dt=1.0, atol=1e-10, rtol=0, max_steps=1000)
     assert settle(dyn, s0, cfg).converged
     _, plain, s0 = nudged_local(model, x, y, beta=0.1, loss_type="cross_entropy", time_constants=False)
     assert not settle(plain, s0, cfg, throw=False).converged
