@@ -81,6 +81,7 @@ class SequentialDynamics:
     rates 1/τ_l of a nudged phase."""
 
     box = None
+    noise_floor = 0.0  # exact float weights
 
     def __init__(self, energy: "FeedforwardEnergy", first: Tensor, beta, target, shapes, free=None, rates=None):
         self.energy = energy
