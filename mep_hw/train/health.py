@@ -25,12 +25,16 @@ slow — is ``not_settling``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 from mep_hw.errors import ConfigError
+from mep_hw.settle import SettleStatus
 from mep_hw.train.config import DEFAULT_DT, TrainConfig
+from mep_hw.train.fit import Observer
 
-__all__ = ["SettleHealth", "settle_health", "WARN_FRAC", "NOT_SETTLING_FRAC", "FAR_FACTOR", "HEALTH_STATUSES"]
+__all__ = ["SettleHealth", "settle_health", "SettleHealthObserver", "SettleHealthWarning", "WARN_FRAC",
+           "NOT_SETTLING_FRAC", "FAR_FACTOR", "HEALTH_STATUSES"]
 
 WARN_FRAC = 0.01
 NOT_SETTLING_FRAC = 0.5
@@ -64,7 +68,7 @@ def settle_health(
     """Classify one stretch of training (an epoch, or a trace interval) by the share of samples
     that ended the free / nudged phases at their step limits, and the largest rms residual left
     there (optional; it tells a cycling settle from a slow one)."""
-    parts, status = [], "ok"
+    parts, remedies, status = [], [], "ok"
     for phase, frac, res, atol, limit in (
         ("free", free_limit_frac, free_residual_max, cfg.atol, cfg.max_steps),
         ("nudged", nudged_limit_frac, nudged_residual_max, cfg.nudged_atol, cfg.nudged_max_steps),
@@ -81,8 +85,75 @@ def settle_health(
             status = "not_settling"
         elif status == "ok":
             status = "warning"
-        parts.append(f"{what}; {_remedy(cfg, phase)}")
+        parts.append(what)
+        fix = _remedy(cfg, phase)
+        if fix not in remedies:
+            remedies.append(fix)
     if not parts:
         return SettleHealth("ok", "")
     head = "settles do not reach their fixed points" if status == "not_settling" else "some settles do not converge"
-    return SettleHealth(status, f"{head}: " + "; ".join(parts))
+    return SettleHealth(status, f"{head}: " + "; ".join(parts) + "; " + "; ".join(remedies))
+
+
+class SettleHealthWarning(UserWarning):
+    """Many settles of a training epoch ended at their step limit (:func:`settle_health`)."""
+
+
+def _limit_residual_max(res) -> float | None:
+    """The largest rms residual among the samples of ``res`` (a SettleResult) that ended at the
+    step limit, None if none did."""
+    hit = res.status == SettleStatus.STEP_LIMIT
+    return float(res.residual[hit].max()) if bool(hit.any()) else None
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+class SettleHealthObserver(Observer):
+    """:func:`settle_health` once per epoch of :func:`~mep_hw.train.fit.fit`, from the epoch's
+    step-limit shares (its stats' ``free_step_limit_frac`` / ``nudged_step_limit_frac``) and the
+    largest residual left at the limit (from each step's EP result, ``out.result``). A status
+    other than ``ok`` is issued as a :class:`SettleHealthWarning`; :meth:`summary` is what
+    ``metrics.json`` records under ``settle_health``: the worst status so far and the epochs that
+    were not ok. Epochs trained before a resume are judged from their stats alone."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.residuals: dict[int, tuple[float | None, float | None]] = {}
+        self.records: dict[int, dict] = {}
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.residuals[epoch] = (None, None)
+
+    def on_step(self, step, epoch, batch, out) -> None:
+        res = getattr(out, "result", None)
+        if not hasattr(res, "nudged"):  # not an EP step (backprop settles nothing)
+            return
+        free, nudged = self.residuals.get(epoch, (None, None))
+        free = _max(free, _limit_residual_max(res.free))
+        for r in res.nudged:
+            nudged = _max(nudged, _limit_residual_max(r))
+        self.residuals[epoch] = (free, nudged)
+
+    def judge(self, stats) -> dict:
+        free_res, nudged_res = self.residuals.get(stats.epoch, (None, None))
+        h = settle_health(self.cfg, stats.free_step_limit_frac, stats.nudged_step_limit_frac,
+                          free_residual_max=free_res, nudged_residual_max=nudged_res)
+        return {"epoch": stats.epoch, "status": h.status, "message": h.message,
+                "free_step_limit_frac": stats.free_step_limit_frac, "nudged_step_limit_frac": stats.nudged_step_limit_frac,
+                "free_residual_max": free_res, "nudged_residual_max": nudged_res}
+
+    def on_epoch(self, epoch, stats, history) -> None:
+        for s in history:  # earlier epochs of a resumed run, then this one
+            if s.epoch not in self.records:
+                self.records[s.epoch] = self.judge(s)
+        rec = self.records[epoch] = self.judge(stats)
+        if rec["status"] != "ok":
+            warnings.warn(f"epoch {epoch}: {rec['message']}", SettleHealthWarning, stacklevel=2)
+
+    def summary(self) -> dict:
+        """{"status": the worst epoch's, "epochs": the records of the epochs that were not ok}."""
+        bad = [r for _, r in sorted(self.records.items()) if r["status"] != "ok"]
+        worst = max((r["status"] for r in bad), key=HEALTH_STATUSES.index, default="ok")
+        return {"status": worst, "epochs": bad}

@@ -37,6 +37,7 @@ from mep_hw.model import LayeredHopfield, build_network, one_hot
 from mep_hw.train.config import TrainConfig
 from mep_hw.train.cost import CostAccumulator
 from mep_hw.train.fit import epoch_generator, fit, iterate_batches
+from mep_hw.train.health import SettleHealthObserver
 from mep_hw.train.observers import (
     CheckpointObserver, CostObserver, MetricsObserver, ProgressObserver, StepOut, TraceObserver,
 )
@@ -260,6 +261,7 @@ def train(
             "device": card.to_dict() if card is not None else None,
             "pulses": store.layer_info() if card is not None else None,
             "cost": cost.summary(card, cfg, model) if card is not None else None,
+            "settle_health": health.summary(),
         }
 
     def checkpoint() -> dict:
@@ -269,7 +271,8 @@ def train(
     observers = []
     if card is not None:
         observers.append(CostObserver(cost, trainer.counts, xtr.shape[0], xte.shape[0]))
-    observers.append(CheckpointObserver(ckpt_path, checkpoint))
+    health = SettleHealthObserver(cfg)  # warns on step-limit hits, recorded in metrics.json
+    observers += [health, CheckpointObserver(ckpt_path, checkpoint)]
     metrics = MetricsObserver(run_dir / METRICS_FILE, static, history, cfg.epochs)
     observers.append(metrics)
     every = parse_trace_every(cfg.trace_every)

@@ -1,6 +1,9 @@
 """Settles that never converge: the step per activation (TrainConfig.dt), the mechanism of the
 sigmoid's cycles, and the check that surfaces a high step-limit fraction while training."""
 
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,7 +13,7 @@ from mep_hw.model import ACTIVATIONS, LayeredHopfield, one_hot
 from mep_hw.settle import SettleConfig, settle
 from mep_hw.train import TrainConfig, train
 from mep_hw.train.config import DEFAULT_DT
-from mep_hw.train.health import FAR_FACTOR, NOT_SETTLING_FRAC, WARN_FRAC, settle_health
+from mep_hw.train.health import FAR_FACTOR, NOT_SETTLING_FRAC, WARN_FRAC, SettleHealthObserver, SettleHealthWarning, settle_health
 from tests.train.runs import metrics
 
 
@@ -112,3 +115,37 @@ def test_settle_health_thresholds_and_messages():
     assert cyc.status == "not_settling"
     with pytest.raises(ConfigError, match="free_limit_frac=1.5 must be a share in"):
         settle_health(hs, 1.5, 0.0)
+
+
+def test_training_records_and_warns_when_settles_hit_their_limits(tmp_path):
+    """Euler at dt = 1 on the sigmoid (measured: 5 % of free and 6 % of nudged settles cycle at
+    the limit on this run) is surfaced as a SettleHealthWarning and recorded in metrics.json with
+    the residuals left at the limit; the default step records ok."""
+    base = dict(dataset="digits", layers=(64, 32, 10), epochs=1, batch_size=50, limit_train=200, limit_test=100, activation="sigmoid")
+    with pytest.warns(SettleHealthWarning, match=r"epoch 1: some settles do not converge: \d+ % of free settles"):
+        train(TrainConfig(**base, dt=1.0), tmp_path / "dt1", progress=False)
+    m = metrics(tmp_path / "dt1")
+    rec = m["settle_health"]
+    assert rec["status"] == "warning" and [r["epoch"] for r in rec["epochs"]] == [1]
+    r = rec["epochs"][0]
+    h = m["history"][0]
+    assert r["free_step_limit_frac"] == h["free_step_limit_frac"] > WARN_FRAC
+    assert r["free_residual_max"] > FAR_FACTOR * TrainConfig(**base).atol  # cycling, not slow
+    assert "lower --dt to 0.25" in r["message"] and r["message"].count("lower --dt") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SettleHealthWarning)
+        train(TrainConfig(**base), tmp_path / "default", progress=False)
+    assert metrics(tmp_path / "default")["settle_health"] == {"status": "ok", "epochs": []}
+
+
+def test_settle_health_observer_status_is_the_worst_epochs_and_judges_resumed_epochs():
+    cfg = TrainConfig()
+    obs = SettleHealthObserver(cfg)
+    stats = lambda e, f, n: SimpleNamespace(epoch=e, free_step_limit_frac=f, nudged_step_limit_frac=n)  # noqa: E731
+    history = [stats(1, 0.0, 0.0), stats(2, 0.6, 0.0)]  # epoch 1 and 2 trained before a resume
+    obs.begin_epoch(3)
+    with pytest.warns(SettleHealthWarning, match="epoch 3: some settles"):
+        obs.on_epoch(3, stats(3, 0.02, 0.0), history + [stats(3, 0.02, 0.0)])
+    s = obs.summary()
+    assert s["status"] == "not_settling" and [r["epoch"] for r in s["epochs"]] == [2, 3]
+    assert s["epochs"][0]["free_residual_max"] is None  # judged from its stats alone
