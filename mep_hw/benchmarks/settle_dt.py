@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mep_hw.io import load_dataset
-from mep_hw.io.runs import write_json
+from mep_hw.io.runs import read_json, write_json
 from mep_hw.model import LayeredHopfield, one_hot
 from mep_hw.settle import SettleConfig, settle
 from mep_hw.train.config import SETTLE_TIME
@@ -87,12 +87,15 @@ def _trained(activation, layers, cost, data_dir, dt) -> LayeredHopfield:
 
 
 def run(data_dir, out: Path, steps: int = 500, seeds=(0, 1), scales=(1.0, 1.5, 2.5), dts=(1.0, 0.5, 0.25),
-        nets=tuple(NETS), trained_dt: float = 0.25, log=print) -> dict:
+        nets=tuple(NETS), trained_dt: float = 0.25, activations=("hard_sigmoid", "sigmoid"), log=print) -> dict:
+    """Measure every case; results are merged into ``out`` if it exists (a case measured again
+    replaces its old entry), so activations and nets can be run one at a time."""
     ds = load_dataset("mnist", data_dir, limit_train=100, limit_test=1)
     x = torch.as_tensor(ds.x_train[:100])
     y = one_hot(torch.as_tensor(ds.y_train[:100]), 10, x.dtype)
-    report = {"steps": steps, "beta": BETA, "free_defaults": FREE, "nudged_defaults": NUDGED, "settle_time": SETTLE_TIME, "results": []}
-    for activation in ("hard_sigmoid", "sigmoid"):
+    report = {"steps": steps, "beta": BETA, "free_defaults": FREE, "nudged_defaults": NUDGED, "settle_time": SETTLE_TIME,
+              "results": read_json(out)["results"] if out.exists() else []}
+    for activation in activations:
         for net in nets:
             layers, cost = NETS[net]
             cases = []
@@ -109,7 +112,9 @@ def run(data_dir, out: Path, steps: int = 500, seeds=(0, 1), scales=(1.0, 1.5, 2
             for label, m in cases:
                 sig = [float(torch.linalg.matrix_norm(w.detach().double(), 2)) for w in m.weights]
                 res = measure(m, x, y, dts, steps)
-                report["results"].append({"activation": activation, "net": net, "case": label, "sigma": sig, "phases": res})
+                entry = {"activation": activation, "net": net, "case": label, "sigma": sig, "phases": res}
+                key = (activation, net, label)
+                report["results"] = [r for r in report["results"] if (r["activation"], r["net"], r["case"]) != key] + [entry]
                 worst = {dt: min(v["converged_within_default_limit"] for k, v in res.items() if k.endswith(f"dt={dt:g}")) for dt in dts}
                 rmax = {dt: max(v["residual_max"] for k, v in res.items() if k.endswith(f"dt={dt:g}")) for dt in dts}
                 log(f"{activation:12s} {net:18s} {label:34s} " + " | ".join(
@@ -124,10 +129,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/settle_dt.json")
     p.add_argument("--steps", type=int, default=500, help="steps of the long settle whose residual is reported")
     p.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    p.add_argument("--activations", nargs="+", default=["hard_sigmoid", "sigmoid"], choices=["hard_sigmoid", "sigmoid"])
+    p.add_argument("--scales", nargs="+", type=float, default=[1.0, 1.5, 2.5], help="weight scales of the default initialisation")
     p.add_argument("--no-trained", action="store_true", help="skip the trained-weights case")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    run(a.data_dir, Path(a.out), steps=a.steps, nets=tuple(a.nets), trained_dt=0.0 if a.no_trained else 0.25)
+    run(a.data_dir, Path(a.out), steps=a.steps, nets=tuple(a.nets), trained_dt=0.0 if a.no_trained else 0.25,
+        activations=tuple(a.activations), scales=tuple(a.scales))
     print(f"wrote {a.out}")
     return 0
 
