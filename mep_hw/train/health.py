@@ -16,10 +16,12 @@ never gets closer, however many steps it is given.
     if health.status == "not_settling":
         ...                                    # record the status, stop the run
 
-Thresholds (measured, docs/settle.md): :data:`WARN_FRAC` of the samples at the step limit in
-either phase gives a warning; :data:`NOT_SETTLING_FRAC` in the free phase — or in the nudged
-phases with a residual above :data:`FAR_FACTOR` × their tolerance, i.e. cycling rather than
-slow — is ``not_settling``.
+Thresholds (docs/settle.md): more than :data:`WARN_FRAC` of the samples at the step limit in
+either phase gives a warning; :data:`NOT_SETTLING_FRAC` in the free phase is ``not_settling``.
+The nudged phases only warn (their hits are counted, not fatal): the residual left at a short
+limit does not tell a cycle from a slow settle (a 784-500-500-500-10 hard-sigmoid net at
+initialisation leaves up to 1.6e-3 at its 20-step limit, 160 × the tolerance, and converges
+given more steps); a residual above :data:`FAR_FACTOR` × the tolerance is named in the message.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def settle_health(
 ) -> SettleHealth:
     """Classify one stretch of training (an epoch, or a trace interval) by the share of samples
     that ended the free / nudged phases at their step limits, and the largest rms residual left
-    there (optional; it tells a cycling settle from a slow one)."""
+    there (optional; named in the message when far above the tolerance)."""
     parts, remedies, status = [], [], "ok"
     for phase, frac, res, atol, limit in (
         ("free", free_limit_frac, free_residual_max, cfg.atol, cfg.max_steps),
@@ -81,7 +83,9 @@ def settle_health(
         what = f"{100 * frac:.0f} % of {phase} settles ended at the step limit ({limit} steps)"
         if res is not None:
             what += f" with rms residual up to {res:.2g} (tolerance {atol:g})"
-        if frac >= NOT_SETTLING_FRAC and (phase == "free" or far):
+        if far:
+            what += ", far above it: cycling or much too slow"
+        if frac >= NOT_SETTLING_FRAC and phase == "free":
             status = "not_settling"
         elif status == "ok":
             status = "warning"
