@@ -69,7 +69,7 @@ class SMEPOptimizer(torch.optim.Optimizer):
     error back through every block; a few steps) or 'local' (the gradient flow of the energy,
     each layer driven by its own error and its upper neighbour's; truly local, tens to hundreds
     of steps; see :class:`EPGradient`) — ``beta``, ``estimator``, ``settle_steps`` (step limit;
-    default 20 for 'newton', 100 for 'local'), ``settle_lr`` (Euler step of the nudged settle,
+    default 20 for 'newton', 300 for 'local'), ``settle_lr`` (Euler step of the nudged settle,
     in units of τ), ``settle_tol``, ``loss_type`` ('mse' or 'cross_entropy') and ``gradient``
     ('ep' or 'local': the layer-local contrast);
     ``momentum``, ``nesterov``, ``ns_steps`` for Muon; ``use_spectral_constraint`` with

@@ -394,5 +394,7 @@ def test_smep_with_the_local_settle_trains():
         m(x)
         losses.append(float(opt.step(target=y)))
         conv = min(float((r.status == 0).float().mean()) for r in opt.last_result.nudged)
-        assert conv > 0.75  # measured: 1.0 for 26 steps, then the −β phase slows as the weights grow (0.82)
+        # every sample settles within the default limit (300 steps); with a 100-step limit the −β
+        # phase fell to 0.82 converged after 26 steps, as the weights grew
+        assert conv == 1.0
     assert losses[-1] < 0.3 * losses[0]  # measured: 1.62 → 0.36, as with the Newton settle
