@@ -42,9 +42,9 @@ TOL = 1e-5  # EPGradient's default settle_tol
 # name: (flow, time constants, solver, dt, step limit, reflected −β start); "plain": τ_l = 1
 VARIANTS = {
     "newton (default)": ("newton", True, "euler", 1.0, 20, False),
-    "local (default)": ("local", True, "euler", 1.0, 100, False),
+    "local, limit 100": ("local", True, "euler", 1.0, 100, False),
     "local, reflected": ("local", True, "euler", 1.0, 100, True),
-    "local, limit 300": ("local", True, "euler", 1.0, 300, False),
+    "local (default: limit 300)": ("local", True, "euler", 1.0, 300, False),
     "local, dt 1.5": ("local", True, "euler", 1.5, 100, False),
     "local, bosh3": ("local", True, "bosh3", 1.0, 100, False),
     "local, dopri5": ("local", True, "dopri5", 1.0, 100, False),
