@@ -28,6 +28,7 @@ from mep_hw.optimizers import (
     settle_safe_gamma,
     smep,
 )
+from mep_hw.optimizers.strategies import SETTLE_STEPS
 
 
 def net(seed=0, width=32):
@@ -370,7 +371,7 @@ def test_settle_option_of_the_optimizers_and_presets():
     for make in (SMEPOptimizer, SDMEPOptimizer, smep, sdmep, natural_ep):
         opt = make(m.parameters(), model=m, settle="local")
         assert opt.gradient_source.settle == "local"
-        assert opt.gradient_source.config().nudged.max_steps == 100
+        assert opt.gradient_source.config().nudged.max_steps == SETTLE_STEPS["local"] == 300
         assert opt._energy(m).settle == "local"
     assert smep(m.parameters(), model=m).gradient_source.config().nudged.max_steps == 20  # newton stays the default
     assert smep(m.parameters(), model=m).gradient_source.settle == "newton"
