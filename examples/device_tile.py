@@ -2,7 +2,8 @@
 
     python examples/device_tile.py
 
-Loads the PCM card at 16 conductance levels, programs a random 64×128 matrix, and prints what the
+Loads the PCM card at 16 conductance levels (a 16-state programming grid; 15 nominal SET steps
+across the range), programs a random 64×128 matrix, and prints what the
 device holds against what was asked for, the noise of one MVM against the periphery's formula,
 the pulses an update took and the drift after a day.
 """
@@ -29,7 +30,7 @@ pred = tile.noise_rms_out(float(x.pow(2).mean().sqrt()), 128)
 print(f"MVM error rms {err:.2e}; read + output + ADC noise predicted {pred:.2e}")
 
 dW = torch.full_like(W, 0.03)  # about one conductance level (25 µS / 15 steps × w_scale / 25 µS)
-achieved = tile.write(dW)  # pulses, quantised to the 16 levels
+achieved = tile.write(dW)  # whole SET pulses (soft bounds, cycle-to-cycle noise); the conductance stays continuous
 print(f"update: asked +0.03 everywhere, achieved mean {float(achieved.mean()):+.4f}; totals {tile.totals}")
 
 before = tile.held().clone()

@@ -15,7 +15,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from mep_hw.errors import MepHwError, SettleError
+from mep_hw.errors import ConfigError, MepHwError, SettleError
 
 __all__ = ["main", "build_parser"]
 
@@ -48,13 +48,20 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             kw["choices"] = meta["choices"]
         else:
             kw["metavar"] = meta.get("metavar")
-            kw["type"] = _TYPES.get(f.name, str)
+            kw["type"] = _TYPES.get(f.name) or _type_of(f)
         p.add_argument(flag, **kw)
 
 
 _INT = {"epochs", "batch_size", "max_steps", "nudged_max_steps", "seed", "limit_train", "limit_test", "eval_batch_size"}
 _FLOAT = {"lr", "momentum", "weight_decay", "beta", "dt", "atol", "rtol", "nudged_atol", "nudged_rtol", "spectral_gamma"}
 _TYPES = {**{n: int for n in _INT}, **{n: float for n in _FLOAT}}
+
+
+def _type_of(f):
+    """The argparse type of a config field from its annotation (``int``, ``float``, ``… | None``)."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    base = {part.strip() for part in t.split("|")} - {"None"}
+    return int if base == {"int"} else float if base == {"float"} else str
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,13 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_train_options(tp)
 
-    dp = sub.add_parser("devices", help="list or show device cards", description="Device cards: the physical parameters of each modeled device, with their sources.")
+    dp = sub.add_parser("devices", help="list, show or plot device cards", description="Device cards: the physical parameters of each modeled device, with their sources.")
     dsub = dp.add_subparsers(dest="devices_command", metavar="ACTION")
     dsub.required = True
     dsub.add_parser("list", help="list the shipped cards")
     show = dsub.add_parser("show", help="show every field of a card, with units and sources")
     show.add_argument("name", metavar="NAME_OR_PATH", help="a shipped card name or a path to a .toml card")
     show.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE", help="override a field, as mep-hw train --set")
+    plot = dsub.add_parser("plot", help="plot a crossbar card's conductance vs pulse number (potentiation, depression, spread)",
+                           description="Draw the card's pulse response: conductance vs pulse number from g_min through a "
+                           "potentiation ramp and a depression ramp, for a few devices of an array and the mean ± std over "
+                           "many (cycle-to-cycle and device-to-device spread), with the measured points of a table card.")
+    plot.add_argument("name", metavar="NAME_OR_PATH", help="a shipped crossbar card name or a path to a .toml card")
+    plot.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE", help="override a field, as mep-hw train --set")
+    plot.add_argument("--out", default=None, metavar="PNG", help="output file (default: NAME_pulse_response.png)")
+    plot.add_argument("--devices", type=int, default=1000, metavar="N", help="devices for the mean and spread (default 1000)")
+    plot.add_argument("--seed", type=int, default=0)
 
     sp = sub.add_parser(
         "sweep", help="run a grid of training runs over device-card fields, bit-widths and seeds",
@@ -171,6 +187,22 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"{c.name:<{width}}  {c.kind:<12}  {c.description}")
         return 0
     card = load_card(args.name, parse_sets(args.set) if args.set else None)
+    if args.devices_command == "plot":
+        from importlib import resources
+
+        from mep_hw.hw.plots import plot_pulse_response
+
+        if args.devices < 2:
+            raise ConfigError(f"--devices {args.devices}: need at least 2 devices for a spread")
+        csv = None
+        table_file = getattr(card.device, "table_file", "")
+        if table_file:
+            here = Path(card.path).parent if Path(card.path).exists() else resources.files("mep_hw.cards")
+            csv = (here / table_file).read_text()
+        out = args.out or f"{card.name}_pulse_response.png"
+        r = plot_pulse_response(card, out, n_devices=args.devices, seed=args.seed, measured_csv=csv)
+        print(f"{card.name}: {r['n_up']} potentiating and {r['n_down']} depressing pulses, {r['n_devices']} devices -> {out}")
+        return 0
     print(f"{card.name} ({card.kind}): {card.description}")
     print(f"source: {card.source}")
     for title, obj in (("device", card.device), ("periphery", card.periphery), ("cost", card.cost)):

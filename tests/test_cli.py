@@ -81,6 +81,18 @@ def test_devices_list_and_show(capsys):
     assert code == 2 and "unknown device 'graphene'" in err
 
 
+def test_devices_plot_draws_the_pulse_response(tmp_path, capsys):
+    out = tmp_path / "agsi.png"
+    code, text, err = run_cli(capsys, "devices", "plot", "reram_agsi_measured", "--devices", "50", "--out", str(out))
+    assert code == 0, err
+    assert "97 potentiating and 101 depressing pulses, 50 devices" in text
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, text, err = run_cli(capsys, "devices", "plot", "pcm", "--devices", "20", "--set", "dw_min_uS=1.0", "--out", str(tmp_path / "p.png"))
+    assert code == 0 and "50 potentiating and 0 depressing pulses" in text  # SET only: 2·R/dw_min
+    code, _, err = run_cli(capsys, "devices", "plot", "mzi", "--out", str(tmp_path / "m.png"))
+    assert code == 2 and "has no pulse response to plot" in err
+
+
 def test_train_on_a_device_with_set(tmp_path, capsys):
     code, out, err = run_cli(
         capsys, "train", "--dataset", "digits", "--layers", "64,16,10", "--epochs", "1", "--limit-train", "100",

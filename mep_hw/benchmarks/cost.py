@@ -18,7 +18,7 @@ from mep_hw.io import load_dataset
 from mep_hw.io.runs import read_json, write_json
 from mep_hw.train import TrainConfig, train
 
-CARDS = ["pcm", "reram_taox", "reram_agsi", "ecram", "fefet", "mzi", "fpga_q16", "ideal"]
+CARDS = ["pcm", "reram_taox", "reram_agsi", "reram_agsi_measured", "ecram", "fefet", "mzi", "fpga_q16", "ideal"]
 
 
 def main(argv=None) -> int:

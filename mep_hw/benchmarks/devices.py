@@ -14,8 +14,20 @@ medians over rounds of the per-round ratio to the no-device phase, per step (k =
 short phase (k = 2, the typical EP phase length on MNIST).
 
 ``accuracy``: ``mep-hw train`` on MNIST 784-500-10 (symmetric EP, defaults) for each card, the
-same number of epochs, one run folder per card; the JSON lists test accuracy, wall time, pulses
-and refreshes.
+same number of epochs, one run folder per card; the JSON lists test accuracy, wall time, pulses,
+refreshes and the energy per sample (training and inference, split by where it is spent, from the
+cost accounting: read energy from the held conductances, pulse energies, holding power).
+``--cards all`` runs every shipped card and the float baseline.
+
+``update``: for each crossbar card, one host update at mid-range (weights programmed to w̃ = 0)
+of an intended change of k nominal pulses (k·dw_pulse, up and down) on 10⁵ weights: the mean and
+spread of achieved/intended (device-to-device and cycle-to-cycle spread, nonlinearity,
+asymmetry). Cheap; no data needed.
+
+``figures``: the pulse-response figure of every crossbar card (docs/img/device_<card>.png).
+
+    python -m mep_hw.benchmarks.devices update --out benchmarks/results/device_update_ratio.json
+    python -m mep_hw.benchmarks.devices figures --out-dir docs/img
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from mep_hw.hw import build_store, load_card, parse_sets
+from mep_hw.hw import CrossbarDevice, build_store, card_names, list_cards, load_card, parse_sets
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import read_json, write_json
 from mep_hw.model import LayeredHopfield
@@ -85,7 +97,57 @@ def overhead(out: Path, batch: int = 100, rounds: int = 15, pcm_set=None) -> dic
     return report
 
 
+def update_ratio(out: Path, n: int = 100_000, pulses=(1, 4, 16), seed: int = 0) -> dict:
+    """Achieved/intended of one host update at mid-range, per crossbar card (module docstring)."""
+    report = {"benchmark": "device_update_ratio", "weights": n, "start": "programmed to w̃ = 0 (mid-range)",
+              "intended": "k · dw_pulse, k in pulses", "cards": {}}
+    for card in list_cards():
+        dev = card.device
+        if not isinstance(dev, CrossbarDevice):
+            continue
+        gen = torch.Generator().manual_seed(seed)
+        st = dev.program(dev.init_state((n,), gen, torch.float64, "cpu"), torch.zeros(n, dtype=torch.float64), gen)
+        w0 = dev.mean(st)
+        rows = {}
+        for k in pulses:
+            for sign, label in ((1.0, "up"), (-1.0, "down")):
+                intended = sign * k * dev.dw_pulse
+                new, _ = dev.update(st, torch.full((n,), intended, dtype=torch.float64), gen)
+                ratio = (dev.mean(new) - w0) / intended
+                rows[f"{label}_{k}"] = {"pulses": k, "intended": intended, "ratio_mean": float(ratio.mean()),
+                                        "ratio_std": float(ratio.std()), "ratio_p10": float(ratio.quantile(0.1)),
+                                        "ratio_p90": float(ratio.quantile(0.9))}
+        sym = dev.symmetry_point(st)
+        report["cards"][card.name] = {"response": dev.response, "update_mode": dev.update_mode, "dw_pulse": dev.dw_pulse,
+                                      "symmetry_point_mean": float(sym.mean()), "symmetry_point_std": float(sym.std()),
+                                      "updates": rows}
+        r1 = rows[f"up_{pulses[0]}"]
+        print(f"{card.name:<20} dw_pulse {dev.dw_pulse:.4g}: achieved/intended (1 pulse up) {r1['ratio_mean']:.3f} ± {r1['ratio_std']:.3f}; "
+              + ", ".join(f"{k}: {v['ratio_mean']:.3f} ± {v['ratio_std']:.3f}" for k, v in rows.items() if k != f"up_{pulses[0]}"), flush=True)
+    write_json(out, report)
+    return report
+
+
+def figures(out_dir: Path, n_devices: int = 1000) -> dict:
+    """The pulse-response figure of every crossbar card (see mep_hw.hw.plots)."""
+    from importlib import resources
+
+    from mep_hw.hw.plots import plot_pulse_response
+
+    done = {}
+    for card in list_cards():
+        if not isinstance(card.device, CrossbarDevice):
+            continue
+        csv = (resources.files("mep_hw.cards") / card.device.table_file).read_text() if card.device.table_file else None
+        r = plot_pulse_response(card, out_dir / f"device_{card.name}.png", n_devices=n_devices, measured_csv=csv)
+        done[card.name] = r["png"]
+        print(f"{card.name}: {r['png']}", flush=True)
+    return done
+
+
 def accuracy(data_dir, cards: list[str], epochs: int, out: Path, runs_dir: Path | None, limit_train=None, limit_test=None) -> dict:
+    if cards == ["all"]:
+        cards = ["ideal_float", *card_names()]
     ds = load_dataset("mnist", data_dir, limit_train=limit_train, limit_test=limit_test)
     report = read_json(out) if out.exists() else {"benchmark": "device_accuracy", "network": "784-500-10", "runs": {}}
     for spec in cards:
@@ -108,6 +170,11 @@ def accuracy(data_dir, cards: list[str], epochs: int, out: Path, runs_dir: Path 
             "pulses_up": sum(h.pulses_up for h in res.history), "pulses_down": sum(h.pulses_down for h in res.history),
             "refreshes": sum(h.refreshes for h in res.history),
             "nudged_steps_mean": [h.nudged_steps_mean for h in res.history],
+            "limit_train": limit_train, "limit_test": limit_test,
+            "energy_train_J_per_sample": (m.get("cost") or {}).get("train", {}).get("energy_J_per_sample"),
+            "energy_inference_J_per_sample": (m.get("cost") or {}).get("inference", {}).get("energy_J_per_sample"),
+            "latency_train_s_per_sample": (m.get("cost") or {}).get("train", {}).get("latency_s_per_sample"),
+            "cost_missing": (m.get("cost") or {}).get("missing"),
             "device": m.get("device"),
         }
         write_json(out, report)
@@ -126,12 +193,25 @@ def main(argv=None) -> int:
     a.add_argument("--data-dir", default=None)
     a.add_argument("--epochs", type=int, default=10)
     a.add_argument("--cards", nargs="+", default=["ideal", "pcm:levels=16"],
-                   help="card names, optionally with overrides: pcm:levels=16,read_noise=0.02 (ideal_float: no device)")
+                   help="card names, optionally with overrides: pcm:levels=16,read_noise=0.02 (ideal_float: no device; "
+                   "all: the float baseline and every shipped card)")
     a.add_argument("--limit-train", type=int, default=None)
     a.add_argument("--limit-test", type=int, default=None)
     a.add_argument("--runs-dir", default=None, help="keep the run folders here")
     a.add_argument("--out", default="benchmarks/results/device_accuracy.json")
+    u = sub.add_parser("update")
+    u.add_argument("--weights", type=int, default=100_000)
+    u.add_argument("--out", default="benchmarks/results/device_update_ratio.json")
+    f = sub.add_parser("figures")
+    f.add_argument("--out-dir", default="docs/img")
+    f.add_argument("--devices", type=int, default=1000)
     args = p.parse_args(argv)
+    if args.what == "update":
+        update_ratio(Path(args.out), n=args.weights)
+        return 0
+    if args.what == "figures":
+        figures(Path(args.out_dir), n_devices=args.devices)
+        return 0
     if args.what == "overhead":
         r = overhead(Path(args.out), batch=args.batch, rounds=args.rounds)
         for k, ph in r["phases"].items():

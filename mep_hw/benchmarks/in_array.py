@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mep_hw.errors import ConfigError
+from mep_hw.hw.cards import parse_value
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import read_json, write_json
 from mep_hw.train import TrainConfig, train
@@ -74,8 +75,17 @@ def main(argv=None) -> int:
     p.add_argument("--lr", nargs="*", default=[], help="overrides, e.g. ep:analog=0.2")
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a training-config field for every run, e.g. --set pulse_sampling=marginal (recorded in the JSON)")
     p.add_argument("--out", default="benchmarks/results/in_array.json")
     a = p.parse_args(argv)
+    extra = {}
+    for item in a.sets:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+        extra[key] = parse_value(value)
+    TrainConfig.from_dict({**extra}, source="--set")  # an unknown field or a bad value fails here, before any run
     lrs = dict(LR)
     for item in a.lr:
         key, _, value = item.partition("=")
@@ -83,14 +93,15 @@ def main(argv=None) -> int:
     runs = [_parse_run(r) for r in a.runs]
     out = Path(a.out)
     report = read_json(out) if out.exists() else {"benchmark": "in_array", "network": "784-500-10", "runs": {}}
-    report.update(epochs=a.epochs, limit_train=a.limit_train, limit_test=a.limit_test)
+    report.update(epochs=a.epochs, limit_train=a.limit_train, limit_test=a.limit_test, config=extra)
     ds = load_dataset("mnist", a.data_dir, limit_train=a.limit_train, limit_test=a.limit_test)
     for card in a.cards:
         for method, update in runs:
             key = f"{card}/{method}:{update}"
             if key in report["runs"]:
                 continue
-            r = run_one(card, method, update, data_dir=a.data_dir, epochs=a.epochs, lr=lrs[(method, update)], ds=ds)
+            r = run_one(card, method, update, data_dir=a.data_dir, epochs=a.epochs, lr=lrs[(method, update)], ds=ds,
+                        extra=extra)
             report["runs"][key] = r
             write_json(out, report)
             e = r["energy_J_per_sample"]

@@ -4,7 +4,7 @@ store, the one place a network's weights live, are read and are written."""
 
 from mep_hw.hw.base import Device, IdealDevice, Tile, UpdateCounts
 from mep_hw.hw.cards import KINDS, Card, card_names, list_cards, load_card, parse_sets, parse_value
-from mep_hw.hw.crossbar import CrossbarDevice, neurosim_a
+from mep_hw.hw.crossbar import CrossbarDevice, ResponseTable, neurosim_a
 from mep_hw.hw.fixedpoint import FixedPointDevice
 from mep_hw.hw.optical import OpticalMZI, clements_decompose, clements_reconstruct
 from mep_hw.hw.noise import NoiseBank
@@ -13,7 +13,7 @@ from mep_hw.hw.store import ExactOp, IdealStore, OpCounts, TileStore, WeightStor
 
 __all__ = [
     "Card", "CrossbarDevice", "Device", "ExactOp", "FixedPointDevice", "IdealDevice", "IdealStore", "KINDS", "NoiseBank",
-    "OpCounts", "OpticalMZI", "Periphery", "Tile", "TileStore", "WeightStore", "build_store", "clements_decompose",
-    "clements_reconstruct",
+    "OpCounts", "OpticalMZI", "Periphery", "ResponseTable", "Tile", "TileStore", "WeightStore", "build_store",
+    "clements_decompose", "clements_reconstruct",
     "UpdateCounts", "card_names", "list_cards", "load_card", "neurosim_a", "parse_sets", "parse_value", "quantize",
 ]

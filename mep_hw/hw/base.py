@@ -10,6 +10,10 @@ NamedTuple the device creates from an explicit ``torch.Generator``. Verbs:
 * ``read(state, noise)``: one noisy read;
 * ``update(state, Δw̃)``: apply an intended change as the device would (pulses), returning the
   new state and the pulse counts;
+* ``apply_pulses(state, n_up, n_down)``: apply given numbers of weight-up and weight-down pulses
+  (the in-array regime; ``update`` is ``apply_pulses`` with n = round(|Δw̃| / ``dw_pulse``));
+* ``symmetry_point(state)``: the w̃ at which an up and a down pulse have equal and opposite
+  expected effect;
 * ``physical(state)``: the physical quantities with their units, for traces.
 
 A :class:`Tile` composes a device, a :class:`~mep_hw.hw.periphery.Periphery` and the mapping
@@ -49,10 +53,18 @@ def check_range(name, v, lo=None, hi=None, lo_open=False, integer=False):
 
 
 class UpdateCounts(NamedTuple):
-    pulses_up: int  # potentiating pulses (all cells of the tile)
-    pulses_down: int  # depressing pulses
-    refreshes: int  # cells re-programmed because a device saturated
-    programmed: int  # cells written by a program operation
+    """What one write did. Counts are ints or 0-dim tensors (summed without a host sync)."""
+
+    pulses_up: Any  # potentiating device pulses (all cells of the tile)
+    pulses_down: Any  # depressing device pulses
+    refreshes: Any  # pairs re-programmed because a device saturated
+    programmed: Any  # cells written by a program operation
+    write_J: Any = 0.0  # electrical energy of the pulses, where the device models it (J)
+
+
+# input coding of an analog read: the energy of a line driven at normalised input x̃ is
+# V_read² · G · t_read · f(x̃), f = x̃² for amplitude coding, |x̃| for pulse-width coding
+INPUT_CODINGS = ("pulse_width", "amplitude")
 
 
 class Device(ABC):
@@ -83,15 +95,47 @@ class Device(ABC):
     @abstractmethod
     def update(self, state, dw: Tensor, generator: torch.Generator) -> tuple[Any, UpdateCounts]: ...
 
+    # ------------------------------------------------------------------ pulsed (in-array) updates
+    @property
+    def dw_pulse(self) -> float | None:
+        """Nominal change of the normalised weight w̃ per pulse at the symmetry point (aihwkit's
+        ``dw_min``), so a learning rate maps to pulses (η = BL·dw_min·C_x·C_d, Gokmen & Vlasov
+        2016). None: the device has no pulse model."""
+        return None
+
+    def apply_pulses(self, state, n_up: Tensor, n_down: Tensor, generator: torch.Generator) -> tuple[Any, UpdateCounts]:
+        """Apply ``n_up`` weight-up and ``n_down`` weight-down pulses per weight (non-negative
+        integer-valued tensors of the weight shape). Devices without a pulse model raise."""
+        raise DeviceError(f"a {self.kind} device has no pulse model: in-array updates need a pulsed device "
+                          "(a crossbar or ideal card); use --update host, or write intended changes with update()")
+
+    def symmetry_point(self, state) -> Tensor:
+        """Per weight, the w̃ where an up and a down pulse have equal and opposite expected effect.
+        A device whose steps do not depend on its state is symmetric everywhere: 0."""
+        return torch.zeros_like(self.mean(state))
+
+    # ------------------------------------------------------------------ energy
+    input_coding: ClassVar[str] = "pulse_width"
+
+    def read_energy_lines(self, state, transpose: bool) -> Tensor | None:
+        """Energy (J) one input line draws in one read at full-scale input |x̃| = 1: V_read² · t_read
+        · Σ (conductances on the line), per input line (columns of W; rows when ``transpose``).
+        A read with inputs x̃ costs Σ_j f(x̃_j) · lines_j with f given by ``input_coding``. None:
+        the device does not model its read energy (the card's per-MAC constant is used)."""
+        return None
+
+    def static_power_W(self, state) -> float:
+        """Power the array draws to hold its state (W), e.g. thermo-optic phase shifters."""
+        return 0.0
+
+    @property
+    def models_write_energy(self) -> bool:
+        """True when ``UpdateCounts.write_J`` holds the pulses' energy (else the card's e_pulse_J)."""
+        return False
+
     def advance(self, state, seconds: float) -> Any:
         """Let time pass (drift); by default nothing changes."""
         return state
-
-    def apply_pulses(self, state, n_up: Tensor, n_down: Tensor, generator: torch.Generator) -> tuple[Any, UpdateCounts]:
-        """Apply per-cell counts of pulses that move w̃ up and down (an in-array update)."""
-        raise DeviceError(
-            f"{self.kind} devices take no pulsed in-array updates; use --update host, or a crossbar or ideal card"
-        )
 
     def physical(self, state) -> dict[str, tuple[Tensor, str]]:
         return {"weight": (self.mean(state), "1")}
@@ -187,12 +231,17 @@ class Tile:
         # every write (pulse counts: ints or tensors, summed lazily); see mep_hw.hw.cost
         self._reads = [0, 0, 0]
         self._writes = [0, 0, 0, 0]
+        # energies from what the array holds (read: V²·Σ f(x̃)·ΣG·t; write: the device's pulses),
+        # accumulated as tensors without a host sync; see energy_totals()
+        self.energy: dict = {"read_J": 0.0, "write_J": 0.0}
         self._cache: dict = {}
         self._dac_cache: dict = {}
         self._read_std = None
         self._dac_unit = periphery.dac_step if periphery.dac_bits else 1.0
         self._k = self._dac_unit / periphery.adc_step if periphery.adc_bits else 1.0
-        self._shot = type(device).output_noise_var is not Device.output_noise_var
+        # the device adds output (detector) noise of its own: asked, not guessed from its type
+        self._shot = device.output_noise_var(torch.ones(1, 1, dtype=W.dtype, device=W.device)) is not None
+        self._managed = periphery.noise_management != "none" or periphery.bound_management != "none"
         self.program(W)
 
     # ------------------------------------------------------------------ state
@@ -203,7 +252,8 @@ class Tile:
         # constants of the read path, fixed until the state (or the mapping) changes
         p = self.periphery
         self._is_digital = type(self.device).device_mvm is not Device.device_mvm
-        self._is_exact = self._read_std is None and p.dac_bits == 0 and p.adc_bits == 0 and p.out_noise == 0
+        self._is_exact = (self._read_std is None and p.dac_bits == 0 and p.adc_bits == 0 and p.out_noise == 0
+                          and not self._shot and not self._managed)
         self._alpha = self.w_scale * self.in_scale * self._dac_unit / self._k
         self._adc_b = p.adc_bound / p.adc_step if p.adc_bits else 0.0
 
@@ -226,12 +276,34 @@ class Tile:
             elif key == "var_t":
                 v = self._cached("var")
                 c[key] = v.T.contiguous() if isinstance(v, Tensor) else v
+            elif key in ("e_fwd", "e_bwd"):  # read energy per input line at full-scale input (J)
+                c[key] = self.device.read_energy_lines(self.state, key == "e_bwd")
         return c[key]
 
     def _count(self, c: UpdateCounts):
         w = self._writes
-        for i, v in enumerate(c):
+        for i, v in enumerate(c[:4]):
             w[i] = w[i] + v
+        e = c.write_J
+        if not (isinstance(e, float) and e == 0.0):
+            self.energy["write_J"] = self.energy["write_J"] + e
+
+    def _read_energy(self, xs: Tensor, transpose: bool) -> None:
+        """Add the energy of one read with normalised inputs ``xs`` (B, n_in): Σ_b Σ_j f(x̃_bj) ·
+        (V_read² · t_read · Σ_i G_ij), f = |x̃| (pulse-width coding) or x̃² (amplitude coding)."""
+        lines = self._cached("e_bwd" if transpose else "e_fwd")
+        if lines is None:
+            return
+        f = xs.abs() if self.device.input_coding == "pulse_width" else xs * xs
+        if self.periphery.dac_bits:
+            f = f.clamp(max=self.periphery.dac_bound if self.device.input_coding == "pulse_width" else self.periphery.dac_bound**2)
+        self.energy["read_J"] = self.energy["read_J"] + torch.dot(f.sum(0), lines.to(f.dtype))
+
+    def energy_totals(self) -> dict[str, float]:
+        """Read and write energy so far (J) and the present holding power (W), as floats (one host
+        sync: call at the end of an epoch, not per read)."""
+        return {"read_J": float(self.energy["read_J"]), "write_J": float(self.energy["write_J"]),
+                "static_W": float(self.device.static_power_W(self.state))}
 
     def op_counts(self):
         """Reads and writes of this tile so far, as an :class:`~mep_hw.hw.store.OpCounts`."""
@@ -239,7 +311,8 @@ class Tile:
 
         macs, dac, adc = self._reads
         up, down, refreshes, programmed = (int(v) for v in self._writes)
-        return OpCounts(macs, dac, adc, up, down, refreshes, programmed)
+        e = self.energy_totals()
+        return OpCounts(macs, dac, adc, up, down, refreshes, programmed, e["read_J"], e["write_J"], e["static_W"])
 
     def state_dict(self) -> dict:
         return {"state": dict(self.state._asdict()), "gen": self.gen.get_state(),
@@ -251,6 +324,7 @@ class Tile:
         c = d["counts"]
         self._reads = [c["macs"], c["dac"], c["adc"]]
         self._writes = [c["pulses_up"], c["pulses_down"], c["refreshes"], c["programmed"]]
+        self.energy = {"read_J": float(c.get("read_J", 0.0)), "write_J": float(c.get("write_J", 0.0))}
         self.w_scale = float(d["w_scale"])
         self._changed()
 
@@ -400,8 +474,12 @@ class Tile:
         if self._is_digital:
             return self._digital(x, add, False)
         if self._is_exact:
+            self._read_energy(x if self.in_scale == 1.0 else x / self.in_scale, False)
             Wt = self._cached("held_t")
             return x @ Wt if add is None else torch.addmm(add, x, Wt)
+        if self._managed:
+            return self._mvm_managed(x, self._cached("norm_k_t"), self._cached("var_t"), add, False)
+        self._read_energy(x if self.in_scale == 1.0 else x / self.in_scale, False)
         return self._mvm(x, self._cached("norm_k_t"), self._cached("var_t"), add, x_in_bound, "fwd")
 
     def mvm_t(self, u: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
@@ -410,9 +488,74 @@ class Tile:
         if self._is_digital:
             return self._digital(u, add, True)
         if self._is_exact:
+            self._read_energy(u if self.in_scale == 1.0 else u / self.in_scale, True)
             W = self.held()
             return u @ W if add is None else torch.addmm(add, u, W)
+        if self._managed:
+            return self._mvm_managed(u, self._cached("norm_k"), self._cached("var"), add, True)
+        self._read_energy(u if self.in_scale == 1.0 else u / self.in_scale, True)
         return self._mvm(u, self._cached("norm_k"), self._cached("var"), add, x_in_bound, "bwd")
+
+    def _mvm_managed(self, x: Tensor, Wk: Tensor, var, add: Tensor | None, transpose: bool) -> Tensor:
+        """The read with aihwkit-style noise and bound management (opt-in, see Periphery):
+        ``abs_max`` noise management divides each input vector by α = max|x̃| (capped at nm_thres
+        when set) before the DAC and multiplies the output by α, so small inputs use the full DAC
+        range; ``iterative`` bound management reads again, with the inputs halved, every vector
+        whose output hit the ADC bound, until none does or the reduction passes max_bm_factor or
+        max_bm_res over the DAC resolution (aihwkit BoundManagementType.ITERATIVE; here for
+        transposed reads too). Every extra pass is counted (MACs, conversions, read energy)."""
+        p = self.periphery
+        xs = x if self.in_scale == 1.0 else x / self.in_scale
+        B = xs.shape[0]
+        if p.noise_management == "abs_max":
+            alpha = xs.abs().amax(dim=1, keepdim=True)
+            if p.nm_thres > 0:
+                alpha = alpha.clamp(max=p.nm_thres)
+            alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+        else:
+            alpha = torch.ones(B, 1, dtype=xs.dtype, device=xs.device)
+        step, k = self._dac_unit, self._k
+        ok = p.out_noise * k / step
+        b = self._adc_b
+        out = torch.empty(B, Wk.shape[1], dtype=xs.dtype, device=xs.device)
+        rows = torch.arange(B, device=xs.device)
+        reduction, first = 1.0, True
+        res_limit = p.max_bm_res / (p.dac_step / (2 * p.dac_bound)) if p.dac_bits else math.inf
+        while True:
+            scale = alpha[rows] * reduction
+            xin = xs[rows] / scale
+            self._read_energy(xin, transpose)
+            if not first:  # the first pass is counted by mvm / mvm_t
+                self._ops(rows.numel(), Wk.shape[0], Wk.shape[1])
+            first = False
+            if p.dac_bits:
+                xin = xin.clamp(-p.dac_bound, p.dac_bound).mul_(1.0 / p.dac_step).round_()
+            y = xin @ Wk
+            u2 = torch.full((y.shape[0], 1), ok * ok, dtype=y.dtype, device=y.device)
+            if isinstance(var, Tensor):
+                u2 = u2 + ((xin * xin) @ var) * (k * k)
+            elif var is not None:
+                u2 = u2 + (xin * xin).sum(1, keepdim=True) * (var * k * k)
+            if self._shot:
+                extra = self.device.output_noise_var(y * (step / k))
+                if extra is not None:
+                    u2 = u2 + extra * (k / step) ** 2
+            if bool((u2 > 0).any()):
+                noise = self.noise.normal(y.shape) if self.noise is not None else \
+                    torch.randn(y.shape, generator=self.gen, dtype=torch.float64).to(y.dtype)
+                y = y + u2.sqrt() * noise
+            if b:
+                y = y.clamp_(-b, b).round_()
+            out[rows] = y * scale
+            if p.bound_management == "none" or not b:
+                break
+            hit = (y.abs() >= b).any(dim=1)
+            reduction *= 2.0
+            if not bool(hit.any()) or reduction > p.max_bm_factor or reduction > res_limit:
+                break
+            rows = rows[hit]
+        alpha_t = self._alpha
+        return out.mul_(alpha_t) if add is None else torch.add(add, out, alpha=alpha_t)
 
     def _digital(self, x: Tensor, add: Tensor | None, transpose: bool) -> Tensor | None:
         xs = x if self.in_scale == 1.0 else x / self.in_scale
@@ -430,4 +573,11 @@ class Tile:
         if rms is None:  # a reduction over the cells: once per state
             rms = self._cache["noise_rms"] = self.device.noise_rms(self.state)
         var = (rms**2) * n_in * x_rms**2 + p.out_noise**2 + (p.adc_step**2) / 12.0
+        if self._shot:  # detector noise at outputs of the typical size x_rms·‖row of w̃‖
+            w = self._cached("norm")
+            rows = w if n_in == self.shape[1] else w.T
+            y = x_rms * rows.square().sum(dim=1).sqrt()
+            extra = self.device.output_noise_var(y)
+            if extra is not None:
+                var += float(extra.mean())
         return math.sqrt(var) * self.w_scale * self.in_scale

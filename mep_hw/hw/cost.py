@@ -11,8 +11,17 @@ Counts (kept by every :class:`~mep_hw.hw.base.Tile` and by the training loop):
   Newton–Schulz, Dion's power iteration and QR), see :mod:`mep_hw.host.flops`;
 * settle time per sample and phase, in units of the time constant τ.
 
-Energy (per sample) = MACs·e_mac + DAC·e_dac + ADC·e_adc + pulses·e_pulse + refreshes·e_refresh
-+ host FLOPs·e_flop. Latency (per sample and phase) = settle time × τ for a continuous-time array
+Energy (per sample) = E_read + DAC·e_dac + ADC·e_adc + E_write + refreshes·e_refresh
++ P_static·latency + host FLOPs·e_flop, where
+
+* E_read, the array's read energy, is computed from what the array holds when the device models
+  it (crossbars: V_read²·t_read·Σ_j f(x̃_j)·Σ_i G_ij per read, accumulated by the tile, f = |x̃|
+  for pulse-width and x̃² for amplitude input coding), else MACs·e_mac (the MZI's laser, the
+  FPGA's DSP slices);
+* E_write is the pulses' electrical energy when the device models it (V²·t·(G_before + G_after)/2
+  per pulse on a resistive cell, NeuroSim's writeEnergy; V²·C on a gate), else pulses·e_pulse;
+* P_static is the power the arrays draw to hold their state (thermo-optic phase shifters:
+  P_π·φ/π each), times the settle latency of the sample. Latency (per sample and phase) = settle time × τ for a continuous-time array
 (``tau_s``: seconds per unit of settle time); for a clocked datapath (``fixed_point`` cards) one
 field evaluation takes ⌈MACs per evaluation / macs_per_cycle⌉ clock cycles, so latency = steps ×
 stages × cycles / clock_hz. The bottom-up pass that initialises the free phase adds one read (τ)
@@ -76,22 +85,27 @@ class CostCounts(NamedTuple):
     settle_time_tau: float  # summed over samples and phases, units of τ
     settle_steps: float  # summed over samples and phases
     phases: int  # settle phases per sample (1 at inference, 1 + nudged phases in training)
+    read_J: float = 0.0  # read energy from the held conductances (devices that model it)
+    write_J: float = 0.0  # pulse energy from the device's write voltages (devices that model it)
+    static_W: float = 0.0  # holding power of the arrays (W)
 
 
 def cost_summary(const: CostConstants | None, c: CostCounts, *, kind: str, clock_hz: float | None = None,
                  macs_per_eval: int = 0, stages: int = 1, init_reads: int = 0, init_macs: int = 0,
-                 strict: bool = False) -> dict[str, Any]:
+                 read_energy: bool = False, write_energy: bool = False, strict: bool = False) -> dict[str, Any]:
     """Per-sample counts, energy (J) and latency (s) of ``c`` (see the module docstring).
 
     ``macs_per_eval``: MACs of one field evaluation for one sample (clocked latency);
     ``stages``: field evaluations per solver step; ``init_reads`` / ``init_macs``: the bottom-up
     pass that initialises the free phase, per sample (``init_reads`` sequential array reads of one
-    τ each; ``init_macs`` MACs on a clocked datapath).
+    τ each; ``init_macs`` MACs on a clocked datapath). ``read_energy`` / ``write_energy``: the
+    device computed ``c.read_J`` / ``c.write_J`` from its physics (else e_mac / e_pulse are used).
     """
     n = max(c.samples, 1)
     per = {"macs": c.macs / n, "dac": c.dac / n, "adc": c.adc / n, "pulses": c.pulses / n,
            "refreshes": c.refreshes / n, "host_flops": c.host_flops / n,
-           "settle_time_tau": c.settle_time_tau / n, "settle_steps": c.settle_steps / n}
+           "settle_time_tau": c.settle_time_tau / n, "settle_steps": c.settle_steps / n,
+           "read_J": c.read_J / n, "write_J": c.write_J / n}
     const = const or CostConstants()
     missing = []
 
@@ -102,10 +116,11 @@ def cost_summary(const: CostConstants | None, c: CostCounts, *, kind: str, clock
         return v or 0.0
 
     parts = {
-        "array": per["macs"] * need("e_mac_J", per["macs"] > 0),
+        "array": c.read_J / n if read_energy else per["macs"] * need("e_mac_J", per["macs"] > 0),
         "dac": per["dac"] * need("e_dac_J", per["dac"] > 0),
         "adc": per["adc"] * need("e_adc_J", per["adc"] > 0),
-        "programming": per["pulses"] * need("e_pulse_J", per["pulses"] > 0) + per["refreshes"] * need("e_refresh_J", per["refreshes"] > 0),
+        "programming": (c.write_J / n if write_energy else per["pulses"] * need("e_pulse_J", per["pulses"] > 0))
+        + per["refreshes"] * need("e_refresh_J", per["refreshes"] > 0),
         "host": per["host_flops"] * const.host_e_flop_J,
     }
     energy_missing = list(missing)
@@ -119,11 +134,16 @@ def cost_summary(const: CostConstants | None, c: CostCounts, *, kind: str, clock
     else:
         tau = need("tau_s", True)
         latency = (per["settle_time_tau"] + init_reads) * tau if tau else None
+    if c.static_W:  # holding power over the time the sample occupies the arrays
+        parts["static"] = c.static_W * latency if latency is not None else 0.0
+        if latency is None:
+            energy_missing.append("tau_s")
     out = {
         "samples": c.samples, "per_sample": per,
         "energy_J_per_sample": None if energy_missing else {**parts, "total": sum(parts.values())},
         "latency_s_per_sample": latency,
         "latency_s_per_phase": None if latency is None else latency / max(c.phases, 1),
+        "static_W": c.static_W,
         "missing": sorted(set(missing)),
     }
     if strict and missing:

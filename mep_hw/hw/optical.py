@@ -12,15 +12,31 @@ The device (:class:`OpticalMZI`) maps a weight matrix by its spectral norm, w̃ 
 σ_max), so every singular value of w̃ is ≤ 1 and Σ̃ is passive (attenuators: gains ≤ 1, σ_max(w̃)
 ≤ 1 holds by physics; the tile's scale is the global electronic gain). Matrices larger than
 ``mesh_size`` are cut into blocks, each with its own U Σ V† (a tiled accelerator; the passivity
-bound then holds per block). What the mesh realises: internal (2θ) and external (φ) phases
-rounded to ``phase_bits``, static phase-setting noise N(0, ``phase_noise_rad``) drawn at every
-program, thermal crosstalk (each shifter picks up ``crosstalk`` × the phases of the shifters of the
-neighbouring MZIs of its mesh column), and insertion loss (``insertion_loss_dB`` per MZI; a path
-crosses ≈ N MZIs of an N-mode rectangular mesh, so each mesh scales the field by
-10^(−N·IL/20)). The global gain is calibrated for the nominal loss, so loss shows up as a lower
-signal against the detector noise: thermal noise ``det_thermal_noise`` and shot noise of variance
-``shot_noise``² · |y| (both referred to the unattenuated signal), see :meth:`output_noise_var`.
-Coherent detection reads the real part of the field.
+bound then holds per block).
+
+What the mesh realises. Every phase shifter holds a *physical* phase: the internal shifter of
+an MZI 2θ ∈ [0, π], the external one φ wrapped to [0, 2π), the output phase screen D of each
+mesh wrapped to [0, 2π), and the attenuator of Σ (an MZI) 2·arccos σ ∈ [0, π]. Phases are
+rounded to ``phase_bits`` over [0, 2π), get static setting noise N(0, ``phase_noise_rad``) at
+every program, and thermal crosstalk: a heater warms its neighbours in the same mesh column
+(MZIs on modes m ± 2) by ``crosstalk`` × its own physical phase. Meshes are calibrated (the
+crosstalk matrix is measured and the heater settings pre-compensated), so only the fraction
+``crosstalk_residual`` of the coupling remains: Δφ_k = crosstalk · crosstalk_residual ·
+Σ_neighbours φ_j (Milanizadeh et al., J. Lightwave Technol. 37, 1325 (2019) cancel thermal
+crosstalk by such a calibration). Insertion loss ``insertion_loss_dB`` per MZI (a path crosses
+≈ N MZIs of an N-mode rectangular mesh, field transmission T = 10^(−N·IL/20) per mesh) lowers
+the signal against the detector noise; the global gain is calibrated for the nominal loss.
+
+Detection is coherent (balanced homodyne against a local oscillator, reading the real part of
+the field): the shot noise is that of the strong local oscillator, independent of the signal
+(Hamerly et al., Phys. Rev. X 9, 021032 (2019)), and thermal (TIA) noise adds to it; both are
+given as std referred to a full-scale output at the detector (``shot_noise``,
+``det_thermal_noise``) and grow by 1/T² in std through the two meshes (:meth:`output_noise_var`).
+
+Holding power: a thermo-optic shifter draws P = P_π · φ/π to hold phase φ (``p_pi_W``, the
+power of a π shift), so a programmed mesh draws Σ P_π φ_k/π while it computes
+(:meth:`static_power_W`); setting the shifters at a program costs the card's ``e_pulse_J`` per
+phase setting.
 """
 
 from __future__ import annotations
@@ -36,7 +52,20 @@ from torch import Tensor
 from mep_hw.errors import ConfigError
 from mep_hw.hw.base import Device, UpdateCounts
 
-__all__ = ["OpticalMZI", "MZIState", "clements_decompose", "clements_reconstruct", "mesh_schedule"]
+__all__ = ["OpticalMZI", "MZIState", "clements_decompose", "clements_reconstruct", "mesh_schedule", "physical_phases"]
+
+DETECTIONS = ("coherent",)
+TWO_PI = 2 * math.pi
+
+
+def physical_phases(mesh: "Mesh") -> tuple[Tensor, Tensor, Tensor]:
+    """The phases the heaters of a mesh hold: internal 2θ ∈ [0, π], external φ and the output
+    phase screen arg(D) wrapped to [0, 2π)."""
+    def wrap(v: Tensor) -> Tensor:
+        w = torch.remainder(v, TWO_PI)
+        return torch.where(w > TWO_PI - 1e-12, torch.zeros_like(w), w)  # −0 must not read as a full turn
+
+    return 2 * mesh.theta, wrap(mesh.phi), wrap(torch.angle(mesh.diag))
 
 
 class Mesh(NamedTuple):
@@ -143,10 +172,13 @@ class OpticalMZI(Device):
     mesh_size: int = 16
     phase_bits: int = 0  # 0: continuous phase shifters
     phase_noise_rad: float = 0.0
-    crosstalk: float = 0.0
+    crosstalk: float = 0.0  # thermal coupling to the neighbouring shifters of a mesh column
+    crosstalk_residual: float = 1.0  # fraction of the coupling left after calibration (1: uncalibrated)
     insertion_loss_dB: float = 0.0
-    det_thermal_noise: float = 0.0  # detector thermal noise std, normalised output units, unattenuated
-    shot_noise: float = 0.0  # shot noise: variance shot_noise² · |y| (unattenuated)
+    detection: str = "coherent"
+    det_thermal_noise: float = 0.0  # detector (TIA) thermal noise std, full-scale output units
+    shot_noise: float = 0.0  # local-oscillator shot noise std, full-scale output units
+    p_pi_W: float = 0.0  # thermo-optic power for a π phase shift (holding power per shifter)
     t_step_s: float = 1e-3
 
     def __post_init__(self):
@@ -154,10 +186,14 @@ class OpticalMZI(Device):
             raise ConfigError(f"mesh_size={self.mesh_size!r} is out of range: expected an integer in [2, 256]")
         if isinstance(self.phase_bits, bool) or not isinstance(self.phase_bits, int) or not (self.phase_bits == 0 or 2 <= self.phase_bits <= 24):
             raise ConfigError(f"phase_bits={self.phase_bits!r} is out of range: expected 0 (continuous) or an integer in [2, 24]")
-        for name, hi in (("phase_noise_rad", math.pi), ("crosstalk", 0.5), ("insertion_loss_dB", 3.0), ("det_thermal_noise", 10.0), ("shot_noise", 10.0), ("t_step_s", 1e6)):
+        for name, hi in (("phase_noise_rad", math.pi), ("crosstalk", 0.5), ("crosstalk_residual", 1.0), ("insertion_loss_dB", 3.0),
+                         ("det_thermal_noise", 10.0), ("shot_noise", 10.0), ("p_pi_W", 10.0), ("t_step_s", 1e6)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= hi:
                 raise ConfigError(f"{name}={v!r} is out of range: expected a number in [0, {hi}]")
+        if self.detection not in DETECTIONS:
+            raise ConfigError(f"detection={self.detection!r} is not valid; choose one of: {', '.join(DETECTIONS)} "
+                              "(the mesh computes signed fields: direct detection would read |y|²)")
 
     def scale_of(self, W: Tensor) -> float:
         return float(torch.linalg.matrix_norm(W.double(), 2))
@@ -182,23 +218,26 @@ class OpticalMZI(Device):
 
     # ------------------------------------------------------------------ realisation
     def _realise(self, mesh: Mesh, N: int, generator) -> Tensor:
-        theta, phi = mesh.theta, mesh.phi
+        """The unitary the heaters realise: physical phases quantised, with setting noise and the
+        calibrated residual of thermal crosstalk (module docstring)."""
+        two_theta, phi, out = physical_phases(mesh)
         if self.phase_bits:
-            q = 2 * math.pi / 2**self.phase_bits
-            theta = torch.round(2 * theta / q) * q / 2  # the internal shifter holds 2θ
-            phi = torch.round(phi / q) * q
+            q = TWO_PI / 2**self.phase_bits
+            two_theta, phi, out = (torch.round(v / q) * q for v in (two_theta, phi, out))
         if self.phase_noise_rad:
-            theta = theta + 0.5 * self.phase_noise_rad * torch.randn(theta.shape, generator=generator, dtype=torch.float64)
-            phi = phi + self.phase_noise_rad * torch.randn(phi.shape, generator=generator, dtype=torch.float64)
-        if self.crosstalk and theta.shape[1]:
+            two_theta, phi, out = (v + self.phase_noise_rad * torch.randn(v.shape, generator=generator, dtype=torch.float64)
+                                   for v in (two_theta, phi, out))
+        c = self.crosstalk * self.crosstalk_residual
+        if c and two_theta.shape[1]:
             _, neigh = mesh_schedule(N)
-            t2, p2 = theta.clone(), phi.clone()
-            for kk, nb_ in enumerate(neigh):
+            dt, dp = torch.zeros_like(two_theta), torch.zeros_like(phi)
+            for kk, nb_ in enumerate(neigh):  # internal heaters warm internal ones, external external
                 for j in nb_:
-                    t2[:, kk] += self.crosstalk * theta[:, j]
-                    p2[:, kk] += self.crosstalk * phi[:, j]
-            theta, phi = t2, p2
-        return clements_reconstruct(Mesh(mesh.modes, theta, phi, mesh.diag), N)
+                    dt[:, kk] += c * two_theta[:, j]
+                    dp[:, kk] += c * phi[:, j]
+            two_theta, phi = two_theta + dt, phi + dp
+        diag = mesh.diag.abs() * torch.exp(1j * out)
+        return clements_reconstruct(Mesh(mesh.modes, 0.5 * two_theta, phi, diag), N)
 
     def _loss(self, N: int) -> float:
         return 10.0 ** (-N * self.insertion_loss_dB / 20.0)
@@ -220,27 +259,42 @@ class OpticalMZI(Device):
     def mean(self, state: MZIState) -> Tensor:
         return state.realized
 
+    def phase_settings_per_block(self) -> int:
+        """Heaters set when a block is programmed: θ and φ of the N(N−1)/2 MZIs of both meshes,
+        the N output phases of both meshes, and the N attenuators."""
+        N = self.mesh_size
+        return 2 * N * (N - 1) + 2 * N + N
+
     def update(self, state: MZIState, dw: Tensor, generator):
         """Re-program the mesh to hold the new weights. Every block whose weights change has all its
-        phase shifters and attenuators set again: 2·N(N−1) phases (two Clements meshes of
-        N(N−1)/2 MZIs with θ and φ) and N attenuators, counted as ``pulses_up`` (one programming
-        event per setting, the unit of the card's ``e_pulse_J``)."""
+        heaters set again (:meth:`phase_settings_per_block`), counted as ``pulses_up`` (one
+        programming event per setting, the unit of the card's ``e_pulse_J``)."""
         target = self.mean(state) + dw
         new = self.program(state, target, generator)
         changed = int((dw != 0).any(dim=1).sum()) if dw.numel() else 0
-        N = self.mesh_size
         blocks = int((self._split(dw) != 0).flatten(1).any(dim=1).sum()) if dw.numel() else 0
-        return new, UpdateCounts(blocks * (2 * N * (N - 1) + N), 0, 0, changed)
+        return new, UpdateCounts(blocks * self.phase_settings_per_block(), 0, 0, changed)
 
     def output_noise_var(self, y: Tensor) -> Tensor | None:
-        """Photodetector noise against the calibrated signal: the meshes attenuate the field by
-        L = 10^(−N·IL/20) each and the gain restores it, so thermal noise variance grows by 1/L⁴
-        (two meshes) and shot-noise variance (∝ the detected power) by 1/L²."""
+        """Coherent detection: local-oscillator shot noise and thermal noise, both independent of
+        the signal, referred back through the two meshes' field transmission T² (T = 10^(−N·IL/20)
+        per mesh): variance (shot² + thermal²)/T⁴ per output."""
         if self.det_thermal_noise == 0 and self.shot_noise == 0:
             return None
-        loss2 = self._loss(self.mesh_size) ** 2  # power transmission of one mesh
-        var = y.abs() * (self.shot_noise**2 / loss2)
-        return var.add_(self.det_thermal_noise**2 / loss2**2)
+        t4 = self._loss(self.mesh_size) ** 4
+        return torch.full_like(y, (self.shot_noise**2 + self.det_thermal_noise**2) / t4)
+
+    def static_power_W(self, state: MZIState) -> float:
+        """Holding power of every thermo-optic heater, P_π·φ/π summed over the physical phases of
+        both meshes of every block and the attenuators (2·arccos σ)."""
+        if not self.p_pi_W or state is None:
+            return 0.0
+        total = 0.0
+        for mesh in (state.u_mesh, state.v_mesh):
+            for ph in physical_phases(mesh):
+                total += float(ph.sum())
+        total += float((2 * torch.arccos(state.sigma.clamp(0.0, 1.0))).sum())
+        return self.p_pi_W * total / math.pi
 
     def physical(self, state: MZIState) -> dict[str, tuple[Tensor, str]]:
         return {

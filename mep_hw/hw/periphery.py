@@ -6,6 +6,18 @@ converter over [−bound, bound] has 2^b − 1 levels, step 2·bound/(2^b − 2)
 bound saturate. ``*_bits = 0`` is an ideal converter (no quantisation, no bound). aihwkit's
 defaults are 7-bit DAC with bound 1, 9-bit ADC with bound 12 and output noise 0.06 (std, in ỹ
 units).
+
+Opt-in management of the analog read, as aihwkit's IOParameters (both off by default here, so
+the default read is unchanged; aihwkit's own defaults are ``abs_max`` and ``iterative``):
+
+* ``noise_management = "abs_max"``: each input vector is divided by α = max_i |x̃_i| (capped at
+  ``nm_thres`` when that is > 0) before the DAC and the output multiplied by α: small inputs use
+  the DAC's full range, so their relative output noise no longer grows as 1/|x̃|
+  (aihwkit NoiseManagementType.ABS_MAX);
+* ``bound_management = "iterative"``: a vector whose output reaches the ADC bound is read again
+  with its inputs halved, and again, until no output saturates or the reduction exceeds
+  ``max_bm_factor`` or ``max_bm_res`` / (DAC resolution) (aihwkit BoundManagementType.ITERATIVE,
+  with its defaults 1000 and 0.25).
 """
 
 from __future__ import annotations
@@ -18,7 +30,10 @@ from torch import Tensor
 
 from mep_hw.errors import ConfigError
 
-__all__ = ["Periphery", "quantize"]
+__all__ = ["Periphery", "quantize", "NOISE_MANAGEMENT", "BOUND_MANAGEMENT"]
+
+NOISE_MANAGEMENT = ("none", "abs_max")
+BOUND_MANAGEMENT = ("none", "iterative")
 
 
 def quantize(x: Tensor, bits: int, bound: float) -> Tensor:
@@ -38,6 +53,11 @@ class Periphery:
     adc_bound: float = 12.0
     out_noise: float = 0.0
     w_headroom: float = 2.0  # mapping: w_scale = w_headroom × (largest weight magnitude at the first program)
+    noise_management: str = "none"  # "abs_max": inputs scaled by max|x̃| per vector (aihwkit's default)
+    nm_thres: float = 0.0  # cap of the abs_max scale (0: none)
+    bound_management: str = "none"  # "iterative": re-read with halved inputs while the ADC saturates
+    max_bm_factor: int = 1000
+    max_bm_res: float = 0.25
 
     def __post_init__(self):
         for name in ("dac_bits", "adc_bits"):
@@ -51,6 +71,16 @@ class Periphery:
         v = self.out_noise
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"out_noise={v!r} must be a finite number ≥ 0 (std in normalised output units)")
+        for name, valid in (("noise_management", NOISE_MANAGEMENT), ("bound_management", BOUND_MANAGEMENT)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(valid)}")
+        for name in ("nm_thres", "max_bm_res"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name}={v!r} must be a finite number ≥ 0")
+        v = self.max_bm_factor
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"max_bm_factor={v!r} must be an integer ≥ 1")
 
     @property
     def dac_step(self) -> float:

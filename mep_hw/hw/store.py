@@ -42,6 +42,9 @@ class OpCounts(NamedTuple):
     pulses_down: int = 0  # depressing pulses
     refreshes: int = 0  # cells re-programmed because a device saturated
     programmed: int = 0  # cells written by a program operation
+    read_J: float = 0.0  # read energy from the held conductances (devices that model it), J
+    write_J: float = 0.0  # pulse energy from the device's write physics (devices that model it), J
+    static_W: float = 0.0  # holding power of the arrays now, W (a level, not a count: a difference is meaningless)
 
     def __add__(self, other: "OpCounts") -> "OpCounts":  # type: ignore[override]
         return OpCounts(*(a + b for a, b in zip(self, other)))

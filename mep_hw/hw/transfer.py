@@ -9,7 +9,8 @@ towards its symmetry point acts on A as a leak instead of a bias):
     A ← A + (pulsed outer products of the update)                       every step
     v = read(A e_j) − A_sym e_j        for columns j of the transfer     every ``every`` steps
     H[:, j] ← H[:, j] + lr_T · v / Δw_C                                  (H in units of C's pulse)
-    n = trunc(H[:, j]) clipped to ±max_pulses;  C[:, j] ← n pulses;  H[:, j] ← H[:, j] − n
+    n = trunc(H[:, j]) clipped to ±max_pulses;  C[:, j] ← n pulses
+    H[:, j] ← momentum·n where n ≠ 0 (``forget``, aihwkit's default), else H[:, j] − (1 − momentum)·n
 
 The columns are visited in order, wrapping around. The read of A goes through the periphery
 (DAC, read noise, ADC) like any read; H is the only digital state (the transfer's FLOPs are
@@ -38,6 +39,8 @@ class TransferConfig(NamedTuple):
     max_pulses: int = 1  # pulses per cell per transfer
     gamma: float = 0.0  # W = C + γA
     reset_fast: bool = False
+    momentum: float = 0.0  # the buffer keeps momentum·n after a transfer of n pulses
+    forget: bool = False  # reset a transferring cell's buffer (to momentum·n) instead of subtracting
 
 
 class TransferState(NamedTuple):
@@ -60,7 +63,10 @@ def transfer_step(fast, slow, state: TransferState, cfg: TransferConfig, sym: Te
     H = state.H.clone()
     h = H[:, cols] + v * (cfg.lr / slow.dw_pulse)
     n = torch.trunc(h).clamp_(-cfg.max_pulses, cfg.max_pulses)
-    H[:, cols] = h - n
+    if cfg.forget:
+        H[:, cols] = torch.where(n != 0, n * cfg.momentum, h)
+    else:
+        H[:, cols] = h - n * (1.0 - cfg.momentum)
     up = torch.zeros(slow.shape, dtype=H.dtype, device=H.device)
     down = torch.zeros_like(up)
     up[:, cols] = n.clamp(min=0)

@@ -150,6 +150,16 @@ class TrainConfig:
         1.0, "tiki-taka: buffer gain: H += transfer_lr × (column read of A − symmetry point) / slow pulse step",
         metavar="F")
     tt_gamma: float = _opt(0.0, "tiki-taka: the network reads W = C + gamma·A", metavar="F")
+    transfer_max_pulses: int = _opt(1, "tiki-taka: most pulses per cell of the slow array per transfer", metavar="N")
+    transfer_momentum: float = _opt(
+        0.1, "tiki-taka: after a transfer of n pulses the buffer keeps momentum·n (aihwkit's BufferedTransferCompound "
+        "default)", metavar="F")
+    transfer_forget: bool = _opt(
+        True, "tiki-taka: reset a transferring cell's buffer to momentum·n (aihwkit's forget_buffer, default) instead of "
+        "subtracting (1 − momentum)·n")
+    transfer_reset: bool = _opt(
+        False, "tiki-taka: re-program the fast array's read columns to their symmetry point after each transfer "
+        "(aihwkit's with_reset_prob = 1)")
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
@@ -177,7 +187,7 @@ class TrainConfig:
             if getattr(self, name) is None:  # the activation's settle time at any step
                 object.__setattr__(self, name, steps)
         for name in ("epochs", "batch_size", "max_steps", "nudged_max_steps", "eval_batch_size", "pulse_bl",
-                     "transfer_every", "transfer_columns"):
+                     "transfer_every", "transfer_columns", "transfer_max_pulses"):
             _int(name, getattr(self, name), lo=1)
         _int("seed", self.seed, lo=0)
         for name in ("limit_train", "limit_test"):
@@ -189,8 +199,11 @@ class TrainConfig:
             _float(name, getattr(self, name), positive=False)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
-        if not isinstance(self.random_sign, bool):
-            raise ConfigError(f"random_sign={self.random_sign!r} must be true or false")
+        for name in ("random_sign", "transfer_forget", "transfer_reset"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        if not 0 <= self.transfer_momentum < 1:
+            raise ConfigError(f"transfer_momentum={self.transfer_momentum} must be in [0, 1)")
         try:
             dev = torch.device(self.torch_device)
         except (RuntimeError, TypeError):

@@ -9,12 +9,14 @@ Inference counts are those of the last evaluation pass (the test set, free phase
 
 from __future__ import annotations
 
+from mep_hw.hw.base import Device
 from mep_hw.hw.cost import CostCounts, cost_summary
 from mep_hw.settle import get_solver
 
 __all__ = ["CostAccumulator"]
 
-_KEYS = ("samples", "macs", "dac", "adc", "pulses", "refreshes", "host_flops", "settle_time_tau", "settle_steps")
+_KEYS = ("samples", "macs", "dac", "adc", "pulses", "refreshes", "host_flops", "settle_time_tau", "settle_steps",
+         "read_J", "write_J", "static_W")
 
 
 class CostAccumulator:
@@ -28,8 +30,9 @@ class CostAccumulator:
         d = {k: after_train[k] - before[k] for k in after_train}
         t = self.train
         t["samples"] += n
-        for k in ("macs", "dac", "adc", "refreshes"):
-            t[k] += d[k]
+        for k in ("macs", "dac", "adc", "refreshes", "read_J", "write_J"):
+            t[k] += d.get(k, 0)
+        t["static_W"] = after_train.get("static_W", 0.0)  # holding power now (not a count)
         t["pulses"] += d["pulses_up"] + d["pulses_down"]
         t["host_flops"] += host_flops
         t["settle_time_tau"] += settle[0]
@@ -37,7 +40,8 @@ class CostAccumulator:
         n_test, time_mean, steps_mean = test
         e = {k: after_eval[k] - after_train[k] for k in after_eval}
         self.test = {"samples": n_test, "macs": e["macs"], "dac": e["dac"], "adc": e["adc"], "pulses": 0, "refreshes": 0,
-                     "host_flops": 0, "settle_time_tau": time_mean * n_test, "settle_steps": steps_mean * n_test}
+                     "host_flops": 0, "settle_time_tau": time_mean * n_test, "settle_steps": steps_mean * n_test,
+                     "read_J": e.get("read_J", 0.0), "write_J": 0.0, "static_W": after_eval.get("static_W", 0.0)}
 
     def summary(self, card, cfg, model) -> dict:
         shapes = [tuple(w.shape) for w in model.weights]
@@ -48,7 +52,10 @@ class CostAccumulator:
             stages = get_solver(cfg.solver).stages
         except Exception:  # a backend (brian2), not a tableau: one evaluation per step
             stages = 1
-        kw = dict(kind=card.kind, clock_hz=getattr(card.device, "clock_hz", None), macs_per_eval=macs_per_eval, stages=stages,
+        dev = card.device
+        kw = dict(kind=card.kind, clock_hz=getattr(dev, "clock_hz", None), macs_per_eval=macs_per_eval, stages=stages,
+                  read_energy=type(dev).read_energy_lines is not Device.read_energy_lines,
+                  write_energy=bool(dev.models_write_energy),
                   init_reads=len(shapes) if cfg.init == "forward" else 0,
                   init_macs=sum(o * i for o, i in shapes) if cfg.init == "forward" else 0)
         train = cost_summary(card.cost, CostCounts(**self.train, phases=self.phases), **kw)
@@ -61,5 +68,5 @@ class CostAccumulator:
 
     def load_state_dict(self, d: dict | None) -> None:
         if d:
-            self.train = {**self.train, **d["train"]}
-            self.test = {**self.test, **d["test"]}
+            self.train = {**dict.fromkeys(_KEYS, 0), **d["train"]}
+            self.test = {**dict.fromkeys(_KEYS, 0), **d["test"]}

@@ -207,7 +207,8 @@ class TikiTakaUpdate(AnalogUpdate):
         from mep_hw.hw.base import Tile
 
         self.cfg = TransferConfig(every=cfg.transfer_every, columns=cfg.transfer_columns, lr=cfg.transfer_lr,
-                                  gamma=cfg.tt_gamma)
+                                  gamma=cfg.tt_gamma, max_pulses=cfg.transfer_max_pulses, reset_fast=cfg.transfer_reset,
+                                  momentum=cfg.transfer_momentum, forget=cfg.transfer_forget)
         if self.cfg.gamma != 0.0:
             raise ConfigError("tt_gamma > 0 (reading W = C + γA) is not supported yet: the network reads C; use --tt-gamma 0")
         seed = cfg.seed if seed is None else seed

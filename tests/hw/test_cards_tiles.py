@@ -21,7 +21,7 @@ from mep_hw.hw import (
 )
 
 F64 = torch.float64
-EXPECTED = {"ideal", "pcm", "reram_taox", "reram_agsi", "ecram", "fefet", "mzi", "fpga_q16"}
+EXPECTED = {"ideal", "pcm", "reram_taox", "reram_agsi", "reram_agsi_measured", "ecram", "fefet", "mzi", "fpga_q16"}
 
 
 def test_every_shipped_card_loads_with_a_source():
@@ -64,6 +64,8 @@ GOOD = 'name = "x"\nkind = "crossbar"\nsource = "a paper, 2024, Table 1"\n[devic
         (GOOD + "[periphery]\nadc_bits = 99\n", r"\[periphery\]: adc_bits=99 must be 0"),
         ("name = \n", "is not valid TOML"),
         (GOOD + "[sources]\nnope = 'x'\n", r"\[sources\] names unknown field\(s\) nope"),
+        (GOOD, r"\[device\] field\(s\) g_max_uS have no \[sources\] entry"),
+        (GOOD + 'response = "table"\ntable_file = "missing.csv"\n', r"table_file 'missing.csv' is not a file beside the card"),
         ('vendor = "x"\n' + GOOD, r"unknown key\(s\) vendor"),
     ],
 )
@@ -143,3 +145,28 @@ def test_the_held_dac_codes_follow_an_input_modified_in_place():
     fresh = Tile(IdealDevice(), Periphery(dac_bits=6, adc_bits=10, adc_bound=3.0), W, seed=0)
     torch.testing.assert_close(t.mvm(x), fresh.mvm(x.clone()))
     assert not torch.allclose(t.mvm(x), y0)
+
+
+def test_a_measured_table_card_ships_and_loads(tmp_path):
+    from importlib import resources
+
+    assert (resources.files("mep_hw.cards") / "agsi_jo2010.csv").is_file()  # package data of the wheel
+    card = load_card("reram_agsi_measured")
+    t = card.device.table
+    assert t.curves == 1 and len(t.up[0]) == 98 and len(t.down[0]) == 102  # 97 and 101 pulses measured
+    assert all(b > a for a, b in zip(t.up[0], t.up[0][1:])) and all(b < a for a, b in zip(t.down[0], t.down[0][1:]))
+    assert "Jo" in t.source and card.to_dict()["device"]["table_file"] == "agsi_jo2010.csv"
+    # a card of one's own with two measured devices: cells draw one curve each
+    csv = "# test\ncurve,direction,pulse,g_uS\n" + "".join(
+        f"{c},up,{k},{1 + c + k * (1 + c)}\n{c},down,{k},{1 + c + (10 - k) * (1 + c)}\n" for c in (0, 1) for k in range(11))
+    (tmp_path / "two.csv").write_text(csv)
+    (tmp_path / "two.toml").write_text('name = "two"\nkind = "crossbar"\nsource = "test"\n[device]\nresponse = "table"\n'
+                                       'table_file = "two.csv"\ng_min_uS = 1.0\ng_max_uS = 21.0\n'
+                                       '[sources]\nresponse = "t"\ntable_file = "t"\ng_min_uS = "t"\ng_max_uS = "t"\n')
+    two = load_card(str(tmp_path / "two.toml"))
+    st = two.device.init_state((1000,), torch.Generator().manual_seed(0), F64, "cpu")
+    assert set(st.curve_p.unique().tolist()) == {0, 1}
+    (tmp_path / "bad.csv").write_text("curve,direction,pulse,g_uS\n0,up,0,1\n0,up,1,2\n")
+    (tmp_path / "bad.toml").write_text((tmp_path / "two.toml").read_text().replace("two.csv", "bad.csv"))
+    with pytest.raises(ConfigError, match="curve 0 has no 'down' ramp"):
+        load_card(str(tmp_path / "bad.toml"))

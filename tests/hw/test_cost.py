@@ -105,4 +105,48 @@ def test_a_hardware_run_records_its_cost(tmp_path):
     assert cost["missing"] == [] and tr["energy_J_per_sample"]["total"] > 0
     h = m["history"][-1]
     # settle time of the free and both nudged phases, plus the bottom-up pass (one read per layer), × τ
-    assert tr["latency_s_per_sample"] == pytest.approx((h["free_time_mean"] + 2 * h["nudged_time_mean"] + 2) * 1e-7)
+    tau = load_card("pcm").cost.tau_s
+    assert tr["latency_s_per_sample"] == pytest.approx((h["free_time_mean"] + 2 * h["nudged_time_mean"] + 2) * tau)
+    # the array's read energy is computed from the conductances it holds, not from a per-MAC constant
+    assert tr["energy_J_per_sample"]["array"] == pytest.approx(tr["per_sample"]["read_J"]) and tr["per_sample"]["read_J"] > 0
+
+
+def test_read_energy_is_v2_sum_g_t_on_a_hand_made_tile():
+    """E = V_read²·t_read·Σ_b Σ_j f(x̃_bj)·Σ_i (G⁺_ij + G⁻_ij), f = |x̃| (pulse width) or x̃² (amplitude)."""
+    from mep_hw.hw import CrossbarDevice, Periphery
+
+    F64 = torch.float64
+    for coding in ("pulse_width", "amplitude"):
+        dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, v_read_V=0.3, t_read_s=2e-7, input_coding=coding)
+        t = Tile(dev, Periphery(), torch.zeros(2, 3, dtype=F64), seed=0)
+        gp = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=F64)
+        gm = torch.tensor([[0.5, 0.0, 1.0], [2.0, 0.0, 0.5]], dtype=F64)
+        t.state = t.state._replace(gp=gp, gm=gm)
+        t._changed()
+        x = torch.tensor([[0.5, -1.0, 0.25], [1.0, 0.0, 0.5]], dtype=F64)
+        t.mvm(x)
+        f = [abs(v) if coding == "pulse_width" else v * v for v in x.flatten().tolist()]
+        expected = 0.0
+        for b in range(2):
+            for j in range(3):
+                col = sum(float(gp[i, j] + gm[i, j]) for i in range(2))
+                expected += 0.3**2 * 2e-7 * f[b * 3 + j] * col * 1e-6
+        assert t.energy_totals()["read_J"] == pytest.approx(expected, rel=1e-12)
+        u = torch.tensor([[1.0, 0.5]], dtype=F64)  # the transpose read drives the rows
+        t.mvm_t(u)
+        rows = [sum(float(gp[i, j] + gm[i, j]) for j in range(3)) for i in range(2)]
+        fu = [1.0, 0.5] if coding == "pulse_width" else [1.0, 0.25]
+        expected += sum(0.3**2 * 2e-7 * fu[i] * rows[i] * 1e-6 for i in range(2))
+        assert t.energy_totals()["read_J"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_static_power_and_write_energy_enter_the_cost():
+    const = CostConstants(tau_s=1e-9, e_mac_J=1e-15, e_dac_J=0.0, e_adc_J=0.0, e_pulse_J=1.0)
+    c = CostCounts(samples=2, macs=10, dac=0, adc=0, pulses=4, refreshes=0, host_flops=0, settle_time_tau=10.0,
+                   settle_steps=10.0, phases=1, read_J=3e-12, write_J=8e-12, static_W=12.0)
+    s = cost_summary(const, c, kind="optical_mzi", read_energy=True, write_energy=True)
+    e = s["energy_J_per_sample"]
+    assert e["array"] == pytest.approx(1.5e-12) and e["programming"] == pytest.approx(4e-12)
+    assert e["static"] == pytest.approx(12.0 * 5 * 1e-9)  # P × (settle time per sample × τ)
+    s = cost_summary(const, c, kind="optical_mzi")  # constants when the device does not model them
+    assert s["energy_J_per_sample"]["array"] == pytest.approx(5 * 1e-15) and s["energy_J_per_sample"]["programming"] == pytest.approx(2.0)

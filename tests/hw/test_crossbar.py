@@ -1,15 +1,19 @@
-"""Crossbar physics: every noise model against its formula, pulses, bounds, stuck cells."""
+"""Crossbar physics against the sources' equations: programming, read noise and drift statistics
+(Nandakumar 2019 / aihwkit PCMLikeNoiseModel), per-pulse statistics (NeuroSim, aihwkit), n pulses
+at once vs single pulses, symmetry points, stuck cells, refresh, ideal limit."""
 
 import math
 
 import pytest
 import torch
 
-from mep_hw.errors import ConfigError
-from mep_hw.hw import CrossbarDevice, IdealDevice, NoiseBank, Periphery, Tile, neurosim_a, quantize
+from mep_hw.errors import ConfigError, DeviceError
+from mep_hw.hw import CrossbarDevice, FixedPointDevice, IdealDevice, NoiseBank, Periphery, Tile, neurosim_a, quantize
+from mep_hw.hw.crossbar import _Dev, monotone_curve, pcm_drift_nu, pcm_read_qs
 
 F64 = torch.float64
 N = 200_000  # samples for the statistics tests
+TOL = 0.05  # the issue's tolerance for means and standard deviations
 
 
 def gen(seed=0):
@@ -22,6 +26,14 @@ def state_of(dev, shape=(N,), seed=0, dtype=F64):
 
 def close(x, y, rel):
     return abs(x - y) <= rel * abs(y)
+
+
+def single_pulse(dev, g0, up, seed, n=N):
+    """One pulse on n fresh devices (no device-to-device spread) at conductance g0 (µS)."""
+    g = torch.full((n,), g0, dtype=F64)
+    one = torch.ones(n, dtype=F64)
+    q = dev._prep(_Dev(one * dev.g_max_uS, one, one * 0.0, torch.zeros(n, dtype=torch.int64)))
+    return dev.pulse(g, up, q, gen(seed))
 
 
 # ----------------------------------------------------------------------------- programming
@@ -37,29 +49,144 @@ def test_pcm_programming_noise_follows_the_polynomial():
     dev50 = CrossbarDevice(g_min_uS=0.0, g_max_uS=50.0, prog_noise_model="pcm", prog_noise=1.0, update_mode="unidirectional")
     st = dev50.program(state_of(dev50), torch.full((N,), 0.5, dtype=F64), gen(2))
     assert close(float(st.gp.std()), (0.26348 + 1.9650 * 0.5 - 1.1731 * 0.25) * 2, 0.01)
+    # aihwkit clips programmed PCM conductances at 0 only: at the top the spread is the full polynomial
+    st = dev.program(state_of(dev), torch.full((N,), 1.0, dtype=F64), gen(3))
+    assert close(float(st.gp.std()), 0.26348 + 1.9650 - 1.1731, TOL) and float(st.gp.max()) > 25.0
 
 
-def test_relative_programming_noise_and_levels():
+def test_relative_programming_noise_is_truncated_at_the_device_bounds():
     dev = CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, prog_noise_model="relative", prog_noise=0.02)
     st = dev.program(state_of(dev), torch.full((N,), 0.3, dtype=F64), gen(3))
     assert close(float(st.gp.std()), 0.02 * 10.0, 0.01)
-    q = CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, levels=6)  # levels every 2 µS
-    st = q.program(state_of(q, (1000,)), torch.linspace(-1, 1, 1000, dtype=F64), gen(4))
-    k = (st.gp - 1.0) / 2.0
-    assert torch.allclose(k, k.round(), atol=1e-12) and set(torch.unique(st.gp).tolist()) <= {1.0, 3.0, 5.0, 7.0, 9.0, 11.0}
+    # programmed to the top: min(N(g_max, σ), g_max), a clipped normal: mean g_max − σ/√(2π),
+    # std σ·√(½ − 1/(2π)) (−42 %), half of the devices exactly at g_max
+    st = dev.program(state_of(dev), torch.full((N,), 1.0, dtype=F64), gen(4))
+    sig = 0.2
+    assert close(float(11.0 - st.gp.mean()), sig / math.sqrt(2 * math.pi), TOL)
+    assert close(float(st.gp.std()), sig * math.sqrt(0.5 - 1 / (2 * math.pi)), TOL)
+    assert abs(float((st.gp == 11.0).double().mean()) - 0.5) < 0.01
 
 
-def test_read_noise_is_resampled_and_has_its_std():
+def test_levels_are_pulse_positions_on_the_response_curve():
+    lin = CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, levels=6, response="linear")  # 5 pulses of 2 µS
+    st = lin.program(state_of(lin, (1000,)), torch.linspace(-1, 1, 1000, dtype=F64), gen(4))
+    assert set(torch.unique(st.gp).round(decimals=9).tolist()) <= {1.0, 3.0, 5.0, 7.0, 9.0, 11.0}
+    # NeuroSim: states uniform in pulse number on the nonlinear curve, not uniform in G
+    exp_ = CrossbarDevice(g_min_uS=0.0, g_max_uS=1.0, levels=11, response="exponential", nl_ltp=2.4, nl_ltd=-4.88)
+    st = exp_.program(state_of(exp_, (2001,)), torch.linspace(-1, 1, 2001, dtype=F64), gen(5))
+    A = 0.499181 * 10  # NeuroSim getParamA(2.40) × P_max
+    B = 1.0 / (1 - math.exp(-10 / A))
+    grid = torch.tensor([B * (1 - math.exp(-k / A)) for k in range(11)], dtype=F64)
+    held = torch.unique(st.gp)
+    assert held.numel() == 11 and float((held - grid).abs().max()) < 1e-4  # the table's A vs the formula: 5e-5
+
+
+def test_programming_noise_survives_on_quantised_cards():
+    # programming noise leaves G off the grid; a write too small for a pulse does not snap it back
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, levels=16, prog_noise_model="pcm", prog_noise=1.0)
+    st = dev.program(state_of(dev), torch.full((N,), 0.4, dtype=F64), gen(30))
+    off = st.gp - dev._quantise(st.gp.clone(), st.gmax_p, st.curve_p)
+    assert float(off.abs().max()) > 0.1
+    new, c = dev.update(st, torch.full((N,), 1e-3, dtype=F64), gen(31))  # < half a pulse: 0 pulses
+    assert int(c.pulses_up) == int(c.pulses_down) == 0
+    assert torch.equal(new.gp, st.gp) and torch.equal(new.gm, st.gm)
+
+
+@pytest.mark.parametrize("card", ["reram_taox", "reram_agsi", "fefet", "reram_agsi_measured"])
+def test_quantised_cards_keep_their_pulse_noise(card):
+    """Each pulse adds NeuroSim's cycle-to-cycle noise, σ = c2c × range, and the conductance stays
+    continuous (the issue: rounding to the level grid erased it)."""
+    from mep_hw.hw import load_card
+
+    dev = load_card(card).device
+    mid = 0.5 * (dev.g_min_uS + dev.g_max_uS)
+    for up in (True, False):
+        g1 = single_pulse(dev, mid, up, seed=7 + up)
+        assert close(float(g1.std()), dev.dw_ctoc * dev.g_range, TOL), (card, up, float(g1.std()))
+        assert torch.unique(g1).numel() > N // 2  # continuous, not snapped to a grid
+
+
+# ----------------------------------------------------------------------------- reading
+def test_constant_read_noise_is_resampled_and_has_its_std():
     dev = CrossbarDevice(read_noise=0.01)
     st = dev.program(state_of(dev, (8,)), torch.full((8,), 0.25, dtype=F64), gen(5))
     bank = NoiseBank(7, size=1 << 20, dtype=F64)
     reads = torch.stack([dev.read(st, bank) for _ in range(N // 8)])  # (reads, cells)
     assert close(float(reads.std()), math.sqrt(2) * 0.01, 0.01)  # two devices per weight
     assert abs(float(reads.mean()) - 0.25) < 4 * 0.0142 / math.sqrt(reads.numel())
-    # independent reads: the correlation of a cell's noise between consecutive reads is ~0
     r = reads - reads.mean(0)
     corr = float((r[1:] * r[:-1]).mean() / r.var())
     assert abs(corr) < 0.01
+
+
+@pytest.mark.parametrize("g_rel", [0.02, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("t_s", [0.0, 3600.0, 3.15e7])
+def test_pcm_read_noise_follows_the_1_over_f_model(g_rel, t_s):
+    """σ(G, t) = |G(t)|·Q_s(g)·√ln((t + t₀ + t_read)/(2 t_read)) per device and read (Nandakumar
+    2019; aihwkit PCMLikeNoiseModel.apply_drift_noise_to_conductance)."""
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, update_mode="unidirectional", read_noise_model="pcm", read_noise=1.0,
+                         t_read_s=250e-9, drift_model="pcm")
+    st = dev.advance(dev.program(state_of(dev), torch.full((N,), g_rel, dtype=F64), gen(6)), t_s)
+    gp = dev.physical(st)["g_plus"][0]
+    qs = min(0.0088 / max(g_rel**0.65, 1e-3), 0.2)
+    sig = gp * qs * math.sqrt(math.log((t_s + 20.0 + 250e-9) / (2 * 250e-9)))  # per device, µS
+    reads = dev.read(st, NoiseBank(8, size=1 << 20, dtype=F64)) * 25.0 - gp  # G⁻ = 0: no noise
+    assert close(float(reads.std()), float(sig.square().mean().sqrt()), TOL)
+    assert abs(float(reads.mean())) < 5 * float(sig.mean()) / math.sqrt(N)
+    assert torch.allclose(dev.read_std(st) * 25.0, sig)
+    assert float(pcm_read_qs(torch.tensor([g_rel]))) == pytest.approx(qs)
+
+
+def folded_normal_moments(mu, sd):
+    a = mu / sd
+    phi = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
+    big_phi = 0.5 * math.erfc(a / math.sqrt(2))  # Φ(−a)
+    m = sd * math.sqrt(2 / math.pi) * math.exp(-a * a / 2) + mu * (1 - 2 * big_phi)
+    return m, math.sqrt(mu * mu + sd * sd - m * m), phi
+
+
+@pytest.mark.parametrize("g_rel", [0.02, 0.1, 0.5])
+def test_pcm_drift_exponent_depends_on_the_programmed_conductance(g_rel):
+    """ν = |N(μ(g), σ(g))| (Nandakumar 2019): 0.060 ± 0.023 at 0.1·g_max, 0.086 ± 0.041 at 0.02."""
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, update_mode="unidirectional", drift_model="pcm")
+    st = dev.program(state_of(dev), torch.full((N,), g_rel, dtype=F64), gen(9))
+    lg = math.log(g_rel)
+    mu = min(max(-0.0155 * lg + 0.0244, 0.049), 0.1)
+    sd = min(max(-0.0125 * lg - 0.0059, 0.008), 0.045)
+    m, s, _ = folded_normal_moments(mu, sd)
+    assert close(float(st.nu_p.mean()), m, TOL) and close(float(st.nu_p.std()), s, TOL)
+    mu_t, sd_t = pcm_drift_nu(torch.tensor([g_rel]))
+    assert float(mu_t) == pytest.approx(mu) and float(sd_t) == pytest.approx(sd)
+
+
+@pytest.mark.parametrize("g_rel", [0.02, 0.1, 0.5])
+@pytest.mark.parametrize("t_s", [3600.0, 86400.0, 3.15e7])
+def test_pcm_drift_mean_conductance(g_rel, t_s):
+    """E[G(t)] = G₀ E[((t + t₀)/t₀)^(−ν)] over the folded-normal ν (quadrature)."""
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, update_mode="unidirectional", drift_model="pcm")
+    st = dev.advance(dev.program(state_of(dev), torch.full((N,), g_rel, dtype=F64), gen(10)), t_s)
+    g = dev.physical(st)["g_plus"][0]
+    lg = math.log(g_rel)
+    mu = min(max(-0.0155 * lg + 0.0244, 0.049), 0.1)
+    sd = min(max(-0.0125 * lg - 0.0059, 0.008), 0.045)
+    x = torch.linspace(-8, 8, 20001, dtype=F64)
+    w = torch.exp(-x * x / 2)
+    nu = (mu + sd * x).abs()
+    ratio = float((w * ((t_s + 20) / 20) ** (-nu)).sum() / w.sum())
+    assert close(float(g.mean()), 25.0 * g_rel * ratio, TOL / 5)
+    assert close(float(g.std()), float(25.0 * g_rel * ((w * ((t_s + 20) / 20) ** (-2 * nu)).sum() / w.sum() - ratio**2) ** 0.5), TOL)
+
+
+def test_constant_drift_power_law():
+    dev = CrossbarDevice(drift_nu_mean=0.05, drift_nu_std=0.0, drift_t0_s=20.0, update_mode="unidirectional")
+    st = dev.program(state_of(dev, (10,)), torch.full((10,), 0.8, dtype=F64), gen(9))
+    g0 = st.gp.clone()
+    for t in (0.0, 20.0, 3600.0, 86400.0):
+        g = dev.physical(dev.advance(st, t))["g_plus"][0]
+        torch.testing.assert_close(g, g0 * ((t + 20.0) / 20.0) ** -0.05)
+    spread = CrossbarDevice(drift_nu_mean=0.05, drift_nu_std=0.01)
+    st = state_of(spread)
+    assert close(float(st.nu_p.mean()), 0.05, 0.01) and close(float(st.nu_p.std()), 0.01, 0.02)
 
 
 def test_mvm_noise_is_read_noise_times_the_input_norm_plus_output_noise():
@@ -77,17 +204,190 @@ def test_mvm_noise_is_read_noise_times_the_input_norm_plus_output_noise():
     assert close(float((yt - torch.ones(1, 4, dtype=F64) @ tile.held()).std()), sigma_t, 0.02)
 
 
-def test_drift_power_law():
-    dev = CrossbarDevice(drift_nu_mean=0.05, drift_nu_std=0.0, drift_t0_s=20.0, update_mode="unidirectional")
-    st = dev.program(state_of(dev, (10,)), torch.full((10,), 0.8, dtype=F64), gen(9))
-    g0 = st.gp.clone()
-    for t in (0.0, 20.0, 3600.0, 86400.0):
-        later = dev.advance(st, t)
-        g = dev.physical(later)["g_plus"][0]
-        torch.testing.assert_close(g, g0 * ((t + 20.0) / 20.0) ** -0.05)
-    spread = CrossbarDevice(drift_nu_mean=0.05, drift_nu_std=0.01)
-    st = state_of(spread)
-    assert close(float(st.nu_p.mean()), 0.05, 0.01) and close(float(st.nu_p.std()), 0.01, 0.02)
+# ----------------------------------------------------------------------------- one pulse
+# NeuroSim getParamA table entries (A / P_max, MLP+NeuroSim V3.0 formula.cpp), signed by the label
+NS_A = {2.4: 0.499181, -4.88: -0.200303, 0.04: 31.566827, -0.63: -2.063266}
+
+
+def neurosim_next(g, P, A_rel, g_min, g_max, n):
+    """NeuroSim RealDevice::Write without noise: x = InvNonlinearWeight(G), G' = NonlinearWeight(x + n)."""
+    A = A_rel * P
+    B = (g_max - g_min) / (1 - math.exp(-P / A))
+    x = -A * math.log(1 - (g - g_min) / B)
+    return B * (1 - math.exp(-(x + n) / A)) + g_min
+
+
+@pytest.mark.parametrize("nl_ltp,nl_ltd", [(2.4, -4.88), (0.04, -0.63)])
+@pytest.mark.parametrize("frac", [0.2, 0.5, 0.8])
+def test_exponential_pulse_matches_neurosim_per_pulse(nl_ltp, nl_ltd, frac):
+    """Mean: NeuroSim's NonlinearWeight(InvNonlinearWeight(G) ± 1); std: sigmaCtoC = c2c × range."""
+    g_min, g_max = 1.0, 11.0
+    dev = CrossbarDevice(g_min_uS=g_min, g_max_uS=g_max, levels=98, levels_down=101, response="exponential",
+                         nl_ltp=nl_ltp, nl_ltd=nl_ltd, c2c_model="range", dw_ctoc=0.035)
+    g0 = g_min + frac * (g_max - g_min)
+    up = single_pulse(dev, g0, True, seed=11)
+    dn = single_pulse(dev, g0, False, seed=12)
+    m_up = neurosim_next(g0, 97, NS_A[nl_ltp], g_min, g_max, 1)
+    m_dn = neurosim_next(g0, 100, NS_A[nl_ltd], g_min, g_max, -1)
+    sig = 0.035 * 10.0
+    se = sig / math.sqrt(N)
+    assert abs(float(up.mean()) - m_up) < 5 * se + 2e-4 * abs(m_up - g0)  # table A vs formula: 5e-5
+    assert abs(float(dn.mean()) - m_dn) < 5 * se + 2e-4 * abs(m_dn - g0)
+    assert close(float(up.std()), sig, TOL) and close(float(dn.std()), sig, TOL)
+    quiet = CrossbarDevice(**{**{f: getattr(dev, f) for f in ("g_min_uS", "g_max_uS", "levels", "levels_down", "response",
+                                                               "nl_ltp", "nl_ltd")}})
+    for n in (1, 5, 40):  # without noise, n single pulses follow the closed form exactly
+        g = torch.full((1,), g0, dtype=F64)
+        st = quiet.init_state((1,), gen(0), F64, "cpu")._replace(gp=g.clone(), gm=torch.full((1,), g_min, dtype=F64))
+        st, _ = quiet.apply_pulses(st, torch.tensor([float(n)], dtype=F64), torch.zeros(1, dtype=F64), gen(1))
+        expected = min(neurosim_next(g0, 97, NS_A[nl_ltp], g_min, g_max, n), g_max)  # NeuroSim clips at maxConductance
+        assert float(st.gp) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.5, 0.9, 0.99])
+def test_soft_bounds_multiplicative_noise_matches_aihwkit(frac):
+    """aihwkit SoftBounds (LinearStep, γ = 1, mult_noise): ΔG↑ = dw_min (1 − (G − G_ref)/(g_max −
+    G_ref))(1 + σξ), so the noise vanishes at the bound (the issue: σ·Δg·√n everywhere)."""
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, dw_min_uS=0.05, response="soft_bounds", c2c_model="multiplicative", dw_ctoc=0.3)
+    g0 = 10.0 * frac
+    up = single_pulse(dev, g0, True, seed=13) - g0
+    dn = g0 - single_pulse(dev, g0, False, seed=14)
+    ref = 5.0
+    m_up = 0.05 * (1 - (g0 - ref) / (10.0 - ref))
+    m_dn = 0.05 * (1 - (ref - g0) / ref)
+    assert close(float(up.mean()), m_up, TOL) and close(float(up.std()), 0.3 * m_up, TOL)
+    assert close(float(dn.mean()), m_dn, TOL) and close(float(dn.std()), 0.3 * m_dn, TOL)
+
+
+@pytest.mark.parametrize("frac", [0.2, 0.6, 0.95])
+def test_linear_step_and_pow_step_match_aihwkit(frac):
+    """LinearStep: ΔG↑ = s(1 − γ↑ (G − G_ref)/(g_max − G_ref)), |ΔG↓| = s(1 − γ↓ (G_ref − G)/(G_ref − g_min));
+    PowStep: ΔG↑ = s ω^γ↑, |ΔG↓| = s (1 − ω)^γ↓ with ω = (g_max − G)/R; additive noise σ·s."""
+    ls = CrossbarDevice(g_min_uS=0.0, g_max_uS=1.0, dw_min_uS=0.002, response="linear_step", gamma_up=0.1153,
+                        gamma_down=0.5085, step_ref_frac=0.4138, c2c_model="additive", dw_ctoc=0.3)
+    g0 = frac
+    ref = 0.4138
+    for up, m in ((True, 0.002 * (1 - 0.1153 * (g0 - ref) / (1 - ref))), (False, 0.002 * (1 - 0.5085 * (ref - g0) / ref))):
+        d = (single_pulse(ls, g0, up, seed=15) - g0).abs()
+        assert close(float(d.mean()), m, TOL / 5) and close(float(d.std()), 0.3 * 0.002, TOL)
+    ps = CrossbarDevice(g_min_uS=0.0, g_max_uS=1.0, dw_min_uS=0.002, response="pow_step", gamma_up=2.0, gamma_down=0.5)
+    omega = 1 - g0
+    assert float(single_pulse(ps, g0, True, 16, n=4)[0] - g0) == pytest.approx(0.002 * omega**2)
+    assert float(g0 - single_pulse(ps, g0, False, 16, n=4)[0]) == pytest.approx(0.002 * (1 - omega) ** 0.5)
+
+
+def test_asymmetry_and_up_down_spread():
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=100.0, dw_min_uS=0.1, up_down_asym=0.4, up_down_dtod=0.05, response="linear_step",
+                         gamma_up=0.0, gamma_down=0.0)
+    st = state_of(dev)
+    assert close(float(st.ud_p.std()), 0.05, 0.02)
+    st = st._replace(gp=torch.full((N,), 50.0, dtype=F64), gm=torch.full((N,), 50.0, dtype=F64))
+    new, _ = dev.apply_pulses(st, torch.ones(N, dtype=F64), torch.zeros(N, dtype=F64), gen(17))
+    up = new.gp - 50.0
+    assert close(float(up.mean()), 0.1 * 1.2, 0.01) and close(float(up.std()), 0.1 * 0.05, TOL)
+    assert close(float((50.0 - new.gm).mean()), 0.1 * 0.8, 0.01)  # G⁻ took a down pulse
+
+
+# ----------------------------------------------------------------------------- n pulses
+@pytest.mark.parametrize("n", [10, 50])
+def test_n_soft_bounds_pulses_follow_the_product_of_n_factors(n):
+    """Distance to the soft bound d → d(1 − a(1 + σξ)) per pulse: E[d_n] = d₀(1 − a)ⁿ and
+    E[d_n²] = d₀²((1 − a)² + a²σ²)ⁿ (aihwkit's per-pulse rule, compounded exactly)."""
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, dw_min_uS=0.2, response="soft_bounds", c2c_model="multiplicative",
+                         dw_ctoc=0.5, update_mode="bidirectional")
+    st = state_of(dev)._replace(gp=torch.full((N,), 5.0, dtype=F64), gm=torch.full((N,), 5.0, dtype=F64))
+    new, counts = dev.apply_pulses(st, torch.full((N,), float(n), dtype=F64), torch.zeros(N, dtype=F64), gen(18))
+    a, s, d0 = 0.2 / 5.0, 0.5, 5.0
+    d = 10.0 - new.gp
+    m = d0 * (1 - a) ** n
+    v = d0**2 * ((1 - a) ** 2 + (a * s) ** 2) ** n - m * m
+    assert close(float(d.mean()), m, TOL / 5) and close(float(d.std()), math.sqrt(v), TOL)
+    assert int(counts.pulses_up) == int(counts.pulses_down) == N * n  # G⁺ up and G⁻ down per weight pulse
+
+
+@pytest.mark.parametrize("card", ["reram_agsi", "ecram", "pcm", "reram_agsi_measured"])
+def test_n_pulses_at_once_equal_n_single_pulses_in_distribution(card):
+    from mep_hw.hw import load_card
+
+    dev = load_card(card).device
+    n, cells = 12, 20_000
+    st0 = dev.program(state_of(dev, (cells,), seed=20), torch.full((cells,), 0.1, dtype=F64), gen(21))
+    at_once, _ = dev.apply_pulses(st0, torch.full((cells,), float(n), dtype=F64), torch.zeros(cells, dtype=F64), gen(22))
+    one_by_one = st0
+    for k in range(n):
+        one_by_one, _ = dev.apply_pulses(one_by_one, torch.ones(cells, dtype=F64), torch.zeros(cells, dtype=F64), gen(100 + k))
+    a, b = dev.mean(at_once) - dev.mean(st0), dev.mean(one_by_one) - dev.mean(st0)
+    se = float(b.std()) / math.sqrt(cells)
+    assert abs(float(a.mean() - b.mean())) < 5 * se + 1e-9
+    assert close(float(a.std()), float(b.std()), TOL)
+    # and a mixed call interleaves: 3 up and 2 down equal up, down, up, down, up
+    mixed, _ = dev.apply_pulses(st0, torch.full((cells,), 3.0, dtype=F64), torch.full((cells,), 2.0, dtype=F64), gen(23))
+    seq = st0
+    for k, up in enumerate((1, 0, 1, 0, 1)):
+        ones, zeros = torch.ones(cells, dtype=F64), torch.zeros(cells, dtype=F64)
+        seq, _ = dev.apply_pulses(seq, ones if up else zeros, zeros if up else ones, gen(200 + k))
+    a, b = dev.mean(mixed) - dev.mean(st0), dev.mean(seq) - dev.mean(st0)
+    assert abs(float(a.mean() - b.mean())) < 5 * float(b.std()) / math.sqrt(cells) + 1e-9
+
+
+# ----------------------------------------------------------------------------- symmetry, dw_pulse
+def test_symmetry_point_of_linear_step_pairs_matches_the_closed_form():
+    """aihwkit's symmetry point w* = (α₊ − α₋)/(α₊γ₊/U + α₋γ₋/D) per device; alternating pulses
+    drive a pair there."""
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=1.0, dw_min_uS=0.004, response="linear_step", gamma_up=0.5, gamma_down=1.0,
+                         step_ref_frac=0.5, up_down_asym=0.2, dw_dtod=0.2, up_down_dtod=0.05)
+    cells = 2000
+    st = dev.program(state_of(dev, (cells,), seed=24), torch.zeros(cells, dtype=F64), gen(25))
+    w_star = dev.symmetry_point(st)
+
+    def g_star(dwf, ud, gmax):
+        su, sd = dwf * (1 + 0.1 + ud), dwf * (1 - 0.1 - ud)
+        ref = 0.5 * gmax
+        x = (su - sd) / (su * 0.5 / (gmax - ref) + sd * 1.0 / ref)
+        return ref + x
+
+    expected = (torch.minimum(g_star(st.dw_p, st.ud_p, st.gmax_p).clamp(min=0), st.gmax_p)
+                - torch.minimum(g_star(st.dw_m, st.ud_m, st.gmax_m).clamp(min=0), st.gmax_m))
+    torch.testing.assert_close(w_star, expected, atol=1e-9, rtol=1e-6)
+    quiet = CrossbarDevice(**{**{k: getattr(dev, k) for k in ("g_min_uS", "g_max_uS", "dw_min_uS", "response", "gamma_up",
+                                                            "gamma_down", "step_ref_frac", "up_down_asym")}})
+    for _ in range(40):  # 40 × (50 up, 50 down) pulses: converged to within a step
+        st, _ = quiet.apply_pulses(st._replace(), torch.full((cells,), 50.0, dtype=F64), torch.full((cells,), 50.0, dtype=F64), gen(26))
+    assert float((quiet.mean(st) - quiet.symmetry_point(st)).abs().max()) < 0.02
+
+
+def test_dw_pulse_is_the_step_at_the_symmetry_point():
+    """A bidirectional soft-bounds pair at its symmetry point moves by dw_pulse per pulse: one host
+    update achieves what it intends (the issue: half of it)."""
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, dw_min_uS=0.05, response="soft_bounds")
+    assert dev.dw_pulse == pytest.approx(2 * 0.05 / 10.0)
+    st = dev.program(state_of(dev, (100,)), torch.zeros(100, dtype=F64), gen(27))
+    new, _ = dev.update(st, torch.full((100,), dev.dw_pulse, dtype=F64), gen(28))
+    torch.testing.assert_close(dev.mean(new) - dev.mean(st), torch.full((100,), dev.dw_pulse, dtype=F64))
+    pcm = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, dw_min_uS=0.5, response="soft_bounds", step_ref_frac=0.0,
+                         update_mode="unidirectional")
+    assert pcm.dw_pulse == pytest.approx(0.5 / 25.0)
+    assert float(pcm.symmetry_point(pcm.program(state_of(pcm, (5,)), torch.zeros(5, dtype=F64), gen(0))).abs().max()) < 1e-9
+
+
+def test_symmetry_of_unidirectional_pairs_keeps_the_lower_device():
+    pcm = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, dw_min_uS=0.5, response="soft_bounds", step_ref_frac=0.0,
+                         update_mode="unidirectional")
+    st = state_of(pcm, (3,))._replace(gp=torch.tensor([5.0, 10.0, 2.0], dtype=F64), gm=torch.tensor([5.0, 2.0, 10.0], dtype=F64))
+    # identical devices: the SET steps are equal where G⁺ = G⁻
+    torch.testing.assert_close(pcm.symmetry_point(st), torch.zeros(3, dtype=F64), atol=1e-9, rtol=0)
+
+
+# ----------------------------------------------------------------------------- bounds, stuck, refresh
+def test_linear_pulses_move_by_whole_steps_and_saturate():
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, levels=11, response="linear")  # 1 µS per device pulse
+    assert dev.dw_pulse == pytest.approx(0.2)  # G⁺ up and G⁻ down by 1 µS each
+    st = dev.program(state_of(dev, (3,)), torch.zeros(3, dtype=F64), gen(12))
+    st, c = dev.update(st, torch.tensor([0.4, -0.2, 0.0], dtype=F64), gen(13))  # 2, 1, 0 weight pulses
+    assert int(c.pulses_up) == int(c.pulses_down) == 3
+    torch.testing.assert_close(dev.mean(st), torch.tensor([0.4, -0.2, 0.0], dtype=F64))
+    st, _ = dev.update(st, torch.tensor([5.0, -5.0, 0.0], dtype=F64), gen(14))  # far past the bounds
+    torch.testing.assert_close(dev.mean(st), torch.tensor([1.0, -1.0, 0.0], dtype=F64))
 
 
 def test_device_to_device_and_stuck_cells():
@@ -96,7 +396,6 @@ def test_device_to_device_and_stuck_cells():
     assert close(float(st.gmax_p.std()), 1.0, 0.02) and close(float(st.dw_p.std()), 0.2, 0.02)
     on, off = (st.stuck_p == 1).double().mean(), (st.stuck_p == -1).double().mean()
     assert abs(float(on) - 0.01) < 5 * math.sqrt(0.01 / N) and abs(float(off) - 0.02) < 5 * math.sqrt(0.02 / N)
-    # stuck devices never move, whatever is programmed or pulsed
     st = dev.program(st, torch.full((N,), 0.3, dtype=F64), gen(10))
     stuck = st.stuck_p != 0
     pinned = st.gp[stuck].clone()
@@ -107,85 +406,64 @@ def test_device_to_device_and_stuck_cells():
     assert not torch.equal(st.gp[~stuck][:100], torch.full((100,), 6.5, dtype=F64))
 
 
-# ----------------------------------------------------------------------------- pulses
-def test_linear_pulses_move_by_whole_steps_and_saturate():
-    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, levels=11, response="linear")  # 1 µS per pulse
-    st = dev.program(state_of(dev, (3,)), torch.zeros(3, dtype=F64), gen(12))  # G+ = G- = 5 µS
-    st, c = dev.update(st, torch.tensor([0.3, -0.2, 0.0], dtype=F64), gen(13))  # 3, 2, 0 pulses
-    assert c.pulses_up + c.pulses_down == 5
-    torch.testing.assert_close(dev.mean(st), torch.tensor([0.3, -0.2, 0.0], dtype=F64))
-    st, _ = dev.update(st, torch.tensor([5.0, -5.0, 0.0], dtype=F64), gen(14))  # far past the bounds
-    torch.testing.assert_close(dev.mean(st), torch.tensor([1.0, -1.0, 0.0], dtype=F64))
-
-
-def test_a_device_that_takes_no_pulse_keeps_its_programmed_conductance():
-    # programming noise leaves G off the level grid; an update too small for a pulse must not
-    # snap it back onto the grid (that would silently remove the programming noise)
-    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, levels=16, prog_noise_model="pcm", prog_noise=1.0)
-    st = dev.program(state_of(dev), torch.full((N,), 0.4, dtype=F64), gen(30))
-    assert float((st.gp - dev._quantise(st.gp.clone())).abs().max()) > 0.1  # off the grid
-    new, c = dev.update(st, torch.full((N,), 1e-3, dtype=F64), gen(31))  # < half a level: 0 pulses
-    assert c.pulses_up == c.pulses_down == 0
-    assert torch.equal(new.gp, st.gp) and torch.equal(new.gm, st.gm)
-
-
-@pytest.mark.parametrize("response", ["soft_bounds", "exponential"])
-def test_closed_form_of_n_pulses_equals_n_single_pulses(response):
-    dev = CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, dw_min_uS=0.1, response=response, nl_ltp=2.4, nl_ltd=-4.88)
-    g = torch.full((4,), 3.0, dtype=F64)
-    ones = torch.ones(4, dtype=torch.int64)
-    for up in (True, False):
-        n = torch.tensor([1.0, 5.0, 17.0, 40.0], dtype=F64)
-        many = dev._pulse(g, n, up, torch.full((4,), 11.0, dtype=F64), torch.ones(4, dtype=F64), gen(15))
-        single = g.clone()
-        for k in range(40):
-            step = dev._pulse(single, (k < n).to(F64) * ones, up, torch.full((4,), 11.0, dtype=F64), torch.ones(4, dtype=F64), gen(15))
-            single = step
-        torch.testing.assert_close(many, single)
-
-
-def test_exponential_response_spans_the_range_in_p_max_pulses():
-    dev = CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, levels=0, dw_min_uS=0.1, response="exponential", nl_ltp=2.4, nl_ltd=-4.88)
-    p_max = torch.tensor([100.0], dtype=F64)  # (11 − 1)/0.1
-    one, gmax = torch.ones(1, dtype=F64), torch.full((1,), 11.0, dtype=F64)
-    top = dev._pulse(torch.tensor([1.0], dtype=F64), p_max, True, gmax, one, gen(16))
-    bottom = dev._pulse(torch.tensor([11.0], dtype=F64), p_max, False, gmax, one, gen(16))
-    torch.testing.assert_close(top, gmax)
-    torch.testing.assert_close(bottom, torch.tensor([1.0], dtype=F64))
-    half = dev._pulse(torch.tensor([1.0], dtype=F64), p_max / 2, True, gmax, one, gen(16))
-    assert float(half) > 6.0  # a positive label: potentiation fast first
-
-
-def test_asymmetry_and_cycle_to_cycle_noise():
-    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=100.0, dw_min_uS=0.1, up_down_asym=0.4, dw_ctoc=0.3)
-    g = torch.full((N,), 50.0, dtype=F64)
-    n = torch.full((N,), 9.0, dtype=F64)
-    one, gmax = torch.ones(N, dtype=F64), torch.full((N,), 100.0, dtype=F64)
-    up = dev._pulse(g, n, True, gmax, one, gen(17)) - 50.0
-    down = 50.0 - dev._pulse(g, n, False, gmax, one, gen(18))
-    assert close(float(up.mean()), 9 * 0.1 * 1.2, 0.01) and close(float(down.mean()), 9 * 0.1 * 0.8, 0.01)
-    assert close(float(up.std()), 0.3 * 0.1 * 3.0, 0.02)  # σ · Δg · √n
-
-
-def test_unidirectional_devices_refresh_when_saturated():
-    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, levels=11, update_mode="unidirectional")
+def test_unidirectional_pairs_refresh_by_aihwkits_criterion():
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, levels=11, response="linear", update_mode="unidirectional")
     st = dev.program(state_of(dev, (2,)), torch.tensor([0.5, -0.5], dtype=F64), gen(19))
     w_before = dev.mean(st)
     total_refresh = 0
-    for _ in range(6):  # +0.1 then −0.1: each direction potentiates a device until it saturates
+    for _ in range(8):  # +0.1 then −0.1: each direction potentiates a device, both climb
         st, c1 = dev.update(st, torch.tensor([0.1, 0.1], dtype=F64), gen(20))
         st, c2 = dev.update(st, torch.tensor([-0.1, -0.1], dtype=F64), gen(21))
-        total_refresh += c1.refreshes + c2.refreshes
-        assert c1.pulses_down == 0 and c2.pulses_down == 0  # SET pulses only
+        total_refresh += int(c1.refreshes) + int(c2.refreshes)
+        assert int(c1.pulses_down) == 0 and int(c2.pulses_down) == 0  # SET pulses only
+        lo = torch.minimum(st.gp, st.gm) / 10.0
+        hi = torch.maximum(st.gp, st.gm) / 10.0
+        assert not bool(((hi > 0.75) & (lo > 0.25)).any())  # no pair left past both thresholds
     assert total_refresh > 0
     torch.testing.assert_close(dev.mean(st), w_before)  # refreshes keep the weight
 
 
-def test_neurosim_nonlinearity_labels_match_their_table():
-    # NeuroSim (MLP_NeuroSim formula.cpp, getParamA): A/P_max for labels 0.01, 0.1, 0.4, 0.6
-    for label, a in ((0.01, 126.268958), (0.1, 12.625807), (0.4, 3.152324), (0.6, 2.097877)):
-        assert abs(neurosim_a(label) / a - 1) < 0.015
+def test_apply_pulses_rejects_bad_counts():
+    dev = CrossbarDevice()
+    st = state_of(dev, (2, 3))
+    with pytest.raises(DeviceError, match="non-negative"):
+        dev.apply_pulses(st, torch.full((2, 3), -1.0), torch.zeros(2, 3), gen(0))
+    with pytest.raises(DeviceError, match="weight shape"):
+        dev.apply_pulses(st, torch.ones(3, 2), torch.zeros(3, 2), gen(0))
+    with pytest.raises(DeviceError, match="no pulse model"):
+        FixedPointDevice().apply_pulses(None, torch.ones(1), torch.ones(1), gen(0))
+
+
+def test_write_energy_is_v2_g_t_per_pulse():
+    """NeuroSim writeEnergy: V²·(G_before + G_after)/2·t per pulse (resistive), + V²·C (gate)."""
+    dev = CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, levels=11, response="linear", v_write_up_V=2.0, v_write_down_V=1.5,
+                         t_write_up_s=1e-6, t_write_down_s=2e-6, c_write_F=1e-15)
+    st = state_of(dev, (1,))._replace(gp=torch.tensor([3.0], dtype=F64), gm=torch.tensor([8.0], dtype=F64))
+    _, c = dev.apply_pulses(st, torch.tensor([2.0], dtype=F64), torch.zeros(1, dtype=F64), gen(0))
+    # G⁺: 3 → 4 → 5 (up), G⁻: 8 → 7 → 6 (down)
+    up = 4.0 * 1e-6 * 1e-6 * (3.5 + 4.5) + 2 * 4.0 * 1e-15
+    down = 2.25 * 2e-6 * 1e-6 * (7.5 + 6.5) + 2 * 2.25 * 1e-15
+    assert float(c.write_J) == pytest.approx(up + down, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- NeuroSim table, measured curves
+def test_neurosim_nonlinearity_labels_match_its_table():
+    # NeuroSim (MLP+NeuroSim V3.0 formula.cpp, getParamA): A/P_max for labels 0.01, 0.1, 0.4, 0.6, 2.4, 4.88, 9
+    for label, a in ((0.01, 126.268958), (0.1, 12.625807), (0.4, 3.152324), (0.6, 2.097877), (2.4, 0.499181),
+                     (4.88, 0.200303), (9.0, 0.022810)):
+        assert abs(neurosim_a(label) / a - 1) < 1e-3, label
     assert math.isinf(neurosim_a(0.0))
+
+
+def test_monotone_curve_pools_violators():
+    # PAV on (0,0) (1,2) (2,1) (3,3): blocks {0}, {1,2} → 1.5 at x = 1.5, {3}
+    c = monotone_curve([0, 1, 2, 3], [0.0, 2.0, 1.0, 3.0])
+    assert c == pytest.approx((0.0, 1.5 * (1 / 1.5), 1.5 + 0.5 * (1.5 / 1.5), 3.0))
+    assert all(b > a for a, b in zip(c, c[1:]))
+    d = monotone_curve([0, 1, 2], [3.0, 1.0, 2.0], increasing=False)
+    assert all(b < a for a, b in zip(d, d[1:]))
+    with pytest.raises(ConfigError, match="not monotone"):
+        monotone_curve([0, 1], [1.0, 0.5])
 
 
 # ----------------------------------------------------------------------------- ideal limit
@@ -200,11 +478,11 @@ def test_a_noiseless_continuous_crossbar_equals_the_ideal_device():
         torch.testing.assert_close(xbar.mvm_t(x[:, :7]), ideal.mvm_t(x[:, :7]))
         dW = torch.randn(7, 12, generator=gen(24), dtype=F64) * 0.01
         a, b = xbar.write(dW), ideal.write(dW)
-        # a continuous device still takes whole pulses (range/1000 here): the change matches to a pulse
-        assert float((a - b).abs().max()) <= 0.5 * xbar.w_scale * (2.0 / 1000) + 1e-12
+        # a continuous device still takes whole pulses: the change matches to half a pulse
+        assert float((a - b).abs().max()) <= 0.5 * xbar.w_scale * xbar.device.dw_pulse + 1e-12
 
 
-# ----------------------------------------------------------------------------- periphery
+# ----------------------------------------------------------------------------- periphery, validation
 def test_quantizer():
     x = torch.linspace(-2, 2, 41, dtype=F64)
     q = quantize(x, 4, 1.0)  # 15 levels, step 2/14
@@ -223,7 +501,11 @@ def test_quantizer():
         ({"levels": 1}, "levels=1 is out of range"),
         ({"read_noise": -0.1}, r"read_noise=-0.1 is out of range: expected a number in \[0.0, 10.0\]"),
         ({"response": "cubic"}, "response='cubic' is not valid"),
+        ({"c2c_model": "lognormal"}, "c2c_model='lognormal' is not valid; choose one of: multiplicative"),
         ({"stuck_on_rate": 0.7, "stuck_off_rate": 0.5}, "must not exceed 1"),
+        ({"response": "table"}, "response='table' needs a measured table"),
+        ({"step_ref_frac": 0.0}, r"step_ref_frac=0.0 is out of range"),
+        ({"input_coding": "binary"}, "input_coding='binary' is not valid"),
     ],
 )
 def test_bad_device_fields_name_the_field_and_range(kw, match):

@@ -64,20 +64,68 @@ def test_phase_quantisation_error_shrinks_with_bits():
 
 def test_noise_and_crosstalk_perturb_and_are_reproducible():
     W = torch.randn(8, 8, generator=torch.Generator().manual_seed(4), dtype=F64) * 0.3
-    for dev in (OpticalMZI(mesh_size=8, phase_noise_rad=0.01), OpticalMZI(mesh_size=8, crosstalk=0.02)):
+    for dev in (OpticalMZI(mesh_size=8, phase_noise_rad=0.01), OpticalMZI(mesh_size=8, crosstalk=0.02, crosstalk_residual=0.1)):
         a = Tile(dev, Periphery(), W, seed=5).held()
         b = Tile(dev, Periphery(), W, seed=5).held()
         assert torch.equal(a, b)
         assert 1e-6 < float((a - W).abs().max()) < 0.2
 
 
+def test_crosstalk_acts_on_the_physical_phases_and_calibration_reduces_it():
+    """The heaters hold wrapped phases: adding 2π to a decomposed phase changes nothing, and the
+    calibrated residual scales the error (the issue: raw phases of −6 … 9 rad doubled it)."""
+    from mep_hw.hw.optical import Mesh
+
+    dev = OpticalMZI(mesh_size=8, crosstalk=0.01)
+    mesh = clements_decompose(unitary(1, 8, seed=9))
+    shifted = Mesh(mesh.modes, mesh.theta, mesh.phi + 2 * math.pi * torch.randint(-2, 3, mesh.phi.shape, generator=torch.Generator().manual_seed(1)), mesh.diag)
+    torch.testing.assert_close(dev._realise(mesh, 8, None), dev._realise(shifted, 8, None), atol=1e-6, rtol=0)
+    W = torch.randn(16, 16, generator=torch.Generator().manual_seed(6), dtype=F64) * 0.3
+    errs = [float((Tile(OpticalMZI(mesh_size=16, crosstalk=0.01, crosstalk_residual=r), Periphery(), W, seed=0).held() - W).norm() / W.norm())
+            for r in (1.0, 0.1)]
+    assert errs[1] < 0.2 * errs[0]
+
+
 def test_detector_noise_grows_with_insertion_loss():
-    y = torch.ones(4, dtype=F64)
+    """Coherent detection: LO shot noise and thermal noise, independent of the signal, referred
+    through the field transmission of two meshes: variance (shot² + thermal²)/T⁴."""
+    y = torch.tensor([0.0, 0.5, -2.0, 3.0], dtype=F64)
     lossless = OpticalMZI(mesh_size=16, det_thermal_noise=0.01, shot_noise=0.02)
     lossy = OpticalMZI(mesh_size=16, det_thermal_noise=0.01, shot_noise=0.02, insertion_loss_dB=0.1)
-    L2 = 10 ** (-16 * 0.1 / 10)  # power transmission of one 16-mode mesh
+    T4 = (10 ** (-16 * 0.1 / 20)) ** 4  # (10^(−N·IL/20))⁴
     torch.testing.assert_close(lossless.output_noise_var(y), torch.full((4,), 0.02**2 + 0.01**2, dtype=F64))
-    torch.testing.assert_close(lossy.output_noise_var(y), torch.full((4,), 0.02**2 / L2 + 0.01**2 / L2**2, dtype=F64))
+    torch.testing.assert_close(lossy.output_noise_var(y), torch.full((4,), (0.02**2 + 0.01**2) / T4, dtype=F64))
+    with pytest.raises(ConfigError, match="detection='direct' is not valid"):
+        OpticalMZI(detection="direct")
+
+
+def test_detector_noise_reaches_the_output_with_ideal_converters():
+    """The issue: with dac_bits = adc_bits = 0 the tile took its exact shortcut and dropped it."""
+    dev = OpticalMZI(mesh_size=8, det_thermal_noise=0.03, shot_noise=0.04, insertion_loss_dB=0.05)
+    W = torch.randn(8, 8, generator=torch.Generator().manual_seed(7), dtype=F64) * 0.3
+    t = Tile(dev, Periphery(), W, seed=0)
+    assert not t.exact
+    n = 20_000
+    x = torch.rand(1, 8, generator=torch.Generator().manual_seed(8), dtype=F64).expand(n, 8)
+    y = t.mvm(x)
+    sd = math.sqrt(float(dev.output_noise_var(torch.zeros(1, dtype=F64)))) * t.w_scale
+    assert abs(float((y - x[:1] @ t.held().T).std()) / sd - 1) < 0.05
+    # and the settle's noise floor counts it
+    assert t.noise_rms_out(0.5, 8) == pytest.approx(sd, rel=1e-9)
+
+
+def test_holding_power_is_p_pi_per_radian_of_every_heater():
+    dev = OpticalMZI(mesh_size=4, p_pi_W=0.025)
+    st = dev.program(None, torch.randn(4, 4, generator=torch.Generator().manual_seed(3), dtype=F64) * 0.2, torch.Generator())
+    from mep_hw.hw.optical import physical_phases
+
+    phases = sum(float(v.sum()) for m in (st.u_mesh, st.v_mesh) for v in physical_phases(m))
+    phases += float((2 * torch.arccos(st.sigma)).sum())
+    assert dev.static_power_W(st) == pytest.approx(0.025 * phases / math.pi)
+    for m in (st.u_mesh, st.v_mesh):
+        two_theta, phi, out = physical_phases(m)
+        assert float(two_theta.min()) >= 0 and float(two_theta.max()) <= math.pi + 1e-12
+        assert float(phi.min()) >= 0 and float(phi.max()) < 2 * math.pi and float(out.max()) < 2 * math.pi
 
 
 def test_bad_fields():
@@ -97,7 +145,7 @@ def test_an_update_counts_the_phase_settings_of_the_blocks_it_changes():
     dw = torch.zeros(20, 40, dtype=torch.float64)
     dw[0, 0] = dw[17, 39] = 0.01  # blocks (0, 0) and (1, 2)
     _, counts = dev.update(st, dw, gen)
-    N = 16
-    assert counts.pulses_up == 2 * (2 * N * (N - 1) + N) and counts.pulses_down == 0
+    N = 16  # θ and φ of both meshes' MZIs, both output phase screens, the attenuators
+    assert counts.pulses_up == 2 * (2 * N * (N - 1) + 2 * N + N) and counts.pulses_down == 0
     _, none = dev.update(st, torch.zeros_like(dw), gen)
     assert none.pulses_up == 0

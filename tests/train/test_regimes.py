@@ -56,12 +56,36 @@ def test_the_in_array_update_is_the_host_sgd_step_in_expectation():
         assert float(mean.norm() / expected.norm()) == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.parametrize("sampling", ["exact", "marginal"])
+def test_with_bl_to_infinity_one_analog_update_converges_to_the_host_step(sampling):
+    # η = Δw_min·BL·C²: at fixed η and C, BL ×64 makes Δw_min 64× finer and the update's noise
+    # (std ∝ Δw_min·√BL) 8× smaller; a single draw, no averaging over repeats
+    errs = []
+    for bl in (16, 1024):
+        m, cfg, res, est = setup(dw=0.016 / bl, pulse_sampling=sampling)
+        cfg = cfg.replace(pulse_bl=bl)
+        host = [-0.1 * g for g in res.grads]
+        store = m.store
+        before = [t.held().clone() for t in store.tiles]
+        for t in store.tiles:  # the premise: no probability clips (C·max|·| ≤ 1)
+            assert 0.1 * est.scale / t.w_scale / (bl * t.dw_pulse / t.w_scale) <= 1.0
+        AnalogUpdate(m, cfg, 10, seed=7).apply(est)
+        num = den = 0.0
+        for k, t in enumerate(store.tiles):
+            expected = torch.cat([host[2 * k], host[2 * k + 1][:, None]], dim=1)
+            num += float((t.held() - before[k] - expected).square().sum())
+            den += float(expected.square().sum())
+        errs.append((num / den) ** 0.5)
+    assert errs[1] < errs[0] / 4, errs  # ∝ 1/√BL: 8× expected
+    assert errs[1] < 0.3, errs  # measured: 1.6 → 0.20 (exact and marginal)
+
+
 def test_tiki_taka_on_an_ideal_symmetric_device_reduces_to_sgd():
     # every column transferred every step, A reset to its symmetry point after it is read, the
     # remainder of a pulse kept in H: C carries the SGD step (to within one pulse of C per weight)
     m, cfg, res, est = setup("tiki-taka", transfer_columns=13)
     tt = TikiTakaUpdate(m, cfg, 10, seed=3)
-    tt.cfg = tt.cfg._replace(reset_fast=True, max_pulses=10**6)
+    tt.cfg = tt.cfg._replace(reset_fast=True, max_pulses=10**6, forget=False, momentum=0.0)
     m2 = copy.deepcopy(m)
     sgd = AnalogUpdate(m2, cfg, 10, seed=3)  # the same coincidences, written straight to the weights
     c0 = [t.held().clone() for t in m.store.tiles]
