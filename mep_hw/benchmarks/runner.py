@@ -32,6 +32,7 @@ from mep_hw.errors import ConfigError, MepHwError
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import write_json
 from mep_hw.optimizers import local_ep, muon_backprop, natural_ep, sdmep, smep
+from mep_hw.settle import SettleStatus
 from mep_hw.train.fit import Observer, fit
 
 __all__ = ["BASELINES", "EP_BASELINES", "BenchConfig", "load_config", "build_model", "run", "main"]
@@ -148,7 +149,7 @@ class _SequentialTrainer:
 
     def begin_epoch(self, epoch: int) -> None:
         self.model.train()
-        self.loss_sum, self.settle_steps, self.n, self.step_times = 0.0, 0.0, 0, []
+        self.loss_sum, self.settle_steps, self.settle_limit, self.n, self.step_times = 0.0, 0.0, 0.0, 0, []
 
     def step(self, x, y, generator) -> None:
         ts = time.perf_counter()
@@ -156,7 +157,9 @@ class _SequentialTrainer:
         if self.is_ep:
             self.model(x)
             loss = self.opt.step(target=y)
-            self.settle_steps += float(self.opt.last_result.nudged[0].steps.float().mean()) * len(y)
+            nudged = self.opt.last_result.nudged
+            self.settle_steps += float(nudged[0].steps.float().mean()) * len(y)
+            self.settle_limit += sum(float((r.status == SettleStatus.STEP_LIMIT).float().mean()) for r in nudged) / len(nudged) * len(y)
         else:
             loss = nn.functional.cross_entropy(self.model(x), y)
             loss.backward()
@@ -182,6 +185,7 @@ class _SequentialTrainer:
                "epoch_seconds": seconds, "wall_seconds": self.wall, "step_ms_median": 1e3 * times[len(times) // 2]}
         if self.is_ep:
             rec["nudged_steps_mean"] = self.settle_steps / self.n
+            rec["nudged_step_limit_frac"] = self.settle_limit / self.n  # samples whose nudged settle ended at its limit
         return rec
 
 

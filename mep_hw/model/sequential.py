@@ -13,9 +13,16 @@ moves the states, and EP's contrast of ∂E/∂θ estimates the gradient of the 
 pass (it equals backprop's as β → 0; Scellier & Bengio 2017, Whittington & Bogacz 2017).
 
 Gradient: ∂F/∂s_l = e_l − J_{l+1}(s_l)ᵀ e_{l+1} (+ β ∂C/∂s_L), e_l = s_l − g_l(s_{l−1}). The
-settle follows a Newton-type flow (see :meth:`SequentialDynamics.field`) that converges in a few
-steps whatever the weights' scale; the plain flow −∇F needs dt < 2/(1 + ‖W‖²) and stalls once
-training grows the weights.
+nudged phases relax along one of two flows (``settle``), with the same fixed points:
+
+* ``'newton'`` (the default): a Newton-type flow that sweeps ∂C/∂s_L back through all blocks
+  at every step (:meth:`SequentialDynamics._newton_field`). It converges in a few steps whatever
+  the weights' scale, but it is *not local*: after one step from the free state the layer errors
+  are −β × backprop's deltas. A backprop-equivalent Newton flow.
+* ``'local'``: the gradient flow of F with per-layer time constants,
+  τ_l ds_l/dt = −∂F/∂s_l (:meth:`SequentialDynamics._local_field`): layer l is driven by its own
+  error and by block l+1's Jacobian-transpose times block l+1's error, nothing else (the
+  relaxation of predictive coding and of EP). It needs tens to hundreds of steps.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from torch import Tensor, nn
 
 from mep_hw.errors import ConfigError, DataError
 
-__all__ = ["FeedforwardEnergy", "SequentialDynamics", "SUPPORTED_MODULES", "LOSS_TYPES"]
+__all__ = ["FeedforwardEnergy", "SequentialDynamics", "SUPPORTED_MODULES", "LOSS_TYPES", "SETTLE_FLOWS"]
 
 PARAM_MODULES = (nn.Linear, nn.Conv2d)
 FREE_MODULES = (
@@ -37,6 +44,9 @@ FREE_MODULES = (
 )
 SUPPORTED_MODULES = tuple(m.__name__ for m in PARAM_MODULES + FREE_MODULES)
 LOSS_TYPES = ("mse", "cross_entropy")
+SETTLE_FLOWS = ("newton", "local")  # how the nudged phases relax (SequentialDynamics.field)
+GAIN_ITERS = 6  # power iterations per block for the local flow's time constants
+GAIN_SEED = 0x5EED  # the fixed seed of their start vectors
 
 
 def _blocks(model: nn.Sequential):
@@ -66,12 +76,14 @@ def _blocks(model: nn.Sequential):
 
 
 class SequentialDynamics:
-    """The settle's view of one batch: the clamped first-block output, β and the target."""
+    """The settle's view of one batch: the clamped first-block output, β and the target; for the
+    local flow also the free states (where the blocks' gains are measured) and the per-layer
+    rates 1/τ_l of a nudged phase."""
 
     box = None
     noise_floor = 0.0  # exact float weights
 
-    def __init__(self, energy: "FeedforwardEnergy", first: Tensor, beta, target, shapes):
+    def __init__(self, energy: "FeedforwardEnergy", first: Tensor, beta, target, shapes, free=None, rates=None):
         self.energy = energy
         self.first = first  # g_1(s_0), (batch, n_1) flattened: constant during a settle
         self.beta = beta
@@ -79,6 +91,10 @@ class SequentialDynamics:
         self.target = target
         self.shapes = shapes  # per-block output shapes (without batch)
         self.sizes = tuple(int(torch.Size(s).numel()) for s in shapes)
+        self.free = free  # free states [s_1 … s_L] (local flow: the gains are measured there)
+        self.rates = rates  # (batch, L): 1/τ_l of the local flow, None for τ_l = 1
+        if energy.settle == "local" and energy.time_constants and self.nudged and rates is None and free is not None:
+            self.rates = energy.local_rates(free, shapes, beta, first.shape[0])
 
     def restrict(self, index: Tensor) -> "SequentialDynamics":
         return SequentialDynamics(
@@ -87,6 +103,7 @@ class SequentialDynamics:
             self.beta[index] if isinstance(self.beta, Tensor) else self.beta,
             None if self.target is None else self.target[index],
             self.shapes,
+            rates=None if self.rates is None else self.rates[index],
         )
 
     def nudge(self, beta, target: Tensor) -> "SequentialDynamics":
@@ -94,10 +111,54 @@ class SequentialDynamics:
         if isinstance(beta, Tensor) and beta.shape[0] != first.shape[0]:
             first = first.repeat(beta.shape[0] // first.shape[0], 1)
         target = self.energy.one_hot(target, self.sizes[-1], first.dtype)
-        return SequentialDynamics(self.energy, first, beta, target, self.shapes)
+        return SequentialDynamics(self.energy, first, beta, target, self.shapes, free=self.free)
 
     def field(self, s: Tensor) -> Tensor:
-        """ds/dt = T(s) − s, with T the forward pass with the nudge's errors injected:
+        """ds/dt on the packed state s = [s_1, …, s_L]: the flow chosen by the energy's ``settle``
+        (:meth:`_newton_field` or :meth:`_local_field`). Both vanish exactly at the stationary
+        points of F; they differ in what a layer's rate of change may depend on."""
+        return self._local_field(s) if self.energy.settle == "local" else self._newton_field(s)
+
+    def _local_field(self, s: Tensor) -> Tensor:
+        """The local flow (``settle='local'``): the gradient flow of F with per-layer time
+        constants τ_l (the gradient flow in the metric Σ_l τ_l ‖ds_l‖²),
+
+            τ_l ds_l/dt = −∂F/∂s_l = −e_l + J_{l+1}(s_l)ᵀ e_{l+1}      (l < L)
+            τ_L ds_L/dt = −e_L − β ∂C/∂s_L,        e_l = s_l − g_l(s_{l−1}),
+
+        the relaxation of predictive coding (Whittington & Bogacz 2017, eq. 13) and of EP on this
+        energy (Scellier & Bengio 2017). Layer l's rate depends on its own error (s_{l−1}, s_l and
+        block l) and on block l+1's error sent back through block l+1's Jacobian-transpose
+        (s_{l+1} and block l+1): nothing else. τ_l is a constant of the settle, set from the
+        gains of blocks l and l+1 at the free state (:meth:`FeedforwardEnergy.local_rates`), so
+        that an Euler step of 1 is stable; ``time_constants=False`` gives τ_l = 1, the plain
+        flow −∇F. The L − 1 vector–Jacobian products are independent of one another (one
+        autograd call evaluates them side by side); no signal crosses more than one block per
+        evaluation, so a nudge needs at least L − 1 evaluations to reach s_1. An evaluation
+        costs one forward and one backward pass through blocks 2…L, each on its own input.
+        """
+        B = s.shape[0]
+        views = torch.split_with_sizes(s, self.sizes, dim=1)
+        L = len(views)
+        blocks, shapes = self.energy.blocks, self.shapes
+        out = [self.first - views[0]]  # −e_1: the first block's input s_0 is clamped
+        if L > 1:
+            with torch.enable_grad():
+                zs = [views[l - 1].detach().reshape(B, *shapes[l - 1]).requires_grad_(True) for l in range(1, L)]
+                preds = [blocks[l](z).reshape(B, -1) for l, z in zip(range(1, L), zs)]
+                errs = [views[l] - p.detach() for l, p in zip(range(1, L), preds)]  # e_2 … e_L
+                back = torch.autograd.grad(preds, zs, errs)  # J_{l+1}ᵀ e_{l+1}, each block alone
+            out += [e.neg() for e in errs]
+            for l in range(L - 1):
+                out[l] = out[l].add_(back[l].reshape(B, -1))
+        if self.nudged:
+            out[-1] = out[-1].sub_(self.energy.cost_grad(views[-1], self.target) * self.beta)
+        if self.rates is not None:
+            out = [o.mul_(self.rates[:, l : l + 1]) for l, o in enumerate(out)]
+        return torch.cat(out, dim=1)
+
+    def _newton_field(self, s: Tensor) -> Tensor:
+        """The Newton flow (``settle='newton'``): ds/dt = T(s) − s, with T the forward pass with the nudge's errors injected:
 
             T(s)_1 = g_1(s_0) − βδ_1(s),    T(s)_l = g_l(T(s)_{l−1}) − βδ_l(s)
 
@@ -139,9 +200,14 @@ class FeedforwardEnergy:
     :func:`mep_hw.ep.ep_gradients`: ``check_batch``, ``dynamics``, ``forward_init``,
     ``zero_init``, ``ep_contrast``, ``cost_fn``, ``logits``, ``param_list``."""
 
-    def __init__(self, model: nn.Sequential, loss_type: str = "cross_entropy"):
+    def __init__(self, model: nn.Sequential, loss_type: str = "cross_entropy", settle: str = "newton", time_constants: bool = True):
         if loss_type not in LOSS_TYPES:
             raise ConfigError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+        if settle not in SETTLE_FLOWS:
+            raise ConfigError(
+                f"unknown settle {settle!r}; valid: {', '.join(SETTLE_FLOWS)} ('local': the gradient flow of F, "
+                "each layer driven by its neighbours only; 'newton': a backprop-equivalent Newton flow)"
+            )
         for m in model.modules():
             if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
                 raise ConfigError(
@@ -150,8 +216,65 @@ class FeedforwardEnergy:
                 )
         self.model = model
         self.loss_type = loss_type
+        self.settle = settle
+        if not isinstance(time_constants, bool):
+            raise ConfigError(f"time_constants={time_constants!r} must be true or false")
+        self.time_constants = time_constants
         self.prelude, self.blocks = _blocks(model)
         self._shapes: dict[tuple, tuple] = {}
+        self._gains: tuple[Tensor, Tensor] | None = None  # (free s_1 it was measured on, gains)
+
+    # ------------------------------------------------------------------ local flow
+    def block_gains(self, free: Sequence[Tensor], shapes, iters: int = GAIN_ITERS) -> Tensor:
+        """(batch, L): per sample, an estimate of ‖J_l‖ = ‖∂g_l/∂s_{l−1}‖ at the free state by
+        ``iters`` power iterations on J_lᵀJ_l (Jv by double backward, Jᵀu by backward), from a
+        start drawn by a fixed-seed generator. Column 0 is 0: the first block's input is clamped
+        and couples no states. Power iteration approaches ‖J_l‖ from below."""
+        B = free[0].shape[0]
+        gains = free[0].new_zeros(B, len(free))
+        gen = torch.Generator(device=free[0].device).manual_seed(GAIN_SEED)
+        for l in range(1, len(free)):
+            with torch.enable_grad():
+                z = free[l - 1].detach().reshape(B, *shapes[l - 1]).requires_grad_(True)
+                out = self.blocks[l](z).reshape(B, -1)
+                u = torch.zeros_like(out, requires_grad=True)
+                (jt_u,) = torch.autograd.grad(out, z, u, create_graph=True)  # Jᵀu, linear in u
+                v = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
+                lam = gains.new_zeros(B)
+                for _ in range(iters):
+                    v = v / torch.linalg.vector_norm(v.reshape(B, -1), dim=1).clamp_min(1e-30).view(B, *[1] * (v.ndim - 1))
+                    (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
+                    (v,) = torch.autograd.grad(out, z, jv, retain_graph=True)  # JᵀJ v
+                    lam = torch.linalg.vector_norm(jv, dim=1).square()  # ‖Jv‖² = vᵀJᵀJv
+            gains[:, l] = lam.detach().sqrt()
+        return gains
+
+    def local_rates(self, free: Sequence[Tensor], shapes, beta, rows: int) -> Tensor:
+        """(rows, L): the rates 1/τ_l of the local flow for a nudged phase at ``beta`` (a float or
+        a (rows, 1) tensor; the batch of ``free`` is repeated to ``rows``).
+
+        τ_l = 1 + σ_{l+1}² + σ_l + σ_{l+1}  (+ |β| c for the output layer), σ_l = ‖J_l‖ from
+        :meth:`block_gains` (σ_1 = σ_{L+1} = 0), c = ‖∇²C‖ (½ for softmax cross-entropy, 1 for
+        MSE). τ_l bounds the l-th block row of F's Gauss–Newton Hessian H — its diagonal block
+        I + J_{l+1}ᵀJ_{l+1} plus the norms of its two off-diagonal blocks J_l, J_{l+1}ᵀ — so by
+        the block Gershgorin theorem (Feingold & Varga 1962) every eigenvalue of diag(τ)⁻¹H is
+        ≤ 1: an Euler step of 1 is stable with a factor-2 margin whatever the weights' scale.
+        """
+        B = free[0].shape[0]
+        cached = self._gains
+        if cached is not None and cached[0] is free[0]:  # the other nudged phase of the same batch
+            sig = cached[1]
+        else:
+            sig = self.block_gains(free, shapes)
+            self._gains = (free[0], sig)
+        nxt = torch.cat([sig[:, 1:], sig.new_zeros(B, 1)], dim=1)  # σ_{l+1}
+        tau = 1.0 + nxt.square() + nxt + sig
+        if rows != B:
+            tau = tau.repeat(rows // B, 1)
+        c = 0.5 if self.loss_type == "cross_entropy" else 1.0
+        b = beta.abs().reshape(-1) if isinstance(beta, Tensor) else abs(float(beta))
+        tau[:, -1] = tau[:, -1] + b * c
+        return tau.reciprocal()
 
     # ------------------------------------------------------------------ protocol
     def param_list(self) -> list[nn.Parameter]:
@@ -188,7 +311,7 @@ class FeedforwardEnergy:
             self.forward_states(x[:1])
         if target is not None:
             target = self.one_hot(target, free_states[-1].shape[1], free_states[-1].dtype)
-        return SequentialDynamics(self, free_states[0], beta, target, self._shapes[key])
+        return SequentialDynamics(self, free_states[0], beta, target, self._shapes[key], free=free_states)
 
     def forward_init(self, dyn: SequentialDynamics) -> list[Tensor]:
         """The free fixed point: the forward pass (recomputed from the first block's output)."""
@@ -232,6 +355,22 @@ class FeedforwardEnergy:
     def logits(self, states: Sequence[Tensor]) -> Tensor:
         return states[-1]
 
+    def energy(self, x: Tensor, states: Sequence[Tensor]) -> Tensor:
+        """E(s) = Σ_l ½ ‖s_l − g_l(s_{l−1})‖² per sample, shape (batch,); autograd-able in the
+        states and the parameters (states flattened to (batch, n_l), as the settle holds them)."""
+        s0, shapes = self._layout(x)
+        B = s0.shape[0]
+        prev, e = s0, 0.0
+        for l, (block, s) in enumerate(zip(self.blocks, states)):
+            e = e + 0.5 * (s - block(prev.reshape(B, *shapes[l])).reshape(B, -1)).square().sum(1)
+            prev = s
+        return e
+
+    def total_energy(self, x: Tensor, states: Sequence[Tensor], beta: float, target: Tensor) -> Tensor:
+        """F = E + βC per sample."""
+        f = self.energy(x, states)
+        return f if beta == 0.0 else f + beta * self.cost_fn(states, target)
+
     def block_contrast(self, l: int, s_prev_a: Tensor, s_a: Tensor, s_prev_b: Tensor, s_b: Tensor, shape_prev) -> list[Tensor]:
         """Block l's part of [∂E/∂θ_l(a) − ∂E/∂θ_l(b)], from its own pre- and post-synaptic
         states only: ∂E_l/∂θ_l = −J_θ g_l(s_{l−1})ᵀ e_l, batch-summed."""
@@ -249,6 +388,8 @@ class FeedforwardEnergy:
             return list(torch.autograd.grad(J, params))
 
     def _layout(self, x: Tensor):
+        if tuple(x.shape[1:]) not in self._shapes:
+            self.forward_states(x[:1])
         s0 = self.prelude(x).detach()
         shapes = [tuple(s0.shape[1:])] + list(self._shapes[tuple(x.shape[1:])][:-1])
         return s0.reshape(s0.shape[0], -1), shapes

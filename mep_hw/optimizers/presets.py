@@ -1,5 +1,7 @@
 """Preset optimizers: configurations (data), not subclasses (DESIGN §4.10). Every keyword of
-:class:`SMEPOptimizer` / :class:`SDMEPOptimizer` can override a preset's choice."""
+:class:`SMEPOptimizer` / :class:`SDMEPOptimizer` can override a preset's choice, e.g.
+``smep(params, model=m, settle='local')`` for the local settle. ``local_ep`` is the only preset
+whose settle is local; the others use the backprop-equivalent Newton settle."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ __all__ = ["PRESETS", "smep", "sdmep", "local_ep", "natural_ep", "muon_backprop"
 PRESETS = {
     "smep": dict(mode="ep", use_spectral_constraint=True, gamma="auto"),
     "sdmep": dict(mode="ep", use_spectral_constraint=True, gamma="auto"),
-    "local_ep": dict(mode="ep", gradient="local", use_spectral_constraint=True, gamma="auto"),
+    "local_ep": dict(mode="ep", gradient="local", settle="local", use_spectral_constraint=True, gamma="auto"),
     "natural_ep": dict(mode="ep", use_natural_gradient=True, matrix_update="momentum", momentum=0.9, lr=0.02, natural_damping=1.0),
     "muon_backprop": dict(mode="backprop"),
 }
@@ -28,7 +30,11 @@ def sdmep(params, model=None, **kw) -> SDMEPOptimizer:
 
 
 def local_ep(params, model=None, **kw) -> SMEPOptimizer:
-    """Layer-local EP: each layer's update from its own pre- and post-synaptic states."""
+    """Truly local EP: the nudged phases relax along the local flow (``settle='local'``: each
+    layer driven by its own error and its upper neighbour's, no backward sweep) and each layer's
+    update comes from its own pre- and post-synaptic states (``gradient='local'``); Muon and
+    the spectral constraint as :func:`smep`. ``settle='newton'`` restores the fast
+    backprop-equivalent settle."""
     return SMEPOptimizer(params, model=model, **{**PRESETS["local_ep"], **kw})
 
 

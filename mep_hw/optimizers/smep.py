@@ -64,9 +64,14 @@ class SMEPOptimizer(torch.optim.Optimizer):
 
     Args (besides ``params``): ``model`` the ``nn.Sequential`` to train in EP mode; ``lr`` the
     learning rate of matrix parameters (Muon); ``adam_lr`` that of the others (default
-    ``other_lr_scale × lr``, ``other_lr_scale`` = 0.1); ``mode`` 'ep' or 'backprop'; ``beta``, ``estimator``, ``settle_steps``,
-    ``settle_lr`` (Euler step of the nudged settle, in units of τ), ``settle_tol``,
-    ``loss_type`` ('mse' or 'cross_entropy') and ``gradient`` ('ep' or 'local') for EP;
+    ``other_lr_scale × lr``, ``other_lr_scale`` = 0.1); ``mode`` 'ep' or 'backprop'; for EP: ``settle`` the flow of the nudged
+    phases — 'newton' (default: a backprop-equivalent Newton flow, each step sweeps the output
+    error back through every block; a few steps) or 'local' (the gradient flow of the energy,
+    each layer driven by its own error and its upper neighbour's; truly local, tens to hundreds
+    of steps; see :class:`EPGradient`) — ``beta``, ``estimator``, ``settle_steps`` (step limit;
+    default 20 for 'newton', 300 for 'local'), ``settle_lr`` (Euler step of the nudged settle,
+    in units of τ), ``settle_tol``, ``loss_type`` ('mse' or 'cross_entropy') and ``gradient``
+    ('ep' or 'local': the layer-local contrast);
     ``momentum``, ``nesterov``, ``ns_steps`` for Muon; ``use_spectral_constraint`` with
     ``gamma`` (a number, or 'auto' in EP mode: the largest per-layer bound that guarantees the
     nudged settle converges, :func:`settle_safe_gamma`); ``use_error_feedback``; ``use_natural_gradient`` with ``natural_damping``,
@@ -86,7 +91,7 @@ class SMEPOptimizer(torch.optim.Optimizer):
         lr: float = 0.02,
         mode: str = "ep",
         beta: float = 0.1,
-        settle_steps: int = 20,
+        settle_steps: int | None = None,
         settle_lr: float = 1.0,
         settle_tol: float = 1e-5,
         loss_type: str = "cross_entropy",
@@ -113,6 +118,7 @@ class SMEPOptimizer(torch.optim.Optimizer):
         writer: Callable[[Tensor, Tensor], Tensor] | None = None,
         coupled: Sequence[Tensor] | None = None,
         coupled_gamma: float | None = None,
+        settle: str = "newton",
         **extra,
     ):
         for name, value, valid in (("mode", mode, MODES), ("gradient", gradient, GRADIENTS), ("matrix_update", matrix_update, MATRIX_UPDATES),
@@ -140,7 +146,7 @@ class SMEPOptimizer(torch.optim.Optimizer):
         self.model = model
         self.gradient_source = (LocalEPGradient if gradient == "local" else EPGradient)(
             beta=beta, estimator=estimator, settle_steps=settle_steps, settle_lr=settle_lr,
-            settle_tol=settle_tol, loss_type=loss_type,
+            settle_tol=settle_tol, loss_type=loss_type, settle=settle,
         )
         self.gradient_source.config()  # validate now, not at the first step
         self.writer = writer or _exact_writer

@@ -12,6 +12,7 @@ Update rules and the preconditioner keep their state in a per-parameter dict (th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mep_hw.ep import EPConfig, EPResult, assign_grads, ep_gradients
-from mep_hw.errors import ConfigError
+from mep_hw.errors import ConfigError, SettleError
 from mep_hw.host import (
     adam_direction,
     as_matrix,
@@ -37,10 +38,18 @@ from mep_hw.host import (
 
 _NS5_MAX = ns5_max()
 from mep_hw.model import FeedforwardEnergy
-from mep_hw.settle import SettleConfig
+from mep_hw.model.sequential import SETTLE_FLOWS
+from mep_hw.settle import SettleConfig, SettleStatus, settle
+
+# default step limit of a nudged settle per flow (EPGradient.settle_steps=None). The local flow's
+# 300 (measured by mep_hw.benchmarks.settle_flows, docs/optimizers.md): after 100 smep steps on
+# the MNIST MLP, 100 steps leave 8 % of the samples unsettled (11.6 % over a training epoch) and
+# 300 none, for 1.2x the time; on the trained CNN 5 % and none (cosine with backprop's gradient
+# 0.9923 and 0.9966), for 1.75x
+SETTLE_STEPS = {"newton": 20, "local": 300}
 
 __all__ = [
-    "settle_safe_gamma",
+    "settle_safe_gamma", "reflected_symmetric", "SETTLE_STEPS",
     "EPGradient", "LocalEPGradient", "NaturalGradient", "MuonUpdate", "DionUpdate", "AdamUpdate",
     "MomentumUpdate", "SpectralConstraint", "ErrorFeedback",
 ]
@@ -61,43 +70,100 @@ class EPGradient:
     """EP estimate of dL/dθ written into ``.grad``: free phase (the forward pass), nudged
     phase(s) settled by :func:`mep_hw.settle.settle`, contrast of ∂F/∂θ.
 
-    ``settle_steps`` bounds the nudged settle, ``settle_lr`` is its Euler step (in units of τ),
-    ``settle_tol`` its absolute steady-state tolerance on rms(ds/dt).
+    ``settle`` picks the flow of the nudged phases (:class:`~mep_hw.model.FeedforwardEnergy`):
+    ``'newton'`` (default) is a backprop-equivalent Newton flow — every step sweeps ∂C/∂s_L back
+    through all blocks, so it is not local — that converges in a few steps; ``'local'`` is the
+    gradient flow of F with per-layer time constants, each layer driven by its own error and its
+    upper neighbour's error through that block's Jacobian-transpose (the relaxation of
+    predictive coding / EP), tens to hundreds of steps.
+
+    ``reflect`` (symmetric estimator): settle +β first, then −β from the reflection
+    2s⁰ − s^{+β} (each unit's own two stored states), which is O(β²) from its fixed point
+    instead of O(β): about half the −β steps per sample (the physical settle time of a device
+    that runs the phases one after the other), but more wall time in simulation, where both
+    phases otherwise settle as one batch and the slowest samples set the step count
+    (docs/optimizers.md).
+
+    ``settle_steps`` bounds each nudged settle (default: :data:`SETTLE_STEPS` of the flow),
+    ``settle_lr`` is its Euler step (in units of τ), ``settle_tol`` its absolute steady-state
+    tolerance on rms(ds/dt).
     """
 
     beta: float = 0.1
     estimator: str = "symmetric"
-    settle_steps: int = 20
+    settle_steps: int | None = None
     settle_lr: float = 1.0
     settle_tol: float = 1e-5
     loss_type: str = "cross_entropy"
+    settle: str = "newton"
+    reflect: bool = False
 
     def config(self) -> EPConfig:
-        if isinstance(self.settle_steps, bool) or not isinstance(self.settle_steps, int) or self.settle_steps < 1:
-            raise ConfigError(f"settle_steps={self.settle_steps!r} must be an integer ≥ 1")
+        if self.settle not in SETTLE_FLOWS:
+            raise ConfigError(
+                f"unknown settle {self.settle!r}; valid: {', '.join(SETTLE_FLOWS)} ('newton': a "
+                "backprop-equivalent Newton flow, a few steps; 'local': the gradient flow of F, each layer "
+                "driven by its neighbours only, tens to hundreds of steps)"
+            )
+        steps = SETTLE_STEPS[self.settle] if self.settle_steps is None else self.settle_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"settle_steps={steps!r} must be an integer ≥ 1 (or None: {SETTLE_STEPS})")
         _check("settle_lr", self.settle_lr, lo=0.0, lo_open=True)
-        nudged = SettleConfig(solver="euler", dt=float(self.settle_lr), atol=self.settle_tol, rtol=0.0, max_steps=self.settle_steps)
+        if not isinstance(self.reflect, bool):
+            raise ConfigError(f"reflect={self.reflect!r} must be true or false")
+        nudged = SettleConfig(solver="euler", dt=float(self.settle_lr), atol=self.settle_tol, rtol=0.0, max_steps=steps)
         free = SettleConfig(solver="euler", dt=float(self.settle_lr), atol=self.settle_tol, rtol=0.0, max_steps=1)
         return EPConfig(beta=self.beta, estimator=self.estimator, init="forward", free=free, nudged=nudged)
 
     def energy(self, model: nn.Module) -> FeedforwardEnergy:
-        return FeedforwardEnergy(model, self.loss_type)
+        return FeedforwardEnergy(model, self.loss_type, settle=self.settle)
 
     def _contrast(self, energy):
         return energy.ep_contrast
 
     def compute(self, energy: FeedforwardEnergy, x: Tensor, target: Tensor, free_states=None) -> EPResult:
         """Settle, estimate and assign ``.grad`` of the energy's parameters; returns the result."""
-        res = ep_gradients(energy, x, target, self.config(), free_states=free_states, contrast=self._contrast(energy))
+        cfg = self.config()
+        if self.reflect and cfg.estimator == "symmetric":
+            res = reflected_symmetric(energy, x, target, cfg, free_states, self._contrast(energy))
+        else:
+            res = ep_gradients(energy, x, target, cfg, free_states=free_states, contrast=self._contrast(energy))
         assign_grads(energy.param_list(), res.grads)
         return res
+
+
+@torch.no_grad()
+def reflected_symmetric(energy: FeedforwardEnergy, x: Tensor, target: Tensor, cfg: EPConfig, free_states, contrast) -> EPResult:
+    """The symmetric EP estimate with the two nudged phases settled one after the other: +β
+    from the free state s⁰, then −β from the reflection 2s⁰ − s^{+β}. Since
+    s^{±β} = s⁰ ± βs' + ½β²s'' + O(β³), the reflection is within β²‖s''‖ of s^{−β}, where s⁰ is
+    β‖s'‖ away: the −β settle has less to travel. The fixed points, and so the estimate, are
+    those of :func:`mep_hw.ep.ep_gradients` (same result type)."""
+    if free_states is None:  # the forward pass is the exact free fixed point
+        energy.check_batch(x, target)
+        free_states = energy.forward_states(x)[1]
+    res = ep_gradients(energy, x, target, dataclasses.replace(cfg, estimator="one-sided"), free_states=free_states,
+                       contrast=_no_contrast)
+    s0, plus = res.free.states, res.nudged[0]
+    dyn = energy.dynamics(x, check=False, free_states=list(s0))
+    start = [a.mul(2.0).sub_(b) for a, b in zip(s0, plus.states)]
+    minus = settle(dyn.nudge(-float(cfg.beta), target), start, cfg.nudged, throw=False)
+    if (minus.status == SettleStatus.NONFINITE).any():
+        raise SettleError(f"nudged (beta=-{cfg.beta:g}) phase: {minus.message}", minus)
+    grads = contrast(x, plus.states, float(cfg.beta), minus.states, -float(cfg.beta), target)
+    return res._replace(grads=grads, nudged=(plus, minus))
+
+
+def _no_contrast(x, sa, beta_a, sb, beta_b, target):
+    return []
 
 
 @dataclass(frozen=True, kw_only=True)
 class LocalEPGradient(EPGradient):
     """EP with each layer's update computed from that layer's own pre- and post-synaptic states
     in the two phases only (:meth:`FeedforwardEnergy.local_contrast`): what a crossbar tile can
-    compute with no global signal. Numerically the same estimate as :class:`EPGradient`."""
+    compute with no global signal. Numerically the same estimate as :class:`EPGradient`. The
+    update is local; the settle is local only with ``settle='local'``."""
 
     def _contrast(self, energy):
         return energy.local_contrast
@@ -299,6 +365,8 @@ def settle_safe_gamma(beta: float, n_blocks: int, loss_type: str) -> float:
     converges: the Newton settle's error contracts by β ‖∇²C‖ ‖(I − 𝒥)⁻¹‖², and with every
     block γ-Lipschitz (1-Lipschitz activations) ‖(I − 𝒥)⁻¹‖ ≤ Σ_{k<L} γᵏ, so γ solves
     (Σ_{k<L} γᵏ)² β c = 1 with c = ½ (softmax cross-entropy) or 1 (MSE). Infinite for one block.
+    The same condition keeps F's Gauss–Newton Hessian minus β∇²C positive definite (its smallest
+    eigenvalue is 1/‖(I − 𝒥)⁻¹‖²), so the local settle's −β phase has a unique minimiser too.
     """
     c = 0.5 if loss_type == "cross_entropy" else 1.0
     if beta * c >= 1.0:

@@ -23,11 +23,23 @@ from mep_hw.hw.pulses import SAMPLINGS
 from mep_hw.optimizers.host import HOST_OPTIMIZERS
 from mep_hw.settle import SOLVER_NAMES as SOLVERS, SettleConfig  # tableaus and backends (brian2)
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "UPDATES", "SCHEDULES", "DTYPES", "parse_layers", "parse_cycles", "option_names"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "UPDATES", "SCHEDULES", "DTYPES", "DEFAULT_DT", "SETTLE_TIME", "parse_layers", "parse_cycles",
+           "option_names"]
 
 OPTIMIZERS = HOST_OPTIMIZERS
 UPDATES = ("host", "analog", "tiki-taka")
 METHODS = ("ep", "backprop")
+# The settle defaults per activation (measured by mep_hw.benchmarks.settle_dt; docs/settle.md):
+# the solver step dt, and the settle-time budgets (in τ) that the step limits default to,
+# max_steps = free time / dt and nudged_max_steps = nudged time / dt, so that a smaller step gets
+# proportionally more steps. The hard sigmoid's field is the rate form clip(d) − s, whose
+# Jacobian is the coupling alone: Euler at 1 converges whenever the coupling is contractive. The
+# sigmoid's is −∇E, whose Hessian carries −ρ''(s)d ≈ 4|s| on the diagonal at a fixed point: units
+# driven to |s| ≈ 1 (an MSE output at its target) need dt < 2/(1 + 4|s| + coupling), and Euler at
+# 1 (or 0.5 on larger weights) falls into a cycle instead; its −β phase (output stiffness 1 − β)
+# relaxes at rate ~ 1 − β and needs ~ 35 τ on average at β = 0.5, atol 1e-5.
+DEFAULT_DT = {"hard_sigmoid": 1.0, "sigmoid": 0.25}
+SETTLE_TIME = {"hard_sigmoid": (100.0, 20.0), "sigmoid": (100.0, 100.0)}  # (free, nudged) in τ
 SCHEDULES = ("cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -101,13 +113,19 @@ class TrainConfig:
     estimator: str = _opt("symmetric", "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs --activation sigmoid)", choices=ESTIMATORS)
     random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
     solver: str = _opt("euler", "ODE solver of the settle", choices=tuple(SOLVERS))
-    dt: float = _opt(1.0, "solver step (first step of adaptive solvers), in units of τ", metavar="F")
+    dt: float | None = _opt(
+        None, "solver step (first step of adaptive solvers), in units of τ; default per activation: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_DT.items()) + " (recorded in config.toml)", metavar="F")
     atol: float = _opt(1e-4, "free phase: absolute steady-state tolerance on rms(ds/dt)", metavar="F")
     rtol: float = _opt(1e-2, "free phase: tolerance relative to rms(s)", metavar="F")
-    max_steps: int = _opt(100, "free phase: step limit", metavar="N")
+    max_steps: int | None = _opt(
+        None, "free phase: step limit (default: a settle time / dt; "
+        + ", ".join(f"{k} {v[0]:g} τ" for k, v in SETTLE_TIME.items()) + ")", metavar="N")
     nudged_atol: float = _opt(1e-5, "nudged phases: absolute steady-state tolerance", metavar="F")
     nudged_rtol: float = _opt(0.0, "nudged phases: relative steady-state tolerance", metavar="F")
-    nudged_max_steps: int = _opt(20, "nudged phases: step limit (samples past it are counted, not fatal)", metavar="N")
+    nudged_max_steps: int | None = _opt(
+        None, "nudged phases: step limit (samples past it are counted, not fatal; default: a settle time / dt; "
+        + ", ".join(f"{k} {v[1]:g} τ" for k, v in SETTLE_TIME.items()) + ")", metavar="N")
     init: str = _opt("forward", "initial state of the free phase", choices=INITS)
     seed: int = _opt(0, "seed of every random generator of the run", metavar="S")
     limit_train: int | None = _opt(None, "use only the first N training samples", metavar="N")
@@ -185,6 +203,12 @@ class TrainConfig:
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(choices)}")
+        if self.dt is None:  # the stable step of the activation's settle (DEFAULT_DT)
+            object.__setattr__(self, "dt", DEFAULT_DT[self.activation])
+        _float("dt", self.dt, positive=True)
+        for name, steps in zip(("max_steps", "nudged_max_steps"), self.default_steps()):
+            if getattr(self, name) is None:  # the activation's settle time at any step
+                object.__setattr__(self, name, steps)
         for name in ("epochs", "batch_size", "max_steps", "nudged_max_steps", "eval_batch_size", "pulse_bl",
                      "transfer_every", "transfer_columns", "transfer_max_pulses"):
             _int(name, getattr(self, name), lo=1)
@@ -290,7 +314,20 @@ class TrainConfig:
         return cls(**d)
 
     def replace(self, **changes) -> "TrainConfig":
+        """A copy with ``changes``. A ``dt`` at the old activation's default follows a changed
+        ``activation`` to the new one's, unless ``dt`` is given too; step limits at their
+        budget for the old dt follow a changed dt, unless given too."""
+        if "activation" in changes and "dt" not in changes and self.dt == DEFAULT_DT.get(self.activation):
+            changes["dt"] = None
+        if "dt" in changes or "activation" in changes:
+            for name, steps in zip(("max_steps", "nudged_max_steps"), self.default_steps()):
+                if name not in changes and getattr(self, name) == steps:
+                    changes[name] = None
         return dataclasses.replace(self, **changes)
+
+    def default_steps(self) -> tuple[int, int]:
+        """The (free, nudged) step limits that default to the activation's settle times / dt."""
+        return tuple(max(1, round(tau / self.dt)) for tau in SETTLE_TIME[self.activation])
 
 
 def option_names() -> tuple[str, ...]:

@@ -42,6 +42,7 @@ from mep_hw.train.config import TrainConfig
 from mep_hw.train.cost import CostAccumulator
 from mep_hw.train.fit import epoch_generator, fit, iterate_batches
 from mep_hw.train.guards import CosineCycles, GuardObserver, RunGuard, cosine_cycle, plan_resume
+from mep_hw.train.health import SettleHealthObserver
 from mep_hw.train.observers import (
     CHECKPOINT_FORMAT, CheckpointObserver, CostObserver, MetricsObserver, ProgressObserver, StepOut, TraceObserver,
 )
@@ -259,6 +260,7 @@ def train(
             "cost": cost.summary(card, cfg, model) if card is not None else None,
             "warnings": guard.warnings,
             "resumes": plan.resumes if plan is not None else [],
+            "settle_health": health.summary(),
         }
 
     trace = None
@@ -274,6 +276,8 @@ def train(
                  CosineCycles(regime, cfg, n_batches)]
     if card is not None:
         observers.append(CostObserver(cost, trainer.counts, xtr.shape[0], xte.shape[0]))
+    health = SettleHealthObserver(cfg)  # per-epoch settle health (residuals at the limit), in metrics.json
+    observers.append(health)
     every = parse_trace_every(cfg.trace_every)
     if every:
         tracer = open_trace(run_dir, cfg, card, resume_epoch=(start - 1) if resume else None, steps_per_epoch=n_batches)
