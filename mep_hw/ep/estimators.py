@@ -62,8 +62,12 @@ class EPResult(NamedTuple):
     logits: Tensor  # network output at the free state
 
 
-def _check(res: SettleResult, phase: str, strict: bool) -> None:
-    if (res.status == SettleStatus.NONFINITE).any() or (strict and not res.converged):
+def _check(res: SettleResult, phase: str, strict: bool, check: bool = True) -> None:
+    """Raise if a sample ended non-finite (or, with ``strict``, at the step limit): reads the
+    statuses on the host, so it is skipped when ``check`` is False (unless ``strict``)."""
+    if not (check or strict):
+        return
+    if (strict and not res.converged) or (res.status == SettleStatus.NONFINITE).any():
         raise SettleError(f"{phase} phase: {res.message}", res)
 
 
@@ -73,11 +77,11 @@ def _rows(res: SettleResult, sl: slice) -> SettleResult:
     )
 
 
-def _free(model, x: Tensor, cfg: EPConfig, check: bool, dynamics_kw=None):
+def _free(model, x: Tensor, cfg: EPConfig, check: bool, dynamics_kw=None, check_result: bool = True):
     dyn = model.dynamics(x, check=check, **(dynamics_kw or {}))
     init = model.forward_init(dyn) if cfg.init == "forward" else model.zero_init(x)
     res = settle(dyn, init, cfg.free, throw=False)
-    _check(res, "free", cfg.strict)
+    _check(res, "free", cfg.strict, check_result)
     return dyn, res
 
 
@@ -98,6 +102,7 @@ def ep_gradients(
     free_states: Sequence[Tensor] | None = None,
     contrast=None,
     dynamics_kw: dict | None = None,
+    check: bool = True,
 ) -> EPResult:
     """Free phase, nudged phase(s) and the EP estimate of dL/dθ for one batch.
 
@@ -108,11 +113,18 @@ def ep_gradients(
     feedforward energy, already run): it is used as is, with no free settle. ``contrast`` replaces
     ``model.ep_contrast`` (same signature), e.g. by a layer-local computation. ``dynamics_kw``
     go to ``model.dynamics`` (e.g. ``ops``: the device tiles the weights are read through).
+
+    ``check=False`` skips the per-batch checks that read tensors on the host (the finiteness of
+    ``x`` and ``target``, and the non-finite statuses of the settles, which would otherwise raise
+    SettleError here): a training loop validates its data once and reads the non-finite counts
+    that :func:`mep_hw.train.tracing.batch_sums` accumulates on the device when it reads its
+    sums (once per epoch or trace interval). ``cfg.strict`` still raises at once.
     """
     contrast = contrast or model.ep_contrast
-    model.check_batch(x, target)
+    if check:
+        model.check_batch(x, target)
     if free_states is None:
-        dyn, free = _free(model, x, cfg, check=False, dynamics_kw=dynamics_kw)
+        dyn, free = _free(model, x, cfg, check=False, dynamics_kw=dynamics_kw, check_result=check)
     else:  # an exact fixed point by construction (a forward pass): nothing to settle
         dyn = model.dynamics(x, check=False, free_states=free_states, **(dynamics_kw or {}))
         B = free_states[0].shape[0]
@@ -126,7 +138,7 @@ def ep_gradients(
         col = torch.cat([x.new_full((B, 1), beta), x.new_full((B, 1), -beta)])
         res = settle(dyn.nudge(col, torch.cat([target, target])), [torch.cat([t, t]) for t in s0],
                      cfg.nudged, throw=False)
-        _check(res, f"nudged (beta=±{beta:g})", cfg.strict)
+        _check(res, f"nudged (beta=±{beta:g})", cfg.strict, check)
         nudged = (_rows(res, slice(0, B)), _rows(res, slice(B, 2 * B)))
         grads = contrast(x, nudged[0].states, beta, nudged[1].states, -beta, target)
     else:
@@ -135,7 +147,7 @@ def ep_gradients(
             sign = 1.0 if torch.rand((), generator=generator).item() < 0.5 else -1.0
         b = sign * beta
         res = settle(dyn.nudge(b, target), s0, cfg.nudged, throw=False)
-        _check(res, f"nudged (beta={b:+g})", cfg.strict)
+        _check(res, f"nudged (beta={b:+g})", cfg.strict, check)
         nudged = (res,)
         grads = contrast(x, res.states, b, s0, 0.0, target)
     return EPResult(grads, free, nudged, model.cost_fn(s0, target), model.logits(s0))

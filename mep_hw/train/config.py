@@ -19,7 +19,8 @@ from mep_hw.ep import ESTIMATORS, INITS, EPConfig
 from mep_hw.errors import ConfigError
 from mep_hw.io import DATASETS
 from mep_hw.model import ACTIVATIONS, COSTS
-from mep_hw.settle import SOLVER_NAMES as SOLVERS, SettleConfig  # tableaus and backends (brian2)
+from mep_hw.settle import SOLVER_NAMES as SOLVERS, SWEEPS, SettleConfig  # tableaus, sweeps and backends (brian2)
+from mep_hw.settle import SOLVERS as ODE_SOLVERS
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "DTYPES", "parse_layers", "option_names"]
 
@@ -132,6 +133,12 @@ class TrainConfig:
             raise ConfigError(f"torch_device={self.torch_device!r} is not a torch device (cpu, cuda, cuda:0, …)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"torch_device={self.torch_device!r} but CUDA is not available here; use --torch-device cpu")
+        if self.solver in SWEEPS and ACTIVATIONS[self.activation].box is None:
+            raise ConfigError(
+                f"solver={self.solver!r} needs an activation with a box (hard_sigmoid), where each layer's "
+                f"minimiser given its neighbours is a clip of its drive; with activation={self.activation!r} "
+                f"use an ODE solver: {', '.join(ODE_SOLVERS)}"
+            )
         self.ep_config()  # validates the settle and EP settings
         if not isinstance(self.set, dict):
             raise ConfigError(f"set={self.set!r} must be a table of device-card fields")

@@ -10,7 +10,7 @@ Inference counts are those of the last evaluation pass (the test set, free phase
 from __future__ import annotations
 
 from mep_hw.hw.cost import CostCounts, cost_summary
-from mep_hw.settle import get_solver
+from mep_hw.settle import evals_per_step
 
 __all__ = ["CostAccumulator"]
 
@@ -41,12 +41,10 @@ class CostAccumulator:
 
     def summary(self, card, cfg, model) -> dict:
         shapes = [tuple(w.shape) for w in model.weights]
-        # one field evaluation reads every array forward and, except the input array, transposed
+        # one field evaluation reads every array forward and, except the input array, transposed; so
+        # does one sweep of the block solver (each parity's arrays, in two half-sweeps)
         macs_per_eval = sum(o * i for o, i in shapes) + sum(o * i for o, i in shapes[1:])
-        try:
-            stages = get_solver(cfg.solver).stages
-        except Exception:  # a backend (brian2), not a tableau: one evaluation per step
-            stages = 1
+        stages = evals_per_step(cfg.solver)  # tableau stages; 1 per sweep; 1 per backend (Euler) step
         kw = dict(kind=card.kind, clock_hz=getattr(card.device, "clock_hz", None), macs_per_eval=macs_per_eval, stages=stages,
                   init_reads=len(shapes) if cfg.init == "forward" else 0,
                   init_macs=sum(o * i for o, i in shapes) if cfg.init == "forward" else 0)
