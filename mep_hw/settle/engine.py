@@ -355,26 +355,47 @@ def settle(
     nfev = 1
     rows = B  # rows in the working batch
     n_run: int | None = B  # running rows as of the last host check (None: not known now)
+    eager = check_every == 1  # the host knows the running set after every test
+    # eager: the steps taken while the running set stays the same are counted on the host (lag)
+    # and added to the running rows when the set changes; otherwise they are added every step
+    lag = 0
+    mask = None  # float (rows, 1): 1 for running rows, while the set is known not to change
     active = None  # original index of each working row (None: all rows, in order)
     out = None  # outputs of rows taken out: state, ‖f‖, steps, time
 
     n = 0
     for n in range(cfg.max_steps + 1):
         rn = torch.linalg.vector_norm(k, dim=1)
-        if n >= cfg.min_steps:  # before min_steps no sample may stop
+        tested = n >= cfg.min_steps  # before min_steps no sample may stop
+        if tested:
             if use_rtol:
                 pending = rn > torch.linalg.vector_norm(s, dim=1).mul_(cfg.rtol).add_(atol_n)
             else:
                 pending = rn > atol_n
             # NaN compares false, so a NaN residual counts as finished (it is labelled NONFINITE)
-            running.logical_and_(pending)
         last = n == cfg.max_steps
-        if last or n % check_every == 0:
-            n_run = int(running.sum())  # the host check: a synchronisation on an accelerator
+        if eager:
+            if tested:
+                new = running.logical_and(pending)
+                n_new = int(new.sum())  # a host read (free on the CPU, where eager is the default)
+                if n_new != n_run:
+                    if lag:
+                        steps.add_(running, alpha=lag)
+                        lag = 0
+                    running, n_run, mask = new, n_new, None
+        else:
+            if tested:
+                running.logical_and_(pending)
+            n_run = int(running.sum()) if (last or n % check_every == 0) else None  # a synchronisation
+            mask = None
+        if n_run is not None:
             if n_run == 0 or last:
                 break
             n_fin = rows - n_run
             if n_fin and n_fin >= compact_frac * rows and n_fin >= compact_min and n_fin * row_work >= work_min:
+                if lag:
+                    steps.add_(running, alpha=lag)
+                    lag = 0
                 fin = running.logical_not().nonzero().squeeze(1)
                 keep = running.nonzero().squeeze(1)
                 if out is None:
@@ -397,13 +418,16 @@ def settle(
                     sv, kv = views(s), views(k)
                     s1, s2, k1, k2 = s[:, :n_first], s[:, n_first:], k[:, :n_first], k[:, n_first:]
                     k2_zero = True  # the rows left are running: their second-parity residual is 0
-        else:
-            n_run = None
         every = n_run == rows  # every working row runs: no mask needed
-        steps.add_(running)
-        if not every:
-            run_col = running.unsqueeze(1)
+        if eager:
+            lag += 1
+        else:
+            steps.add_(running)
+        if not every and mask is None:
+            mask = running.unsqueeze(1).to(dtype)
 
+        # Frozen rows take no step: their update is multiplied by 0 (a non-finite row, already
+        # labelled NONFINITE, may turn NaN)
         if sweep is not None:  # red-black block coordinate descent
             if every:
                 s1.add_(k1)  # the first parity to its block target, computed with the last residual
@@ -412,22 +436,22 @@ def settle(
                     k2.zero_()
                     k2_zero = True
             else:  # frozen rows keep their state and their residual, both parities
-                s1.add_(torch.where(run_col, k1, 0.0))
+                s1.addcmul_(k1, mask)
                 dyn.block_field(sv, 1 - first, kv)
-                s2.add_(torch.where(run_col, k2, 0.0))
-                k2.masked_fill_(run_col, 0.0)
+                s2.addcmul_(k2, mask)
+                k2.addcmul_(k2, mask, value=-1.0)  # running rows: at their block target, residual 0
                 k2_zero = False
             dyn.block_field(sv, first, kv)
             nfev += 1
             continue
         if euler:  # s ← s + dt·f(s), in place
-            _proj(s.add_(k if every else torch.where(run_col, k, 0.0), alpha=cfg.dt), pbox)
+            _proj(s.add_(k, alpha=cfg.dt) if every else s.addcmul_(k, mask, value=cfg.dt), pbox)
             k = field(s)
             nfev += 1
             continue
         if not adaptive:
             s_new, _ = rk_step(field, tab, s, k, float(cfg.dt), pbox)
-            s = s_new if every else torch.where(run_col, s_new, s)
+            s = s_new if every else torch.where(running.unsqueeze(1), s_new, s)
             k = field(s)
             nfev += tab.stages
             continue
@@ -446,6 +470,8 @@ def settle(
         k = torch.where(acc, ks[-1], k)
         t_now = t_now + torch.where(accept, h.squeeze(1), 0.0)
         h = (h * factor.unsqueeze(1)).clamp_max(cfg.dt_max)
+    if lag:
+        steps.add_(running, alpha=lag)
 
     # Assemble the per-sample outputs in the original sample order.
     if out is not None:
