@@ -102,3 +102,35 @@ def test_brian2_benchmark_writes_agreement_times_and_accuracy(tmp_path):
     assert s["per_step_ms"]["brian2"] > 0 and s["train_defaults"]["seconds_median"]["euler"] > 0
     acc = r["accuracy"]["runs"]["0"]
     assert abs(acc["brian2"]["test_accuracy"] - acc["euler"]["test_accuracy"]) <= 0.02
+
+
+def test_epoch_ratio_interleaves_ep_and_backprop(tmp_path):
+    from mep_hw.benchmarks import epoch_ratio
+
+    out = tmp_path / "r.json"
+    epoch_ratio.main(["--dataset", "digits", "--layers", "64,32,10", "--epochs", "2", "--limit-train", "200",
+                      "--limit-test", "100", "--threads", "1", "--solver", "block", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["config"]["solver"] == "block"
+    (run,) = r["runs"]
+    assert run["threads"] == 1 and len(run["ep_epoch_seconds"]) == 2 and len(run["backprop_test_accuracy"]) == 2
+    assert all(s > 0 for s in run["ep_epoch_seconds"] + run["backprop_epoch_seconds"])
+    assert run["ratio_median"] > 0 and len(run["load_average_before"]) == 3
+
+
+def test_cuda_check_skips_without_cuda_and_runs_on_the_cpu(tmp_path, capsys):
+    import torch
+
+    from mep_hw.benchmarks import cuda_check
+
+    out = tmp_path / "c.json"
+    if not torch.cuda.is_available():
+        assert cuda_check.main(["--out", str(out)]) == 0
+        assert "skipped" in capsys.readouterr().out and not out.exists()
+    cuda_check.main(["--device", "cpu", "--layers", "784,20,10", "--batch", "8", "--check-every", "1", "3",
+                     "--warmup", "2", "--batches", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and {r["solver"] for r in rows} == {"euler", "block"}
+    for r in rows:
+        assert r["settle_loop_iterations"] > 0 and r["settle_ms_per_iteration"] > 0 and r["ep_step_ms"] > 0
+        assert r["settle_syncs_per_iteration"] is None  # counted on CUDA only

@@ -89,8 +89,8 @@ def batch_sums(res, y: torch.Tensor) -> BatchSums:
     free = _phase_sums(res.free, dt)
     nudged = sum(_phase_sums(r, dt) for r in res.nudged) if res.nudged else free.new_zeros(5)
     n_nudged = sum(r.steps.numel() for r in res.nudged)
-    head = free.new_tensor([float(y.shape[0])])
-    nn = free.new_tensor([float(n_nudged)])
+    head = free.new_full((1,), float(y.shape[0]))  # filled on the device: no host-to-device copy
+    nn = free.new_full((1,), float(n_nudged))
     tail = torch.stack([res.loss.sum().to(dt), (res.logits.argmax(1) == y).sum().to(dt)])
     return BatchSums(torch.cat([head, free, nn, nudged, tail]))
 
