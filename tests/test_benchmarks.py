@@ -134,3 +134,16 @@ def test_cuda_check_skips_without_cuda_and_runs_on_the_cpu(tmp_path, capsys):
     for r in rows:
         assert r["settle_loop_iterations"] > 0 and r["settle_ms_per_iteration"] > 0 and r["ep_step_ms"] > 0
         assert r["settle_syncs_per_iteration"] is None  # counted on CUDA only
+
+
+def test_settle_speed_times_solvers_and_compaction_thresholds(tmp_path):
+    from mep_hw.benchmarks import settle_speed
+
+    out = tmp_path / "s.json"
+    settle_speed.main(["--dataset", "digits", "--layers", "64,32,10", "--warmup", "4", "--batches", "3", "--rounds", "2",
+                       "--thresholds", "0", "inf", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert {(row["solver"], row["compact_work"]) for row in r["rows"]} == {
+        ("euler", 0.0), ("euler", "inf"), ("block", 0.0), ("block", "inf")}
+    assert all(row["ms_per_batch"] > 0 for row in r["rows"])
+    assert r["steps"]["block"]["nudged_mean"] <= r["steps"]["euler"]["nudged_mean"]

@@ -417,7 +417,9 @@ def settle(
                 if sweep is not None:
                     sv, kv = views(s), views(k)
                     s1, s2, k1, k2 = s[:, :n_first], s[:, n_first:], k[:, :n_first], k[:, n_first:]
-                    k2_zero = True  # the rows left are running: their second-parity residual is 0
+                    # the rows left hold their true residual (before the first sweep, the second
+                    # parity's is not zero): the next unmasked sweep zeroes it
+                    k2_zero = False
         every = n_run == rows  # every working row runs: no mask needed
         if eager:
             lag += 1

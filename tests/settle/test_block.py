@@ -152,22 +152,26 @@ def test_a_sweep_reads_each_array_forward_and_transposed_once(solver):
     assert dyn.row_work == macs_per_eval + 8 * sum(layers[1:])
 
 
-def test_results_do_not_depend_on_check_interval_or_compaction():
+@pytest.mark.parametrize("warm", [False, True])
+def test_results_do_not_depend_on_check_interval_or_compaction(warm):
     m = LayeredHopfield((12, 20, 16, 5), generator=torch.Generator().manual_seed(0), dtype=F64)
     x = torch.rand(64, 12, generator=torch.Generator().manual_seed(1), dtype=F64)
     dyn = m.dynamics(x)
     init = m.forward_init(dyn)
+    if warm:  # every other sample starts at its fixed point: it finishes at step 0, before any sweep
+        fixed = settle(dyn, init, SettleConfig(solver="block", atol=1e-12, rtol=0, max_steps=2000)).states
+        init = [torch.where(torch.arange(64).unsqueeze(1) % 2 == 0, f, i) for f, i in zip(fixed, init)]
     for solver in ("block", "euler", "rk4", "dopri5"):
         cfg = SettleConfig(solver=solver, dt=0.5, atol=1e-7, rtol=1e-3, max_steps=500)
         ref = settle(dyn, init, cfg, compact_work=math.inf)
-        assert len(set(ref.steps.tolist())) > 3
+        assert len(set(ref.steps.tolist())) > 3 and (int((ref.steps == 0).sum()) >= 32) == warm
         for kw in (dict(compact_work=0.0), dict(check_every=3), dict(check_every=7, compact_work=0.0), {}):
             res = settle(dyn, init, cfg, **kw)
             assert torch.equal(res.steps, ref.steps) and torch.equal(res.status, ref.status)
             for a, b in zip(res.states, ref.states):  # rows read in smaller batches: BLAS rounding at most
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
             torch.testing.assert_close(res.residual, ref.residual, rtol=1e-10, atol=1e-16)
-            torch.testing.assert_close(res.time, ref.time, rtol=0, atol=0)
+            torch.testing.assert_close(res.time, ref.time, rtol=1e-12, atol=0)
 
 
 def test_statuses_and_errors_follow_the_contract():
