@@ -208,3 +208,24 @@ def test_what_it_cannot_run_is_refused_with_what_can():
     with pytest.raises(ConfigError, match="'block' is a sweep.*not a Runge–Kutta tableau"):
         get_solver("block")
     assert get_sweep("block").evals_per_step == 1 and get_sweep("euler") is None
+
+
+def test_the_cost_model_counts_a_sweep_as_one_field_evaluation():
+    # clocked latency = (steps · stages · ⌈MACs per evaluation / macs_per_cycle⌉ + init) / clock
+    from mep_hw.train.cost import CostAccumulator
+
+    card = load_card("fpga_q16")
+    model = LayeredHopfield((784, 500, 10))
+    acc = CostAccumulator(phases=3)
+    acc.train.update(samples=10, settle_steps=50, settle_time_tau=100.0)
+    lat = {}
+    for solver in ("block", "euler", "rk4"):
+        s = acc.summary(card, TrainConfig(solver=solver, layers=(784, 500, 10)), model)
+        lat[solver] = s["train"]["latency_s_per_sample"]
+    macs_eval = 784 * 500 + 500 * 10 + 500 * 10
+    cycles = math.ceil(macs_eval / card.cost.macs_per_cycle)
+    init = math.ceil((784 * 500 + 500 * 10) / card.cost.macs_per_cycle)
+    clock = card.device.clock_hz
+    assert lat["block"] == pytest.approx((5 * 1 * cycles + init) / clock)
+    assert lat["euler"] == lat["block"]
+    assert lat["rk4"] == pytest.approx((5 * 4 * cycles + init) / clock)
