@@ -23,7 +23,8 @@ from torch import nn
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import write_json
 from mep_hw.train import TrainConfig, train
-from mep_hw.train.loop import build_optimizer, epoch_generator, iterate_batches
+from mep_hw.benchmarks._baseline import baseline_optimizer
+from mep_hw.train.fit import epoch_generator, iterate_batches
 
 
 class _Clip01(nn.Module):
@@ -34,7 +35,7 @@ class _Clip01(nn.Module):
 class BackpropMLP:
     """The backprop twin of an EP run: the same network shape and hidden activation (hard
     sigmoid), a linear output, the same MSE cost on one-hot targets, the same optimizer and
-    schedule (:func:`mep_hw.train.loop.build_optimizer`)."""
+    schedule (:func:`mep_hw.benchmarks._baseline.baseline_optimizer`)."""
 
     def __init__(self, cfg: TrainConfig, steps_total: int):
         torch.manual_seed(cfg.seed)
@@ -44,12 +45,8 @@ class BackpropMLP:
             mods += [nn.Linear(n_in, n_out), _Clip01()]  # hidden layers: the hard sigmoid of the EP run
         self.net = nn.Sequential(*mods, nn.Linear(layers[-2], layers[-1]))  # linear output, MSE to one-hot
         self.n_out = layers[-1]
-        if cfg.optimizer == "adam":  # the cheapest correct baseline: torch's fused Adam, as the EP run's host Adam
-            self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, steps_total)) \
-                if cfg.schedule == "cosine" else None
-        else:
-            self.opt, self.sched = build_optimizer(cfg, list(self.net.parameters()), steps_total)
+        # the cheapest correct baseline: torch's fused Adam (the EP run's host Adam uses the same kernel)
+        self.opt, self.sched = baseline_optimizer(cfg, self.net.parameters(), steps_total)
 
     def step(self, xtr, ytr, idx) -> None:
         """One training step on the samples ``idx`` of (xtr, ytr)."""

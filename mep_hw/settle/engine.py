@@ -7,10 +7,11 @@ holds (L2 norms over all of the sample's state components, N of them)::
 
     rms(f(s)) ≤ atol + rtol · rms(s)        with rms(v) = ‖v‖ / √N
 
-A dynamics read through noisy hardware may declare ``noise_floor``, the rms of its field noise per
-component; 2 × noise_floor is then added to atol. A sample also stops at ``max_steps`` (status
-STEP_LIMIT) or when its residual is not finite (NONFINITE). A finished sample is frozen at the
-step it finished; finished samples leave the working batch when removing them pays.
+Every dynamics declares ``noise_floor``, the rms of its field noise per component (0 for exact
+weights; > 0 when read through noisy hardware); 2 × noise_floor is added to atol. A sample also
+stops at ``max_steps`` (status STEP_LIMIT) or when its residual is not finite (NONFINITE). A
+finished sample is frozen at the step it finished; finished samples leave the working batch when
+removing them pays.
 
 Solvers: Runge–Kutta tableaus (the ODE), the ``block`` sweep (red-black block coordinate descent
 with the same steady-state test on the ODE's residual), and backends
@@ -45,7 +46,7 @@ from torch import Tensor
 from mep_hw.errors import ConfigError, SettleError
 from mep_hw.settle.solvers import SOLVERS, Backend, Tableau, evals_per_step, get_backend, get_solver, get_sweep
 
-__all__ = ["BlockDynamics", "COMPACT_WORK", "CUDA_CHECK_EVERY", "Dynamics", "SettleConfig", "SettleResult", "SettleStatus", "settle",
+__all__ = ["remedy", "BlockDynamics", "COMPACT_WORK", "CUDA_CHECK_EVERY", "Dynamics", "SettleConfig", "SettleResult", "SettleStatus", "settle",
            "integrate", "rk_step"]
 
 # Compaction (taking finished rows out of the working batch) costs a fixed number of index
@@ -60,6 +61,7 @@ CUDA_CHECK_EVERY = 4
 class Dynamics(Protocol):
     sizes: tuple[int, ...]
     box: tuple[float, float] | None
+    noise_floor: float  # rms noise of the field per state component (0: exact; taken as 0 when absent)
 
     def field(self, s: Tensor) -> Tensor: ...
 
@@ -95,6 +97,11 @@ _REMEDIES = {
         "bound the weights' spectral norm (spectral constraint)"
     ),
 }
+
+
+def remedy(status: SettleStatus) -> str:
+    """What to do about samples that ended with ``status`` (empty for CONVERGED)."""
+    return _REMEDIES[SettleStatus(status)]
 
 
 def _positive(name: str, v) -> None:

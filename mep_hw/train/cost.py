@@ -41,9 +41,10 @@ class CostAccumulator:
 
     def summary(self, card, cfg, model) -> dict:
         shapes = [tuple(w.shape) for w in model.weights]
-        # one field evaluation reads every array forward and, except the input array, transposed; so
-        # does one sweep of the block solver (each parity's arrays, in two half-sweeps)
-        macs_per_eval = sum(o * i for o, i in shapes) + sum(o * i for o, i in shapes[1:])
+        # the input array is read once per phase (the input is clamped: its drive is held); one field
+        # evaluation reads every other array forward and transposed, and so does one sweep of the
+        # block solver (each parity's arrays, in two half-sweeps)
+        macs_per_eval = 2 * sum(o * i for o, i in shapes[1:])
         stages = evals_per_step(cfg.solver)  # tableau stages; 1 per sweep; 1 per backend (Euler) step
         kw = dict(kind=card.kind, clock_hz=getattr(card.device, "clock_hz", None), macs_per_eval=macs_per_eval, stages=stages,
                   init_reads=len(shapes) if cfg.init == "forward" else 0,

@@ -5,8 +5,9 @@ N epochs (at the epoch's end). An interval holds, per weight matrix, the logical
 network uses (for a device run: what the device holds, noise-free) and the device's physical
 state (conductances in µS, MZI phases in rad, fixed-point integers), the cumulative pulse
 counts, and — averaged over the steps since the previous interval — settle steps and final
-residuals of the free and nudged phases, the energy E(s⁰) of the free fixed point (under the held
-weights), the training loss and accuracy. Step 0 (the initial weights) is always recorded.
+residuals of the free and nudged phases, the training loss and accuracy; and the mean energy
+E(s⁰) of the free fixed points of the batch of the step the interval is recorded at (under the
+held weights: computed only then). Step 0 (the initial weights) is always recorded.
 Every finished epoch appends its metrics to ``/epochs``.
 """
 
@@ -96,11 +97,11 @@ def batch_sums(res, y: torch.Tensor) -> BatchSums:
 
 
 class StepTotals:
-    """Running sums of :func:`batch_sums` over training steps: an epoch, or a trace interval
-    (with the free-state energy, when tracing). The sums stay on the device (one addition per
-    step); ``sums`` reads them on the host (one synchronisation)."""
+    """Running sums of :func:`batch_sums` over training steps: an epoch, or a trace interval.
+    The sums stay on the device (one addition per step); ``sums`` reads them on the host (one
+    synchronisation)."""
 
-    KEYS = SUM_KEYS + ("energy",)
+    KEYS = SUM_KEYS
 
     def __init__(self):
         self.reset()
@@ -108,18 +109,15 @@ class StepTotals:
     def reset(self):
         self._acc: torch.Tensor | None = None
         self._host = dict.fromkeys(self.KEYS, 0.0)
-        self._energy: torch.Tensor | float = 0.0
 
-    def add(self, sums: BatchSums | dict[str, float], energy: torch.Tensor | float = 0.0) -> None:
+    def add(self, sums: BatchSums | dict[str, float]) -> None:
         """Add one batch's sums (a :class:`BatchSums` stays on the device; a dict of floats is
-        added on the host) and, when tracing, the batch's free-state energy (a tensor or a float)."""
+        added on the host)."""
         if isinstance(sums, BatchSums):
             self._acc = sums.values.clone() if self._acc is None else self._acc.add_(sums.values)
         else:
             for k, v in sums.items():
                 self._host[k] += v
-        if isinstance(energy, torch.Tensor) or energy:
-            self._energy = self._energy + energy
 
     @property
     def sums(self) -> dict[str, float]:
@@ -128,7 +126,6 @@ class StepTotals:
         if self._acc is not None:
             for k, v in zip(SUM_KEYS, self._acc.tolist()):
                 out[k] += v
-        out["energy"] += float(self._energy)
         return out
 
     def nonfinite(self) -> int:
@@ -150,7 +147,6 @@ class StepTotals:
             "settle/free_residual_mean": (self.mean("free_residual", sums=s), "1/tau"),
             "settle/nudged_steps_mean": (self.mean("nudged_steps", "n_nudged", s), "steps"),
             "settle/nudged_residual_mean": (self.mean("nudged_residual", "n_nudged", s), "1/tau"),
-            "energy/free_mean": (self.mean("energy", sums=s), "1"),
             "metrics/train_loss": (self.mean("loss", sums=s), "1"),
             "metrics/train_accuracy": (self.mean("correct", sums=s), "1"),
         }
@@ -172,20 +168,25 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def interval_values(model, hw, acc: StepTotals) -> dict[str, tuple[np.ndarray | float, str]]:
+def interval_values(model, acc: StepTotals, energy: float = float("nan")) -> dict[str, tuple[np.ndarray | float, str]]:
+    """One trace interval: ``acc``'s means, the free-state ``energy``, and per weight matrix what
+    the model's weight store holds (weights, biases, the device's physical state, cumulative
+    operation counts)."""
     out: dict = dict(acc.means())
+    out["energy/free_mean"] = (energy, "1")
+    store = model.store
     for k, (w, b) in enumerate(zip(model.weights, model.biases)):
-        out[f"layers/W{k}/weight"] = (_np(w), "1")
+        out[f"layers/W{k}/weight"] = (_np(store.held(k)), "1")
         out[f"layers/W{k}/bias"] = (_np(b), "1")
-    if hw is not None:
-        for k, t in enumerate(hw.tiles):
-            for name, (value, units) in t.device.physical(t.state).items():
+    if store.card is not None:
+        for k, info in enumerate(store.layer_info()):
+            for name, (value, units) in store.physical(k).items():
                 out[f"layers/W{k}/{name}"] = (_np(value), units)
             for name in ("pulses_up", "pulses_down", "refreshes"):
-                out[f"layers/W{k}/{name}"] = (np.int64(t.totals[name]), "pulses")
+                out[f"layers/W{k}/{name}"] = (np.int64(info[name]), "pulses")
             for name, units in (("macs", "MAC"), ("dac", "conversions"), ("adc", "conversions")):  # cumulative, mep_hw.hw.cost
-                out[f"layers/W{k}/{name}"] = (np.int64(t.totals[name]), units)
-            out[f"layers/W{k}/w_scale"] = (np.float64(t.w_scale), "1")
+                out[f"layers/W{k}/{name}"] = (np.int64(info[name]), units)
+            out[f"layers/W{k}/w_scale"] = (np.float64(info["w_scale"]), "1")
     return out
 
 

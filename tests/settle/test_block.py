@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mep_hw.errors import ConfigError, SettleError
-from mep_hw.hw import Tile, load_card
+from mep_hw.hw import build_store, load_card
 from mep_hw.model import LayeredHopfield, one_hot
 from mep_hw.settle import SWEEPS, SettleConfig, SettleStatus, evals_per_step, get_solver, get_sweep, settle
 from mep_hw.train import TrainConfig
@@ -131,21 +131,22 @@ def test_sweeps_are_about_half_the_euler_steps():
 
 @pytest.mark.parametrize("solver", ["euler", "block"])
 def test_a_sweep_reads_each_array_forward_and_transposed_once(solver):
-    # tiles count the multiply-accumulates of every read: one field evaluation (or sweep) of an MSE
-    # net reads every array forward and, except the input array, transposed — the cost model's
-    # macs_per_eval, times evals_per_step
+    # tiles count the multiply-accumulates of every read: the input array is read once per phase
+    # (its drive is held), and one field evaluation (or sweep) of an MSE net reads every other
+    # array forward and transposed — the cost model's macs_per_eval, times evals_per_step
     layers = (12, 10, 9, 8, 5)
     m = LayeredHopfield(layers, generator=torch.Generator().manual_seed(0), dtype=F64)
-    card = load_card("ideal")
-    tiles = [Tile(card.device, card.periphery, w.detach(), seed=k + 1) for k, w in enumerate(m.weights)]
+    m.use_store(build_store(load_card("ideal"), list(m.weights), seed=1))
     x = torch.rand(7, 12, generator=torch.Generator().manual_seed(1), dtype=F64)
-    dyn = m.dynamics(x, ops=tiles)
+    before = m.store.counts().macs
+    dyn = m.dynamics(x)
+    assert m.store.counts().macs - before == 7 * 12 * 10  # the input drive, read once
     init = m.zero_init(x)
-    before = sum(t.totals["macs"] for t in tiles)
+    before = m.store.counts().macs
     res = settle(dyn, init, SettleConfig(solver=solver, dt=1.0, atol=1e-8, rtol=0, max_steps=500), compact_work=math.inf)
-    macs = sum(t.totals["macs"] for t in tiles) - before
+    macs = m.store.counts().macs - before
     shapes = [tuple(w.shape) for w in m.weights]
-    macs_per_eval = sum(o * i for o, i in shapes) + sum(o * i for o, i in shapes[1:])
+    macs_per_eval = 2 * sum(o * i for o, i in shapes[1:])
     assert evals_per_step(solver) == 1
     assert macs == res.nfev * 7 * macs_per_eval
     assert res.nfev == int(res.steps.max()) + 1
@@ -222,7 +223,7 @@ def test_the_cost_model_counts_a_sweep_as_one_field_evaluation():
     for solver in ("block", "euler", "rk4"):
         s = acc.summary(card, TrainConfig(solver=solver, layers=(784, 500, 10)), model)
         lat[solver] = s["train"]["latency_s_per_sample"]
-    macs_eval = 784 * 500 + 500 * 10 + 500 * 10
+    macs_eval = 2 * 500 * 10  # the arrays above the input, forward and transposed (the input drive is held)
     cycles = math.ceil(macs_eval / card.cost.macs_per_cycle)
     init = math.ceil((784 * 500 + 500 * 10) / card.cost.macs_per_cycle)
     clock = card.device.clock_hz
