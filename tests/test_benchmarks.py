@@ -147,3 +147,16 @@ def test_settle_speed_times_solvers_and_compaction_thresholds(tmp_path):
         ("euler", 0.0), ("euler", "inf"), ("block", 0.0), ("block", "inf")}
     assert all(row["ms_per_batch"] > 0 for row in r["rows"])
     assert r["steps"]["block"]["nudged_mean"] <= r["steps"]["euler"]["nudged_mean"]
+
+
+def test_trace_overhead_times_traced_runs_against_an_untraced_one(tmp_path):
+    from mep_hw.benchmarks import trace_overhead
+
+    out = tmp_path / "t.json"
+    trace_overhead.main(["--dataset", "digits", "--layers", "64,32,10", "--limit-train", "200", "--limit-test", "50",
+                         "--rounds", "2", "--every", "1epoch", "2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["variants"]) == {"1epoch", "2"} and len(r["untraced_seconds"]) == 2
+    for v in r["variants"].values():
+        assert len(v["overhead_per_round"]) == 2 and v["overhead_median"] > -1.0
+    assert 0 <= r["test_accuracy"] <= 1
