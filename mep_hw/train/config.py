@@ -175,6 +175,11 @@ class TrainConfig:
             raise ConfigError(f"torch_device={self.torch_device!r} is not a torch device (cpu, cuda, cuda:0, …)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"torch_device={self.torch_device!r} but CUDA is not available here; use --torch-device cpu")
+        if self.solver in SWEEPS and self.arch is not None:
+            raise ConfigError(
+                f"solver={self.solver!r} sweeps the layers of a layered (--layers) network; the convolutional "
+                f"network of arch={self.arch!r} has no per-layer block update: use an ODE solver: {', '.join(ODE_SOLVERS)}"
+            )
         if self.solver in SWEEPS and ACTIVATIONS[self.activation].box is None:
             raise ConfigError(
                 f"solver={self.solver!r} needs an activation with a box (hard_sigmoid), where each layer's "
