@@ -159,4 +159,5 @@ def test_trace_overhead_times_traced_runs_against_an_untraced_one(tmp_path):
     assert set(r["variants"]) == {"1epoch", "2"} and len(r["untraced_seconds"]) == 2
     for v in r["variants"].values():
         assert len(v["overhead_per_round"]) == 2 and v["overhead_median"] > -1.0
+        assert len(v["in_run_share_per_round"]) == 2 and v["in_run_share_median"] > 0
     assert 0 <= r["test_accuracy"] <= 1
