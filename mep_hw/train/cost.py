@@ -45,7 +45,7 @@ class CostAccumulator:
         # evaluation reads every other array forward and transposed, and so does one sweep of the
         # block solver (each parity's arrays, in two half-sweeps)
         macs_per_eval = 2 * sum(o * i for o, i in shapes[1:])
-        stages = evals_per_step(cfg.solver)  # tableau stages; 1 per sweep; 1 per backend (Euler) step
+        stages = evals_per_step(cfg.settle_solver)  # tableau stages; 1 per sweep; 1 per backend (Euler) step
         kw = dict(kind=card.kind, clock_hz=getattr(card.device, "clock_hz", None), macs_per_eval=macs_per_eval, stages=stages,
                   init_reads=len(shapes) if cfg.init == "forward" else 0,
                   init_macs=sum(o * i for o, i in shapes) if cfg.init == "forward" else 0)
