@@ -134,6 +134,8 @@ def test_cuda_check_skips_without_cuda_and_runs_on_the_cpu(tmp_path, capsys):
     for r in rows:
         assert r["settle_loop_iterations"] > 0 and r["settle_ms_per_iteration"] > 0 and r["ep_step_ms"] > 0
         assert r["settle_syncs_per_iteration"] is None  # counted on CUDA only
+    dev = [r for r in rows if "device_card" in r]  # the device step: once per net, batch and solver
+    assert len(dev) == 2 and all(r["device_error"] is None and r["device_step_ms"] > 0 for r in dev)
 
 
 def test_settle_speed_times_solvers_and_compaction_thresholds(tmp_path):

@@ -11,7 +11,12 @@ EP steps (so the settles take the steps a training run's do), then
   again, timed (CUDA synchronised before and after) and their host synchronisations counted;
   per settle step = per loop iteration (field evaluations, ``SettleResult.nfev``);
 * *EP step*: ``ep_gradients`` (with ``check=False``: no per-batch host reads) plus the Adam step,
-  timed and counted per step.
+  timed and counted per step;
+* *device step* (``--card``, default ``pcm`` with 16 levels; ``none`` skips it): the training
+  step of :class:`mep_hw.train.loop.EPTrainer` on the weights held by device tiles of that card
+  (reads with DAC, read noise and ADC; the host Adam writing through the device), timed and
+  counted per step. A failure (e.g. an operation the device model runs on the CPU only) is
+  recorded in the row as ``device_error`` instead of stopping the script.
 
 Host synchronisations are counted with ``torch.cuda.set_sync_debug_mode("warn")`` (every
 operation that makes the host wait for the device warns once; the warnings are recorded) and,
@@ -33,11 +38,14 @@ from pathlib import Path
 import torch
 
 from mep_hw.ep import assign_grads, ep_gradients
+from mep_hw.hw import build_store, load_card
 from mep_hw.io.runs import write_json
 from mep_hw.model import one_hot
 from mep_hw.settle import settle
 from mep_hw.train import TrainConfig
-from mep_hw.train.loop import build_model
+from mep_hw.train.fit import epoch_generator
+from mep_hw.train.loop import EPTrainer, build_model
+from mep_hw.train.regimes import build_regime
 
 __all__ = ["measure", "main"]
 
@@ -105,8 +113,33 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def measure_device_step(cfg: TrainConfig, card_name: str, xs, ys, *, device: str) -> dict:
+    """Time and host synchronisations per training step on device tiles of ``card_name``."""
+    try:
+        card = load_card(card_name, {"levels": 16} if card_name == "pcm" else None)
+        model = build_model(cfg, 784, 10)
+        model.use_store(build_store(card, list(model.weights), cfg.seed))
+        trainer = EPTrainer(model, cfg, build_regime(model, cfg, 10 * len(xs)), xs[0][:1], ys[0][:1])
+        gen = epoch_generator(cfg.seed, 1)
+        trainer.step(xs[0], ys[0], gen)  # warm up
+        _sync(device)
+        with SyncCounter(device) as sc:
+            t0 = time.perf_counter()
+            for x, y in zip(xs[1:], ys[1:]):
+                trainer.step(x, y, gen)
+            _sync(device)
+            t = time.perf_counter() - t0
+        n = len(xs) - 1
+        on_cuda = torch.device(device).type == "cuda"
+        return {"device_card": card_name, "device_step_ms": 1e3 * t / n,
+                "device_step_syncs": sc.count / n if on_cuda else None, "device_error": None}
+    except Exception as e:  # recorded: this is what the check is for
+        return {"device_card": card_name, "device_step_ms": None, "device_step_syncs": None,
+                "device_error": f"{type(e).__name__}: {e}"}
+
+
 def measure(layers: str, batch: int, solver: str, check_every: int, *, device: str, data_dir: str | None,
-            warmup: int, batches: int) -> dict:
+            warmup: int, batches: int, card: str | None = None) -> dict:
     """Settle and EP-step figures for one configuration (see the module docstring)."""
     cfg = TrainConfig(layers=layers, batch_size=batch, solver=solver, torch_device=device)
     n = batch * (warmup + batches)
@@ -160,7 +193,12 @@ def measure(layers: str, batch: int, solver: str, check_every: int, *, device: s
         t_ep = time.perf_counter() - t0
     prof_ep = _profiled_syncs(ep_steps, device)
     on_cuda = torch.device(device).type == "cuda"
+    dev_row = {}
+    if card:
+        dev_row = measure_device_step(cfg, card, xs[warmup:], [y[i * batch : (i + 1) * batch]
+                                                             for i in range(warmup, warmup + batches)], device=device)
     return {
+        **dev_row,
         "layers": layers, "batch": batch, "solver": solver, "check_every": check_every,
         "settle_loop_iterations": evals,
         "settle_ms_per_iteration": 1e3 * t_settle / evals,
@@ -182,6 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--check-every", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--warmup", type=int, default=20, help="EP training steps before measuring")
     p.add_argument("--batches", type=int, default=10, help="batches measured")
+    p.add_argument("--card", default="pcm", help="device card of the device step (pcm: 16 levels), or none")
     p.add_argument("--out", default="benchmarks/results/cuda_check.json")
     a = p.parse_args(argv)
     if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
@@ -192,12 +231,15 @@ def main(argv=None) -> int:
         for batch in a.batch:
             for solver in a.solver:
                 for k in a.check_every:
+                    card = a.card if (a.card != "none" and k == a.check_every[0]) else None  # once per net, batch, solver
                     r = measure(layers, batch, solver, k, device=a.device, data_dir=a.data_dir,
-                                warmup=a.warmup, batches=a.batches)
+                                warmup=a.warmup, batches=a.batches, card=card)
                     rows.append(r)
                     print(f"{layers} batch {batch} {solver} check_every {k}: settle {r['settle_ms_per_iteration']:.3f} ms "
                           f"and {r['settle_syncs_per_iteration']} syncs per iteration; EP step {r['ep_step_ms']:.2f} ms, "
-                          f"{r['ep_step_syncs']} syncs", flush=True)
+                          f"{r['ep_step_syncs']} syncs"
+                          + (f"; device step {r['device_step_ms']} ms, {r['device_step_syncs']} syncs, error {r['device_error']}"
+                             if "device_card" in r else ""), flush=True)
     dev = {"device": a.device}
     if torch.device(a.device).type == "cuda":
         dev["name"] = torch.cuda.get_device_name()
