@@ -242,10 +242,12 @@ class TrainConfig:
         """The solver the settles use: ``solver``, with ``auto`` resolved to ``block`` (red-black
         block coordinate descent: the ODE's fixed points in fewer sweeps, measured faster at equal
         accuracy, docs/settle.md) for a layered network (``--layers``) with a box activation, and to
-        ``euler`` otherwise (sigmoid: no closed-form block update; convolutional ``arch``)."""
+        ``euler`` otherwise (sigmoid: no closed-form block update; convolutional ``arch``; the
+        holomorphic estimator, whose complex states the block sweep does not take)."""
         if self.solver != "auto":
             return self.solver
-        return "block" if self.arch is None and ACTIVATIONS[self.activation].box is not None else "euler"
+        layered_box = self.arch is None and ACTIVATIONS[self.activation].box is not None
+        return "block" if layered_box and self.estimator != "holomorphic" else "euler"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, None dropped (TOML has no null), layers as a list."""
