@@ -107,3 +107,64 @@ def test_brian2_benchmark_writes_agreement_times_and_accuracy(tmp_path):
     assert s["per_step_ms"]["brian2"] > 0 and s["train_defaults"]["seconds_median"]["euler"] > 0
     acc = r["accuracy"]["runs"]["0"]
     assert abs(acc["brian2"]["test_accuracy"] - acc["euler"]["test_accuracy"]) <= 0.02
+
+
+def test_epoch_ratio_interleaves_ep_and_backprop(tmp_path):
+    from mep_hw.benchmarks import epoch_ratio
+
+    out = tmp_path / "r.json"
+    epoch_ratio.main(["--dataset", "digits", "--layers", "64,32,10", "--epochs", "2", "--limit-train", "200",
+                      "--limit-test", "100", "--threads", "1", "--solver", "block", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["config"]["solver"] == "block"
+    (run,) = r["runs"]
+    assert run["threads"] == 1 and len(run["ep_epoch_seconds"]) == 2 and len(run["backprop_test_accuracy"]) == 2
+    assert all(s > 0 for s in run["ep_epoch_seconds"] + run["backprop_epoch_seconds"])
+    assert run["ratio_median"] > 0 and len(run["load_average_before"]) == 3
+
+
+def test_cuda_check_skips_without_cuda_and_runs_on_the_cpu(tmp_path, capsys):
+    import torch
+
+    from mep_hw.benchmarks import cuda_check
+
+    out = tmp_path / "c.json"
+    if not torch.cuda.is_available():
+        assert cuda_check.main(["--out", str(out)]) == 0
+        assert "skipped" in capsys.readouterr().out and not out.exists()
+    cuda_check.main(["--device", "cpu", "--layers", "784,20,10", "--batch", "8", "--check-every", "1", "3",
+                     "--warmup", "2", "--batches", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and {r["solver"] for r in rows} == {"euler", "block"}
+    for r in rows:
+        assert r["settle_loop_iterations"] > 0 and r["settle_ms_per_iteration"] > 0 and r["ep_step_ms"] > 0
+        assert r["settle_syncs_per_iteration"] is None  # counted on CUDA only
+    dev = [r for r in rows if "device_card" in r]  # the device step: once per net, batch and solver
+    assert len(dev) == 2 and all(r["device_error"] is None and r["device_step_ms"] > 0 for r in dev)
+
+
+def test_settle_speed_times_solvers_and_compaction_thresholds(tmp_path):
+    from mep_hw.benchmarks import settle_speed
+
+    out = tmp_path / "s.json"
+    settle_speed.main(["--dataset", "digits", "--layers", "64,32,10", "--warmup", "4", "--batches", "3", "--rounds", "2",
+                       "--thresholds", "0", "inf", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert {(row["solver"], row["compact_work"]) for row in r["rows"]} == {
+        ("euler", 0.0), ("euler", "inf"), ("block", 0.0), ("block", "inf")}
+    assert all(row["ms_per_batch"] > 0 for row in r["rows"])
+    assert r["steps"]["block"]["nudged_mean"] <= r["steps"]["euler"]["nudged_mean"]
+
+
+def test_trace_overhead_times_traced_runs_against_an_untraced_one(tmp_path):
+    from mep_hw.benchmarks import trace_overhead
+
+    out = tmp_path / "t.json"
+    trace_overhead.main(["--dataset", "digits", "--layers", "64,32,10", "--limit-train", "200", "--limit-test", "50",
+                         "--rounds", "2", "--every", "1epoch", "2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["variants"]) == {"1epoch", "2"} and len(r["untraced_seconds"]) == 2
+    for v in r["variants"].values():
+        assert len(v["overhead_per_round"]) == 2 and v["overhead_median"] > -1.0
+        assert len(v["in_run_share_per_round"]) == 2 and v["in_run_share_median"] > 0
+    assert 0 <= r["test_accuracy"] <= 1

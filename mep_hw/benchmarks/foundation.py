@@ -32,36 +32,52 @@ class _Clip01(nn.Module):
         return x.clamp(0.0, 1.0)
 
 
+class BackpropMLP:
+    """The backprop twin of an EP run: the same network shape and hidden activation (hard
+    sigmoid), a linear output, the same MSE cost on one-hot targets, the same optimizer and
+    schedule (:func:`mep_hw.benchmarks._baseline.baseline_optimizer`)."""
+
+    def __init__(self, cfg: TrainConfig, steps_total: int):
+        torch.manual_seed(cfg.seed)
+        layers = cfg.layers
+        mods: list[nn.Module] = []
+        for n_in, n_out in zip(layers[:-2], layers[1:-1]):
+            mods += [nn.Linear(n_in, n_out), _Clip01()]  # hidden layers: the hard sigmoid of the EP run
+        self.net = nn.Sequential(*mods, nn.Linear(layers[-2], layers[-1]))  # linear output, MSE to one-hot
+        self.n_out = layers[-1]
+        # the cheapest correct baseline: torch's fused Adam (the EP run's host Adam uses the same kernel)
+        self.opt, self.sched = baseline_optimizer(cfg, self.net.parameters(), steps_total)
+
+    def step(self, xtr, ytr, idx) -> None:
+        """One training step on the samples ``idx`` of (xtr, ytr)."""
+        x, y = xtr.index_select(0, idx), ytr.index_select(0, idx)
+        target = nn.functional.one_hot(y, self.n_out).to(x.dtype)
+        self.opt.zero_grad(set_to_none=True)
+        loss = 0.5 * ((self.net(x) - target) ** 2).sum(1).mean()
+        loss.backward()
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+
+    @torch.no_grad()
+    def accuracy(self, x, y) -> float:
+        return float((self.net(x).argmax(1) == y).float().mean())
+
+
 def backprop_baseline(cfg: TrainConfig, ds) -> dict:
     """The same network shape and hidden activation trained by backprop (linear output, the same
     MSE cost on one-hot targets, optimizer, schedule and batches); returns accuracy and times."""
-    torch.manual_seed(cfg.seed)
-    layers = cfg.layers
-    mods: list[nn.Module] = []
-    for n_in, n_out in zip(layers[:-2], layers[1:-1]):
-        mods += [nn.Linear(n_in, n_out), _Clip01()]  # hidden layers: the hard sigmoid of the EP run
-    net = nn.Sequential(*mods, nn.Linear(layers[-2], layers[-1]))  # linear output, MSE to one-hot
     xtr, ytr = torch.as_tensor(ds.x_train), torch.as_tensor(ds.y_train)
     xte, yte = torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
     n = xtr.shape[0]
-    # the cheapest correct baseline: torch's fused Adam (the EP run's host Adam uses the same kernel)
-    opt, sched = baseline_optimizer(cfg, net.parameters(), cfg.epochs * -(-n // cfg.batch_size))
+    bp = BackpropMLP(cfg, cfg.epochs * -(-n // cfg.batch_size))
     epochs = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         for idx in iterate_batches(n, cfg.batch_size, epoch_generator(cfg.seed, epoch)):
-            x, y = xtr.index_select(0, idx), ytr.index_select(0, idx)
-            target = nn.functional.one_hot(y, layers[-1]).to(x.dtype)
-            opt.zero_grad(set_to_none=True)
-            loss = 0.5 * ((net(x) - target) ** 2).sum(1).mean()
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
+            bp.step(xtr, ytr, idx)
         seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            acc = float((net(xte).argmax(1) == yte).float().mean())
-        epochs.append({"epoch": epoch, "epoch_seconds": seconds, "test_accuracy": acc})
+        epochs.append({"epoch": epoch, "epoch_seconds": seconds, "test_accuracy": bp.accuracy(xte, yte)})
     return {"test_accuracy": epochs[-1]["test_accuracy"], "history": epochs}
 
 

@@ -88,8 +88,12 @@ class EPResult(NamedTuple):
     phases: tuple = ()
 
 
-def _check(res: SettleResult, phase: str, strict: bool) -> None:
-    if (res.status == SettleStatus.NONFINITE).any() or (strict and not res.converged):
+def _check(res: SettleResult, phase: str, strict: bool, check: bool = True) -> None:
+    """Raise if a sample ended non-finite (or, with ``strict``, at the step limit): reads the
+    statuses on the host, so it is skipped when ``check`` is False (unless ``strict``)."""
+    if not (check or strict):
+        return
+    if (strict and not res.converged) or (res.status == SettleStatus.NONFINITE).any():
         raise SettleError(f"{phase} phase: {res.message}", res)
 
 
@@ -99,11 +103,11 @@ def _rows(res: SettleResult, sl: slice) -> SettleResult:
     )
 
 
-def _free(model, x: Tensor, cfg: EPConfig, check: bool):
+def _free(model, x: Tensor, cfg: EPConfig, check: bool, check_result: bool = True):
     dyn = model.dynamics(x, check=check)
     init = model.forward_init(dyn) if cfg.init == "forward" else model.zero_init(x)
     res = settle(dyn, init, cfg.free, throw=False)
-    _check(res, "free", cfg.strict)
+    _check(res, "free", cfg.strict, check_result)
     return dyn, res
 
 
@@ -123,6 +127,7 @@ def ep_gradients(
     generator: torch.Generator | None = None,
     free_states: Sequence[Tensor] | None = None,
     contrast=None,
+    check: bool = True,
 ) -> EPResult:
     """Free phase, nudged phase(s) and the EP estimate of dL/dθ for one batch.
 
@@ -133,13 +138,20 @@ def ep_gradients(
     feedforward energy, already run): it is used as is, with no free settle. ``contrast`` replaces
     ``model.ep_contrast`` (same signature), e.g. by a layer-local computation. The model reads
     its weights through its store (exact, or device tiles).
+
+    ``check=False`` skips the per-batch checks that read tensors on the host (the finiteness of
+    ``x`` and ``target``, and the non-finite statuses of the settles, which would otherwise raise
+    SettleError here): a training loop validates its data once and reads the non-finite counts
+    that :func:`mep_hw.train.tracing.batch_sums` accumulates on the device when it reads its
+    sums (once per epoch or trace interval). ``cfg.strict`` still raises at once.
     """
     contrast = contrast or model.ep_contrast
     if cfg.estimator == "holomorphic":
         check_holomorphic(model)  # before any settle: the complex phases need a holomorphic field
-    model.check_batch(x, target)
+    if check:
+        model.check_batch(x, target)
     if free_states is None:
-        dyn, free = _free(model, x, cfg, check=False)
+        dyn, free = _free(model, x, cfg, check=False, check_result=check)
     else:  # an exact fixed point by construction (a forward pass): nothing to settle
         dyn = model.dynamics(x, check=False, free_states=free_states)
         B = free_states[0].shape[0]
@@ -150,13 +162,13 @@ def ep_gradients(
     B = x.shape[0]
     beta = float(cfg.beta)
     if cfg.estimator == "holomorphic":
-        grads, nudged = _holomorphic(model, dyn, x, target, s0, cfg, contrast)
+        grads, nudged = _holomorphic(model, dyn, x, target, s0, cfg, contrast, check)
         phases = ()  # complex phases: no in-array counterpart
     elif cfg.estimator == "symmetric":
         col = torch.cat([x.new_full((B, 1), beta), x.new_full((B, 1), -beta)])
         res = settle(dyn.nudge(col, torch.cat([target, target])), [torch.cat([t, t]) for t in s0],
                      cfg.nudged, throw=False)
-        _check(res, f"nudged (beta=±{beta:g})", cfg.strict)
+        _check(res, f"nudged (beta=±{beta:g})", cfg.strict, check)
         nudged = (_rows(res, slice(0, B)), _rows(res, slice(B, 2 * B)))
         grads = contrast(x, nudged[0].states, beta, nudged[1].states, -beta, target)
         phases = ((nudged[0].states, beta), (nudged[1].states, -beta))
@@ -166,14 +178,14 @@ def ep_gradients(
             sign = 1.0 if torch.rand((), generator=generator).item() < 0.5 else -1.0
         b = sign * beta
         res = settle(dyn.nudge(b, target), s0, cfg.nudged, throw=False)
-        _check(res, f"nudged (beta={b:+g})", cfg.strict)
+        _check(res, f"nudged (beta={b:+g})", cfg.strict, check)
         nudged = (res,)
         grads = contrast(x, res.states, b, s0, 0.0, target)
         phases = ((res.states, b), (s0, 0.0)) if b > 0 else ((s0, 0.0), (res.states, b))
     return EPResult(grads, free, nudged, model.cost_fn(s0, target), model.logits(s0), phases)
 
 
-def _holomorphic(model, dyn, x: Tensor, target: Tensor, s0, cfg: EPConfig, contrast):
+def _holomorphic(model, dyn, x: Tensor, target: Tensor, s0, cfg: EPConfig, contrast, check: bool = True):
     """The N-point holomorphic estimate (see the module docstring): the real phases settle as
     one real batch, the complex ones (Im β > 0) as one complex batch; each phase's one-sided
     contrast [∂F/∂θ(s^{β_k}) − ∂F/∂θ(s⁰)]/β_k is averaged, complex ones as 2·Re."""
@@ -191,7 +203,7 @@ def _holomorphic(model, dyn, x: Tensor, target: Tensor, s0, cfg: EPConfig, contr
     n = len(real_betas)
     col = torch.cat([x.new_full((B, 1), b) for b in real_betas])
     res = settle(dyn.nudge(col, target.repeat(n, 1)), [t.repeat(n, 1) for t in s0], cfg.nudged, throw=False)
-    _check(res, f"nudged (beta={', '.join(f'{b:+g}' for b in real_betas)})", cfg.strict)
+    _check(res, f"nudged (beta={', '.join(f'{b:+g}' for b in real_betas)})", cfg.strict, check)
     for i, b in enumerate(real_betas):
         part = _rows(res, slice(i * B, (i + 1) * B))
         nudged.append(part)
@@ -205,7 +217,7 @@ def _holomorphic(model, dyn, x: Tensor, target: Tensor, s0, cfg: EPConfig, contr
         s0c = [t.to(cdt) for t in s0]
         res = settle(cdyn.nudge(col, target.repeat(m, 1)), [t.repeat(m, 1) for t in s0c], cfg.nudged, throw=False)
         res = res._replace(time=res.time.real if res.time.is_complex() else res.time)
-        _check(res, f"nudged (|beta|={r:g}, complex)", cfg.strict)
+        _check(res, f"nudged (|beta|={r:g}, complex)", cfg.strict, check)
         xc, yc = x.to(cdt), target.to(cdt)
         for i, b in enumerate(cplx_betas):
             part = _rows(res, slice(i * B, (i + 1) * B))

@@ -125,19 +125,88 @@ class HopfieldDynamics:
     def drives(self, rho: Sequence[Tensor]) -> list[Tensor]:
         """d_l = W_{l−1}ρ(s_{l−1}) + W_lᵀρ(s_{l+1}) + b_l − β ∂C/∂ρ(s_l) (the CE readout's
         nudge acts through ρ(s_L); the MSE nudge acts on s_L itself and is not included)."""
-        n, ops, b = self.n_states, self.ops, self.biases
         inb = self.box is not None  # states of a box activation lie in [0, 1], within the DAC bound
-        out = []
-        for l in range(n):
-            d = self.drive0() if l == 0 else ops[l].mvm(rho[l - 1], b[l], x_in_bound=inb)
-            if l + 1 < n:
-                d = ops[l + 1].mvm_t(rho[l + 1], d, x_in_bound=inb)
-            out.append(d)
-        if self.cost == "ce" and self.nudged:
+        return [self._drive(l, rho, inb) for l in range(self.n_states)]
+
+    def _drive(self, l: int, rho: Sequence[Tensor], inb: bool) -> Tensor:
+        """d_l of :meth:`drives`, reading only the arrays that feed layer l."""
+        n, ops, b = self.n_states, self.ops, self.biases
+        d = self.drive0() if l == 0 else ops[l].mvm(rho[l - 1], b[l], x_in_bound=inb)
+        if l + 1 < n:
+            d = ops[l + 1].mvm_t(rho[l + 1], d, x_in_bound=inb)
+        if l == n - 1 and self.cost == "ce" and self.nudged:
             logits = ops[-1].mvm(rho[-1], b[-1], x_in_bound=inb)
             err = (softmax(logits, dim=1) - self.target) * self.beta
-            out[-1] = ops[-1].mvm_t(err.neg_(), out[-1])
+            d = ops[-1].mvm_t(err.neg_(), d)
+        return d
+
+    def _box_target(self, d: Tensor, s_last: Tensor) -> Tensor:
+        """The MSE output's relaxation target before the clip, a·d + c − b·s_L (see
+        :func:`_mse_output_map`); a new tensor."""
+        a, c, concave = self._out_scale, self._out_shift, self._out_concave
+        out = torch.addcmul(c, d, a) if isinstance(a, Tensor) else torch.add(c, d, alpha=a)
+        if concave is not None:  # rows with 1 + β ≤ 0: d − β(s_L − y), the βy part is in c
+            out = torch.addcmul(out, s_last, concave, value=-1.0)
         return out
+
+    def _block_targets(self, s: Sequence[Tensor], parity: int):
+        """(l, target before the clip) for every layer l ≡ parity (mod 2), from the states ``s``
+        (per-layer tensors, in the box)."""
+        if self.box is None:
+            raise ConfigError(
+                f"the block solver needs an activation with a box, where each layer's minimiser of F given "
+                f"its neighbours is the clip of its drive (hard_sigmoid); activation {self.act.name!r} has "
+                "none (its per-layer minimiser has no closed form): use an ODE solver (euler, heun, rk4, "
+                "bosh3, dopri5)"
+            )
+        n = self.n_states
+        mse_out = self.cost == "mse" and self.nudged
+        for l in range(parity, n, 2):
+            d = self._drive(l, s, True)
+            if l == n - 1 and mse_out:
+                d = self._box_target(d, s[-1])
+            yield l, d
+
+    def block_field(self, s: Sequence[Tensor], parity: int, out: Sequence[Tensor]) -> None:
+        """Write the field f_l(s) = clip(d_l) − s_l (as :meth:`field`) of every layer l ≡ parity
+        (mod 2) into ``out[l]``; ``s`` and ``out`` are per-layer tensors (e.g. views of packed
+        states). Reads only the arrays that feed those layers.
+
+        s_l + f_l(s) is the exact minimiser of F over s_l ∈ [0, 1]ᴺ given the other layers (F is
+        separable per unit in s_l: ½s² − s·d_l, and layers of one parity do not interact), so
+        alternating the two parities is exact block coordinate descent (F never increases) —
+        including the MSE output under nudging, whose minimiser is clip((d + βy)/(1 + β)). Two
+        cases are a well-defined inexact step, with the same fixed points as the ODE: the MSE
+        output where 1 + β ≤ 0 (F concave in s_L; the field's step clip(d + βy − βs_L), a
+        projected gradient step of unit length, which does not increase F), and the last hidden
+        layer under the CE readout's nudge (the readout couples the units through the softmax:
+        the step clip(d_L − βW_outᵀ(softmax(W_out s_L + b_out) − y)) linearises the readout at the
+        current s_L, a projected gradient step of unit length on a 1-strongly convex block; it
+        does not increase F when β·‖W_out‖₂²/2 < 1, since the softmax's Hessian is ≤ ½). The free
+        phase of the CE network is exact (the readout is not part of E)."""
+        lo, hi = self.box or (None, None)  # without a box _block_targets raises
+        for l, d in self._block_targets(s, parity):
+            torch.clamp(d, lo, hi, out=out[l]).sub_(s[l])
+
+    def block_update(self, s: Sequence[Tensor], parity: int) -> None:
+        """Set every layer l ≡ parity (mod 2) of the per-layer states ``s``, in place, to its block
+        target clip(d_l) = s_l + f_l(s) (see :meth:`block_field`)."""
+        lo, hi = self.box or (None, None)  # without a box _block_targets raises
+        for l, d in self._block_targets(s, parity):
+            torch.clamp(d, lo, hi, out=s[l])
+
+    @property
+    def row_work(self) -> float:
+        """Work of one field evaluation per sample, in multiply-accumulates (every array read
+        forward, the inter-layer arrays also transposed, the input array only when its drive is
+        not held, the CE readout both ways when nudged) plus ~8 element operations per state
+        component: what a finished sample left in the working batch costs per evaluation."""
+        sz, n = self.sizes, self.n_states
+        macs = 0 if self.input_drive is not None else self.x.shape[1] * sz[0]
+        macs += sum(2 * sz[l - 1] * sz[l] for l in range(1, n))
+        if self.cost == "ce" and self.nudged:
+            macs += 2 * sz[-1] * self.biases[-1].shape[0]
+        return float(macs + 8 * sum(sz))
 
     def grad_energy(self, states: Sequence[Tensor]) -> list[Tensor]:
         """∂F/∂s_l = s_l − ρ'(s_l) ⊙ d_l + β ∂C/∂s_l, per layer, for any states."""
@@ -162,11 +231,7 @@ class HopfieldDynamics:
             return torch.cat(self.grad_energy(views), dim=1).neg_()
         d = self.drives(views)
         if self.cost == "mse" and self.nudged:
-            a, c, concave = self._out_scale, self._out_shift, self._out_concave
-            out = torch.addcmul(c, d[-1], a) if isinstance(a, Tensor) else torch.add(c, d[-1], alpha=a)
-            if concave is not None:  # rows with 1 + β ≤ 0: d − β(s_L − y), the βy part is in c
-                out = torch.addcmul(out, views[-1], concave, value=-1.0)
-            d[-1] = out
+            d[-1] = self._box_target(d[-1], views[-1])
         f = torch.cat(d, dim=1) if len(d) > 1 else d[0].clone()
         return f.clamp_(self.box[0], self.box[1]).sub_(s)
 

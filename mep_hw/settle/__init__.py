@@ -1,10 +1,16 @@
-"""The ODE settling engine: fixed-step and adaptive Runge–Kutta solvers, steady-state stop, and
-backends (Brian2) behind the same ``settle`` call."""
+"""The settling engine: fixed-step and adaptive Runge–Kutta solvers, the block-exact sweep,
+steady-state stop, and backends (Brian2) behind the same ``settle`` call."""
 
-from mep_hw.settle.engine import Dynamics, SettleConfig, SettleResult, SettleStatus, integrate, settle
-from mep_hw.settle.solvers import BACKENDS, SOLVER_NAMES, SOLVERS, Backend, Tableau, get_backend, get_solver
+from mep_hw.settle.engine import (
+    BlockDynamics, Dynamics, SettleConfig, SettleResult, SettleStatus, integrate, remedy, settle,
+)
+from mep_hw.settle.solvers import (
+    BACKENDS, SOLVER_NAMES, SOLVERS, SWEEPS, Backend, Sweep, Tableau, evals_per_step, get_backend, get_solver,
+    get_sweep,
+)
 
 __all__ = [
-    "BACKENDS", "Backend", "Dynamics", "SOLVERS", "SOLVER_NAMES", "SettleConfig", "SettleResult", "SettleStatus",
-    "Tableau", "get_backend", "get_solver", "integrate", "settle",
+    "BACKENDS", "Backend", "BlockDynamics", "Dynamics", "SOLVERS", "SOLVER_NAMES", "SWEEPS", "SettleConfig",
+    "SettleResult", "SettleStatus", "Sweep", "Tableau", "evals_per_step", "get_backend", "get_solver", "get_sweep",
+    "integrate", "remedy", "settle",
 ]

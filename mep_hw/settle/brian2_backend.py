@@ -39,12 +39,12 @@ Steady-state stop, as in :func:`mep_hw.settle.settle`: after the synaptic input 
 summed, a ``run_regularly`` operation stores f(s_n) per unit and a ``NetworkOperation`` evaluates
 rms(f(s)) ≤ atol + rtol·rms(s) per sample (atol raised by 2 × the dynamics' ``noise_floor``, no
 stop before ``min_steps``; a NaN residual counts as finished and is labelled NONFINITE) and
-records the step at which each sample first meets it. Finished samples are frozen (their units
-get ``active = 0``, so ds/dt = 0; samples do not interact, so the residual stays that of the
-freezing step) by the rule with which the torch engine drops them from its working batch: in
-bulk, once they make up ``compact_frac`` of it and number at least ``compact_min``; until then
-they keep relaxing. So both return the same states, residuals and steps (0 and 0: each sample
-frozen at its own finishing step, independent of its batch). The network stops once no sample
+records the step at which each sample first meets it. A finished sample is frozen at that step,
+as in the torch engine (its units get ``active = 0``, so ds/dt = 0; samples do not interact, so
+the residual stays that of the freezing step): both return the same states, residuals and
+steps, each sample's independent of its batch (``compact_frac`` and ``compact_min`` are
+accepted for the common signature; like the torch engine's compaction they change no result,
+and Brian2 has no working batch to shrink). The network stops once no sample
 is running or at ``max_steps``. The test runs at every step inside one ``Network.run`` (the
 ``NetworkOperation`` calls ``Network.stop()``), not at the end of chunks of steps, so step
 counts are exact.
@@ -219,8 +219,8 @@ def settle_brian2(
     config: SettleConfig | None = None,
     *,
     throw: bool = True,
-    compact_frac: float = 0.25,
-    compact_min: int = 32,
+    compact_frac: float = 0.0,
+    compact_min: int = 0,
 ) -> SettleResult:
     """Settle ``dynamics`` from ``init`` (one (batch, n_l) tensor per layer) with Brian2 (see the
     module docstring for the equations and how they are simulated).
@@ -228,10 +228,9 @@ def settle_brian2(
     Same contract and result as :func:`mep_hw.settle.settle`: per-sample status (CONVERGED,
     STEP_LIMIT, NONFINITE), steps (the step at which the sample first met the steady-state
     test, or ``max_steps``), final rms residual, time (steps·dt, in units of τ) and ``nfev``
-    (evaluations of the field on the batch, one per step taken plus the first). Finished samples
-    are frozen when the torch engine would drop them from its working batch (``compact_frac``,
-    ``compact_min``, same meaning and defaults; 0 and 0: each at its own finishing step, which
-    makes every sample's result independent of its batch). Raises
+    (evaluations of the field on the batch, one per step taken plus the first). Each finished
+    sample is frozen at its finishing step, as in the torch engine, which makes its result
+    independent of its batch (``compact_frac`` and ``compact_min`` change nothing). Raises
     :class:`SettleError` with the result attached unless every sample converged or ``throw=False``;
     raises :class:`ConfigError` for what it cannot run (device tiles, other dynamics, another
     solver's config).
@@ -252,12 +251,11 @@ def settle_brian2(
     if dynamics.box is not None:
         s0 = [np.clip(v, *dynamics.box) for v in s0]
     with _codegen_target(b2, target), _gc_frozen():
-        states, rn, n, fin_step = _simulate(b2, dynamics, s0, sizes, cfg, compact_frac, compact_min)
+        states, rn, n, fin_step = _simulate(b2, dynamics, s0, sizes, cfg)
     return _result(states, rn, n, fin_step, sizes, cfg, init[0].dtype, init[0].device, throw)
 
 
-def _simulate(b2, dyn: HopfieldDynamics, s0: list[np.ndarray], sizes: tuple[int, ...], cfg: SettleConfig,
-              compact_frac: float, compact_min: int):
+def _simulate(b2, dyn: HopfieldDynamics, s0: list[np.ndarray], sizes: tuple[int, ...], cfg: SettleConfig):
     """Build the Brian2 network of ``dyn`` at states ``s0`` and run it to the stop; returns the
     states (one (B, n_l) array per layer), the residual norms ‖f‖ per sample, the last step and
     the finishing step per sample (−1: not finished)."""
@@ -305,8 +303,7 @@ def _simulate(b2, dyn: HopfieldDynamics, s0: list[np.ndarray], sizes: tuple[int,
         s_last, dce = out.variables["s"].get_value(), out.variables["dce"].get_value()
         objects.append(b2.NetworkOperation(_ce_nudge(dyn, s_last, dce, B, n_last), clock=clock, when="start",
                                            name="mep_settle_ce*"))
-    test = _SteadyStateTest(groups, B, sum(sizes), cfg, float(getattr(dyn, "noise_floor", 0.0)), compact_frac,
-                            compact_min)
+    test = _SteadyStateTest(groups, B, sum(sizes), cfg, float(getattr(dyn, "noise_floor", 0.0)))
     objects.append(b2.NetworkOperation(test, clock=clock, when="groups", order=_ORDER_STOP, name="mep_settle_stop*"))
     test.net = net = b2.Network(*objects, name="mep_settle*")
     while test.result is None:  # one run normally; the loop only guards Brian2's rounding of the duration
@@ -319,17 +316,15 @@ def _simulate(b2, dyn: HopfieldDynamics, s0: list[np.ndarray], sizes: tuple[int,
 class _SteadyStateTest:
     """Called by Brian2 at every step n, after f(s_n) is stored in ``res`` and before the update:
     rms(f) ≤ atol + rtol·rms(s) per sample, as in :func:`mep_hw.settle.settle`. Finished samples
-    are frozen (taken out) by the torch engine's rule for dropping them from its working batch,
-    and the network is stopped when no sample is left running or at ``max_steps``."""
+    are frozen at their finishing step, as in the torch engine, and the network is stopped when
+    no sample is left running or at ``max_steps``."""
 
-    def __init__(self, groups, B: int, N: int, cfg: SettleConfig, noise_floor: float, compact_frac: float,
-                 compact_min: int):
+    def __init__(self, groups, B: int, N: int, cfg: SettleConfig, noise_floor: float):
         # live views of Brian2's arrays (runtime device, numpy or cython): reading and writing them copies nothing
         self.s = [g.variables["s"].get_value() for g in groups]
         self.res = [g.variables["res"].get_value() for g in groups]
         self.active = [g.variables["active"].get_value() for g in groups]
         self.B, self.cfg = B, cfg
-        self.compact_frac, self.compact_min = compact_frac, compact_min
         self.atol_n = (cfg.atol + 2.0 * noise_floor) * math.sqrt(N)
         self.running = np.ones(B, dtype=bool)  # not yet finished
         self.working = np.ones(B, dtype=bool)  # not yet frozen (the torch engine's working batch)
@@ -362,9 +357,8 @@ class _SteadyStateTest:
             self.result = ([v.reshape(B, -1).copy() for v in self.s], self.rn, n)
             self.net.stop()  # takes effect after this step; the states of step n are kept above
         else:
-            done = self.working & ~self.running  # finished, still relaxing
-            k = int(done.sum())
-            if k and k >= max(self.compact_frac * int(self.working.sum()), self.compact_min):
+            done = self.working & ~self.running  # finished at this step: frozen now
+            if done.any():
                 self.rn[done] = rn[done]
                 self.working &= ~done
                 for v in self.active:  # frozen: ds/dt = 0, and f stays that of step n

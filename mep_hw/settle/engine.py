@@ -8,19 +8,29 @@ holds (L2 norms over all of the sample's state components, N of them)::
     rms(f(s)) ≤ atol + rtol · rms(s)        with rms(v) = ‖v‖ / √N
 
 Every dynamics declares ``noise_floor``, the rms of its field noise per component (0 for exact
-weights; > 0 when read through noisy hardware); 2 × noise_floor is added to atol. A sample also stops at ``max_steps`` (status
-STEP_LIMIT) or when its residual is not finite (NONFINITE). Finished samples are dropped from the working batch (in bulk, once they make up a
-fraction ``compact_frac`` of it), so they stop costing work.
+weights; > 0 when read through noisy hardware); 2 × noise_floor is added to atol. A sample also
+stops at ``max_steps`` (status STEP_LIMIT) or when its residual is not finite (NONFINITE). A
+finished sample is frozen at the step it finished; finished samples leave the working batch when
+removing them pays.
 
-A solver name may also name a backend (:data:`mep_hw.settle.BACKENDS`): ``brian2`` settles the
-layered Hopfield network as Brian2 rate units, with this contract
-(:mod:`mep_hw.settle.brian2_backend`).
+Solvers: Runge–Kutta tableaus (the ODE), the ``block`` sweep (red-black block coordinate descent
+with the same steady-state test on the ODE's residual), and backends
+(:data:`mep_hw.settle.BACKENDS`): ``brian2`` settles the layered Hopfield network as Brian2 rate
+units, with this contract (:mod:`mep_hw.settle.brian2_backend`).
 
 The state of all layers is packed into one tensor of shape (batch, N) (the dynamics' ``sizes``
 give the layer widths), so each solver step costs a fixed number of tensor operations whatever
-the depth. A dynamics object provides ``sizes``, ``box`` (``(lo, hi)`` or None: states are kept
-in the box by projection), ``field(s) -> Tensor`` and ``restrict(index) -> dynamics`` (the same
-dynamics on the samples selected by the integer tensor ``index``).
+the depth, and the per-sample bookkeeping stays on the device: no host synchronisation inside
+the step loop except the running count read every ``check_every`` steps.
+
+A dynamics object provides ``sizes``, ``box`` (``(lo, hi)`` or None: states are kept in the box
+by projection), ``field(s) -> Tensor`` and ``restrict(index) -> dynamics`` (the same dynamics on
+the samples selected by the integer tensor ``index``); optionally ``noise_floor`` and
+``row_work`` (work of one field evaluation per sample, for the compaction rule). The ``block``
+solver also needs, on lists of per-layer views in layer order, ``block_field(s, parity, out)``
+(write f_l(s) into ``out[l]`` for every layer l ≡ parity mod 2) and ``block_update(s, parity)``
+(set those layers, in place, to s_l + f_l(s), their exact block minimiser); only the last
+layer's target may depend on its own state.
 """
 
 from __future__ import annotations
@@ -34,9 +44,18 @@ import torch
 from torch import Tensor
 
 from mep_hw.errors import ConfigError, SettleError
-from mep_hw.settle.solvers import SOLVERS, Backend, Tableau, get_backend, get_solver
+from mep_hw.settle.solvers import SOLVERS, Backend, Tableau, evals_per_step, get_backend, get_solver, get_sweep
 
-__all__ = ["Dynamics", "SettleConfig", "SettleResult", "SettleStatus", "settle", "integrate", "rk_step"]
+__all__ = ["remedy", "BlockDynamics", "COMPACT_WORK", "CUDA_CHECK_EVERY", "Dynamics", "SettleConfig", "SettleResult", "SettleStatus", "settle",
+           "integrate", "rk_step"]
+
+# Compaction (taking finished rows out of the working batch) costs a fixed number of index
+# operations; it pays once the rows it removes would cost at least this much work per step
+# (multiply-accumulates and element operations; see settle). Set by measurement:
+# mep_hw/benchmarks/settle_speed.py --compaction (docs/settle.md).
+COMPACT_WORK = 2.0e6
+# On an accelerator the host reads the running count (a synchronisation) every this many steps.
+CUDA_CHECK_EVERY = 4
 
 
 class Dynamics(Protocol):
@@ -47,6 +66,14 @@ class Dynamics(Protocol):
     def field(self, s: Tensor) -> Tensor: ...
 
     def restrict(self, keep: Tensor) -> "Dynamics": ...
+
+
+class BlockDynamics(Dynamics, Protocol):
+    """A layered dynamics the ``block`` solver can run (see the module docstring)."""
+
+    def block_field(self, s: Sequence[Tensor], parity: int, out: Sequence[Tensor]) -> None: ...
+
+    def block_update(self, s: Sequence[Tensor], parity: int) -> None: ...
 
 
 class SettleStatus(IntEnum):
@@ -70,6 +97,11 @@ _REMEDIES = {
         "bound the weights' spectral norm (spectral constraint)"
     ),
 }
+
+
+def remedy(status: SettleStatus) -> str:
+    """What to do about samples that ended with ``status`` (empty for CONVERGED)."""
+    return _REMEDIES[SettleStatus(status)]
 
 
 def _positive(name: str, v) -> None:
@@ -219,19 +251,43 @@ def settle(
     config: SettleConfig | None = None,
     *,
     throw: bool = True,
-    compact_frac: float = 0.25,
-    compact_min: int = 32,
+    compact_frac: float = 0.0,
+    compact_min: int = 0,
+    compact_work: float | None = None,
+    check_every: int | None = None,
 ) -> SettleResult:
-    """Integrate ``dynamics`` from ``init`` (one (batch, n_l) tensor per layer) until each sample
+    """Settle ``dynamics`` from ``init`` (one (batch, n_l) tensor per layer) until each sample
     is steady (see the module docstring).
 
-    Finished samples leave the working batch when they make up ``compact_frac`` of it and number
-    at least ``compact_min`` (removing rows costs a fixed number of tensor operations, worth it
-    only for enough rows; 0 and 0: at once). Until then they keep relaxing, which only lowers
-    their residual. Their step count is the step at which they first met the test.
+    A sample that meets the steady-state test is *frozen*: its state, residual and step count
+    are those of the step at which it first met the test, whatever happens to the rest of the
+    batch. Finished samples are removed from the working batch (compaction: a fixed number of
+    index operations) only when that pays: when the work they would cost per step, counted as
+    the dynamics' ``row_work`` (multiply-accumulates and element operations of one field
+    evaluation per sample; 10·N if it does not say) times the evaluations per step, reaches
+    ``compact_work`` (default :data:`COMPACT_WORK`), and they number at least ``compact_min`` and
+    ``compact_frac`` of the working batch (0, 0 and 0: at once). The result does not depend on
+    these knobs, only the cost does.
+
+    The per-sample bookkeeping (steady-state test, running mask, step counts) stays on the
+    tensors' device; the host reads the number of running samples only every ``check_every``
+    steps (default: 1 on the CPU, where reading it costs nothing, :data:`CUDA_CHECK_EVERY` on
+    other devices, where it is a host synchronisation), to stop the loop and decide compaction.
+    Between checks finished samples stay frozen in the batch.
+
+    ``solver="block"`` (:data:`mep_hw.settle.SWEEPS`) is red-black block coordinate descent on
+    a layered dynamics (one with ``block_field``): each sweep sets every layer of the last
+    layer's parity to s_l + f_l(s), then every layer of the other parity, where for a box field
+    f_l = clip(d_l) − s_l the target clip(d_l) is the layer's exact minimiser of F given its
+    neighbours (layers of one parity do not interact). The steady-state test is the ODE's, on
+    the residual f(s) of the ODE field: with the other parity just set to its target, its part
+    of f is zero (to rounding), so the field of the first parity, computed for the next sweep
+    anyway, is the whole residual; the first test evaluates the full field. One sweep reads each
+    array forward and transposed once, as one field evaluation does; its settle time is charged
+    2 τ (two half-sweeps, each like an Euler step at dt = 1). ``dt`` is not used.
 
     A solver registered as a backend (``solver="brian2"``, see :data:`BACKENDS`) hands the
-    settle, with all these arguments, to that backend, which has the same contract.
+    settle to that backend, which has the same contract.
 
     Raises :class:`SettleError` (with the result attached) if any sample ends at the step limit
     or non-finite, unless ``throw=False``, in which case the status is in the result.
@@ -240,18 +296,40 @@ def settle(
     backend = cfg.get_backend()
     if backend is not None:
         return backend.load()(dynamics, init, cfg, throw=throw, compact_frac=compact_frac, compact_min=compact_min)
-    tab = cfg.get_tableau()
+    sweep = get_sweep(cfg.solver)
+    tab = None if sweep is not None else cfg.get_tableau()
     box = dynamics.box
     sizes = check_init(init, dynamics.sizes)
-    s = _proj(torch.cat(list(init), dim=1), box)  # our own copy, updated in place below
+    L = len(sizes)
+    if check_every is None:
+        check_every = 1 if init[0].device.type == "cpu" else CUDA_CHECK_EVERY
+    if isinstance(check_every, bool) or not (isinstance(check_every, int) and check_every >= 1):
+        raise ConfigError(f"check_every={check_every!r} must be an integer ≥ 1 (steps between host checks)")
+    if sweep is not None:
+        if getattr(dynamics, "block_field", None) is None:
+            raise ConfigError(
+                f"solver={cfg.solver!r} needs a layered dynamics with exact per-layer updates (block_field), which "
+                f"{type(dynamics).__name__} does not have; use an ODE solver: {', '.join(SOLVERS)}"
+            )
+        # the last layer may depend on itself (an MSE output under β ≤ −1, the CE readout's nudge):
+        # its parity goes first, so that the other parity's residual is zero at every test
+        first = (L - 1) % 2
+        order = [l for l in range(L) if l % 2 == first] + [l for l in range(L) if l % 2 != first]
+        n_first = sum(sizes[l] for l in order if l % 2 == first)
+    else:
+        order = list(range(L))
+    s = _proj(torch.cat([init[l] for l in order], dim=1), box)  # our own copy, updated in place below
     B, N = s.shape
     dev, dtype = s.device, s.dtype
-    # Working batch: original index and the step at which each sample finished (-1: running).
-    active = torch.arange(B, device=dev)
-    fin_step = torch.full((B,), -1, dtype=torch.int64, device=dev)
-    running = torch.ones(B, dtype=torch.bool, device=dev)
-    n_run = B
-    chunks = []  # (original index, state, ‖f‖, finish step, finish time) of samples taken out
+    offs = [0] * L
+    o = 0
+    for l in order:
+        offs[l] = o
+        o += sizes[l]
+
+    def views(t: Tensor) -> list[Tensor]:  # per-layer views of a packed tensor, in layer order
+        return [t[:, offs[l] : offs[l] + sizes[l]] for l in range(L)]
+
     dyn = dynamics
     field = dyn.field
     # a dynamics read through noisy devices declares the rms of its field noise per component:
@@ -260,67 +338,129 @@ def settle(
     use_rtol = cfg.rtol > 0
     # Euler with dt ≤ 1 on a box field of the form clip(·) − s moves each state to a convex
     # combination of two points of the box: projection is then a no-op and is skipped.
-    euler = tab.name == "euler"
+    euler = tab is not None and tab.name == "euler"
     pbox = None if (euler and cfg.dt <= 1.0) else box
-    adaptive = tab.adaptive
+    adaptive = tab is not None and tab.adaptive
+    per_step = evals_per_step(cfg.solver)
+    row_work = float(getattr(dynamics, "row_work", 10.0 * N)) * per_step
+    work_min = COMPACT_WORK if compact_work is None else float(compact_work)
     if adaptive:
         h: float | Tensor = torch.full((B, 1), float(cfg.dt), dtype=dtype, device=dev)
         t_now = torch.zeros(B, dtype=dtype, device=dev)
-        t_fin = torch.zeros(B, dtype=dtype, device=dev)
         expo = -1.0 / (tab.err_order + 1)
-    k = field(s)
+    running = torch.ones(B, dtype=torch.bool, device=dev)
+    steps = torch.zeros(B, dtype=torch.int64, device=dev)
+    if sweep is None:
+        k = field(s)
+    else:
+        k = torch.empty_like(s)
+        sv, kv = views(s), views(k)
+        s1, s2, k1, k2 = s[:, :n_first], s[:, n_first:], k[:, :n_first], k[:, n_first:]
+        dyn.block_field(sv, first, kv)
+        dyn.block_field(sv, 1 - first, kv)  # the full field at s: s is not changed in between
+        k2_zero = False  # the second parity's residual columns hold zeros
     nfev = 1
+    rows = B  # rows in the working batch
+    n_run: int | None = B  # running rows as of the last host check (None: not known now)
+    eager = check_every == 1  # the host knows the running set after every test
+    # eager: the steps taken while the running set stays the same are counted on the host (lag)
+    # and added to the running rows when the set changes; otherwise they are added every step
+    lag = 0
+    mask = None  # float (rows, 1): 1 for running rows, while the set is known not to change
+    active = None  # original index of each working row (None: all rows, in order)
+    out = None  # outputs of rows taken out: state, ‖f‖, steps, time
+
     n = 0
-
-    def take(ix: Tensor | None, rn: Tensor) -> None:
-        t = torch.where(fin_step >= 0, t_fin, t_now) if adaptive else None
-        if ix is None:
-            chunks.append((active, s, rn, fin_step, t))
-        else:
-            chunks.append((active[ix], s[ix], rn[ix], fin_step[ix], t[ix] if adaptive else None))
-
     for n in range(cfg.max_steps + 1):
         rn = torch.linalg.vector_norm(k, dim=1)
-        if n < cfg.min_steps:  # too early to stop anyone
-            pending = torch.ones_like(running)
-        elif use_rtol:
-            pending = rn > torch.linalg.vector_norm(s, dim=1).mul_(cfg.rtol).add_(atol_n)
+        tested = n >= cfg.min_steps  # before min_steps no sample may stop
+        if tested:
+            if use_rtol:
+                pending = rn > torch.linalg.vector_norm(s, dim=1).mul_(cfg.rtol).add_(atol_n)
+            else:
+                pending = rn > atol_n
+            # NaN compares false, so a NaN residual counts as finished (it is labelled NONFINITE)
+        last = n == cfg.max_steps
+        if eager:
+            if tested:
+                new = running.logical_and(pending)
+                n_new = int(new.sum())  # a host read (free on the CPU, where eager is the default)
+                if n_new != n_run:
+                    if lag:
+                        steps.add_(running, alpha=lag)
+                        lag = 0
+                    running, n_run, mask = new, n_new, None
         else:
-            pending = rn > atol_n
-        # NaN compares false, so a NaN residual counts as finished (it is labelled NONFINITE).
-        if n_run == running.shape[0]:  # no finished rows linger in the working batch
-            any_new = not bool(pending.all())
-            new = pending.logical_not() if any_new else None
+            if tested:
+                running.logical_and_(pending)
+            n_run = int(running.sum()) if (last or n % check_every == 0) else None  # a synchronisation
+            mask = None
+        if n_run is not None:
+            if n_run == 0 or last:
+                break
+            n_fin = rows - n_run
+            if n_fin and n_fin >= compact_frac * rows and n_fin >= compact_min and n_fin * row_work >= work_min:
+                if lag:
+                    steps.add_(running, alpha=lag)
+                    lag = 0
+                fin = running.logical_not().nonzero().squeeze(1)
+                keep = running.nonzero().squeeze(1)
+                if out is None:
+                    out = (torch.empty_like(s), torch.empty_like(rn), torch.empty_like(steps),
+                           torch.empty_like(t_now) if adaptive else None)
+                    active = torch.arange(B, device=dev)
+                dst = active[fin]
+                out[0].index_copy_(0, dst, s[fin])
+                out[1].index_copy_(0, dst, rn[fin])
+                out[2].index_copy_(0, dst, steps[fin])
+                if adaptive:
+                    out[3].index_copy_(0, dst, t_now[fin])
+                    h, t_now = h[keep], t_now[keep]
+                active, s, k, steps = active[keep], s[keep], k[keep], steps[keep]
+                running = torch.ones(n_run, dtype=torch.bool, device=dev)
+                rows = n_run
+                dyn = dyn.restrict(keep)
+                field = dyn.field
+                if sweep is not None:
+                    sv, kv = views(s), views(k)
+                    s1, s2, k1, k2 = s[:, :n_first], s[:, n_first:], k[:, :n_first], k[:, n_first:]
+                    # the rows left hold their true residual (before the first sweep, the second
+                    # parity's is not zero): the next unmasked sweep zeroes it
+                    k2_zero = False
+        every = n_run == rows  # every working row runs: no mask needed
+        if eager:
+            lag += 1
         else:
-            new = pending.logical_not().logical_and_(running)
-            any_new = bool(new.any())
-        if any_new:
-            fin_step = torch.where(new, n, fin_step)
-            if adaptive:
-                t_fin = torch.where(new, t_now, t_fin)
-            running = running.logical_and_(pending)
-            n_run = int(running.sum())
-        if n_run == 0 or n == cfg.max_steps:
-            take(None, rn)
-            break
-        n_fin = running.shape[0] - n_run
-        if n_fin > 0 and n_fin >= max(compact_frac * running.shape[0], compact_min):
-            take(running.logical_not().nonzero().squeeze(1), rn)
-            ki = running.nonzero().squeeze(1)
-            active, s, k, fin_step = active[ki], s[ki], k[ki], fin_step[ki]
-            running = torch.ones(n_run, dtype=torch.bool, device=dev)
-            dyn = dyn.restrict(ki)
-            field = dyn.field
-            if adaptive:
-                h, t_now, t_fin = h[ki], t_now[ki], t_fin[ki]
+            steps.add_(running)
+        if not every and mask is None:
+            mask = running.unsqueeze(1).to(dtype)
 
+        # Frozen rows take no step: their update is multiplied by 0 (a non-finite row, already
+        # labelled NONFINITE, may turn NaN)
+        if sweep is not None:  # red-black block coordinate descent
+            if every:
+                s1.add_(k1)  # the first parity to its block target, computed with the last residual
+                dyn.block_update(sv, 1 - first)  # the second parity to its exact target: residual 0
+                if not k2_zero:
+                    k2.zero_()
+                    k2_zero = True
+            else:  # frozen rows keep their state and their residual, both parities
+                s1.addcmul_(k1, mask)
+                dyn.block_field(sv, 1 - first, kv)
+                s2.addcmul_(k2, mask)
+                k2.addcmul_(k2, mask, value=-1.0)  # running rows: at their block target, residual 0
+                k2_zero = False
+            dyn.block_field(sv, first, kv)
+            nfev += 1
+            continue
         if euler:  # s ← s + dt·f(s), in place
-            _proj(s.add_(k, alpha=cfg.dt), pbox)
+            _proj(s.add_(k, alpha=cfg.dt) if every else s.addcmul_(k, mask, value=cfg.dt), pbox)
             k = field(s)
             nfev += 1
             continue
         if not adaptive:
-            s, _ = rk_step(field, tab, s, k, float(cfg.dt), pbox)
+            s_new, _ = rk_step(field, tab, s, k, float(cfg.dt), pbox)
+            s = s_new if every else torch.where(running.unsqueeze(1), s_new, s)
             k = field(s)
             nfev += tab.stages
             continue
@@ -331,27 +471,34 @@ def settle(
         scale = torch.maximum(s.abs(), s_new.abs()).mul_(cfg.err_rtol).add_(cfg.err_atol)
         en = torch.linalg.vector_norm(err.div_(scale), dim=1) / math.sqrt(N)
         accept = en <= 1.0
+        if not every:
+            accept.logical_and_(running)  # frozen rows take no step
         factor = torch.nan_to_num(0.9 * en.clamp_min(1e-10).pow(expo), nan=0.2).clamp(0.2, 5.0)
         acc = accept.unsqueeze(1)
         s = torch.where(acc, s_new, s)
         k = torch.where(acc, ks[-1], k)
         t_now = t_now + torch.where(accept, h.squeeze(1), 0.0)
         h = (h * factor.unsqueeze(1)).clamp_max(cfg.dt_max)
+    if lag:
+        steps.add_(running, alpha=lag)
 
-    # Assemble the per-sample outputs from the chunks, in the original sample order.
-    idx, st, rn, fs = (torch.cat([c[i] for c in chunks]) for i in range(4))
-    order = torch.empty_like(idx)
-    order[idx] = torch.arange(B, device=dev)
-    st, rn, fs = st[order], rn[order], fs[order]
-    done = fs >= 0
-    status = torch.where(done, SettleStatus.CONVERGED, SettleStatus.STEP_LIMIT)
-    status = torch.where(rn.isnan() | rn.isinf(), SettleStatus.NONFINITE, status).to(torch.int8)
-    steps = torch.where(done, fs, n)
+    # Assemble the per-sample outputs in the original sample order.
+    if out is not None:
+        out[0].index_copy_(0, active, s)
+        out[1].index_copy_(0, active, rn)
+        out[2].index_copy_(0, active, steps)
+        run_all = torch.zeros(B, dtype=torch.bool, device=dev).index_copy_(0, active, running)
+        if adaptive:
+            out[3].index_copy_(0, active, t_now)
+            t_now = out[3]
+        s, rn, steps, running = out[0], out[1], out[2], run_all
+    status = torch.where(rn.isfinite(), running.to(torch.int8), int(SettleStatus.NONFINITE))
     if adaptive:
-        time = torch.cat([c[4] for c in chunks])[order]
+        time = t_now
     else:
-        time = steps.to(dtype) * cfg.dt
-    result = SettleResult(tuple(st.split(list(sizes), dim=1)), status, steps, rn / math.sqrt(N), time, nfev)
+        time = steps.to(dtype) * (sweep.time_per_step if sweep is not None else cfg.dt)
+    states = tuple(views(s))
+    result = SettleResult(states, status, steps, rn / math.sqrt(N), time, nfev)
     if throw and not result.converged:
         raise SettleError(f"settle did not reach a steady state: {result.message}", result)
     return result

@@ -5,12 +5,20 @@ order 4). Adaptive with an embedded error estimate: ``bosh3`` (Bogacki & Shampin
 and ``dopri5`` (Dormand & Prince 1980, 5(4)); both are first-same-as-last, so an accepted step
 hands its last stage on as the next step's first.
 
-Backends: solvers that are not tableaus run by the torch engine but separate simulators, in a
-second registry ``BACKENDS`` (the settle function of each is imported only when it is used):
+Sweeps: ``block`` is not an ODE method but a fixed-point iteration of the layered network that the
+torch engine runs with the same steady-state test and contract, in a registry ``SWEEPS``: red-black
+block coordinate descent, where each sweep sets the even layers, then the odd layers (or the
+other way round) to their exact minimiser given their neighbours (see
+:func:`mep_hw.settle.engine.settle`). It needs a dynamics with ``block_field``
+(:class:`mep_hw.model.HopfieldDynamics` with a box activation).
+
+Backends: solvers that are not run by the torch engine but by separate simulators, in a
+registry ``BACKENDS`` (the settle function of each is imported only when it is used):
 ``brian2`` settles the layered Hopfield network as Brian2 rate units, integrated by Brian2's
 ``euler`` method with Brian2's numpy code generation (no compiler), ``brian2_cython`` the same
 compiled by Cython (see :mod:`mep_hw.settle.brian2_backend`). ``SOLVER_NAMES`` lists every valid
-``solver`` name, tableaus first.
+``solver`` name: tableaus, sweeps, backends. :func:`evals_per_step` says how many field
+evaluations' worth of array reads one step of a solver costs (the cost model's ``stages``).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from typing import Callable, NamedTuple
 
 from mep_hw.errors import ConfigError
 
-__all__ = ["Backend", "BACKENDS", "SOLVER_NAMES", "SOLVERS", "Tableau", "check_solver", "get_backend", "get_solver"]
+__all__ = ["Backend", "BACKENDS", "SOLVER_NAMES", "SOLVERS", "SWEEPS", "Sweep", "Tableau", "check_solver", "evals_per_step",
+           "get_backend", "get_solver", "get_sweep"]
 
 
 class Tableau(NamedTuple):
@@ -96,17 +105,35 @@ class Backend(NamedTuple):
         return getattr(importlib.import_module(self.module), self.function)
 
 
+class Sweep(NamedTuple):
+    """A fixed-point solver of the torch engine that is not a Runge–Kutta method: ``name`` is its
+    solver name, ``method`` what one step (a sweep) does, ``evals_per_step`` the array reads of
+    one sweep in units of one field evaluation (every array read forward and transposed once)
+    and ``time_per_step`` the settle time charged per sweep, in units of τ."""
+
+    name: str
+    method: str
+    evals_per_step: int
+    time_per_step: float
+
+
+SWEEPS: dict[str, Sweep] = {
+    # one sweep = two half-sweeps, each a simultaneous update of every layer of one parity; like an
+    # Euler step at dt = 1 (s ← clip(drive)) each half-sweep is charged one τ
+    "block": Sweep("block", "red-black block coordinate descent (exact per-layer minimiser)", 1, 2.0),
+}
+
 BACKENDS: dict[str, Backend] = {
     "brian2": Backend("brian2", "euler", 1, "numpy", "mep_hw.settle.brian2_backend", "settle_brian2"),
     "brian2_cython": Backend("brian2_cython", "euler", 1, "cython", "mep_hw.settle.brian2_backend", "settle_brian2"),
 }
 
-SOLVER_NAMES: tuple[str, ...] = (*SOLVERS, *BACKENDS)
+SOLVER_NAMES: tuple[str, ...] = (*SOLVERS, *SWEEPS, *BACKENDS)
 
 
 def check_solver(name: str) -> None:
-    """Raise ConfigError unless ``name`` is a registered solver (a tableau or a backend)."""
-    if name not in SOLVERS and name not in BACKENDS:
+    """Raise ConfigError unless ``name`` is a registered solver (a tableau, a sweep or a backend)."""
+    if name not in SOLVERS and name not in SWEEPS and name not in BACKENDS:
         raise ConfigError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVER_NAMES)}")
 
 
@@ -117,13 +144,33 @@ def get_backend(name: str) -> Backend | None:
     return BACKENDS.get(name)
 
 
+def get_sweep(name: str) -> Sweep | None:
+    """The sweep solver registered under ``name``, or None for a tableau or a backend; unknown
+    names list the valid ones."""
+    check_solver(name)
+    return SWEEPS.get(name)
+
+
 def get_solver(name: str) -> Tableau:
     """The tableau registered under ``name``; unknown names list the valid ones."""
     check_solver(name)
     try:
         return SOLVERS[name]
     except KeyError:
+        what = f"a backend ({BACKENDS[name].module})" if name in BACKENDS else f"a sweep ({SWEEPS[name].method})"
         raise ConfigError(
-            f"solver {name!r} is a backend ({BACKENDS[name].module}), not a Runge–Kutta tableau of the "
-            f"torch engine; use one of {', '.join(SOLVERS)} here"
+            f"solver {name!r} is {what}, not a Runge–Kutta tableau of the torch engine; use one of "
+            f"{', '.join(SOLVERS)} here"
         ) from None
+
+
+def evals_per_step(name: str) -> int:
+    """Field evaluations' worth of array reads per solver step: a tableau's stages, one per
+    sweep of a sweep solver (each array read forward and transposed once), one per step of a
+    backend (forward Euler)."""
+    check_solver(name)
+    if name in SOLVERS:
+        return SOLVERS[name].stages
+    if name in SWEEPS:
+        return SWEEPS[name].evals_per_step
+    return 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mep_hw.hw.base import Device
 from mep_hw.hw.cost import CostCounts, cost_summary
-from mep_hw.settle import get_solver
+from mep_hw.settle import evals_per_step
 
 __all__ = ["CostAccumulator"]
 
@@ -46,12 +46,10 @@ class CostAccumulator:
     def summary(self, card, cfg, model) -> dict:
         shapes = [tuple(w.shape) for w in model.weights]
         # the input array is read once per phase (the input is clamped: its drive is held); one field
-        # evaluation reads every other array forward and transposed
+        # evaluation reads every other array forward and transposed, and so does one sweep of the
+        # block solver (each parity's arrays, in two half-sweeps)
         macs_per_eval = 2 * sum(o * i for o, i in shapes[1:])
-        try:
-            stages = get_solver(cfg.solver).stages
-        except Exception:  # a backend (brian2), not a tableau: one evaluation per step
-            stages = 1
+        stages = evals_per_step(cfg.settle_solver)  # tableau stages; 1 per sweep; 1 per backend (Euler) step
         dev = card.device
         kw = dict(kind=card.kind, clock_hz=getattr(dev, "clock_hz", None), macs_per_eval=macs_per_eval, stages=stages,
                   read_energy=type(dev).read_energy_lines is not Device.read_energy_lines,

@@ -38,6 +38,7 @@ from mep_hw.hw import build_store
 from mep_hw.io import Dataset, load_dataset
 from mep_hw.io.runs import ensure_dir, write_toml
 from mep_hw.model import LayeredHopfield, build_network, one_hot
+from mep_hw.settle import SettleStatus, remedy
 from mep_hw.train.config import TrainConfig
 from mep_hw.train.cost import CostAccumulator
 from mep_hw.train.fit import epoch_generator, fit, iterate_batches
@@ -49,7 +50,7 @@ from mep_hw.train.observers import (
 from mep_hw.train.regimes import Estimate, build_regime
 from mep_hw.train.tracing import StepTotals, batch_sums, open_trace, parse_trace_every
 
-__all__ = ["EpochStats", "TrainResult", "EPTrainer", "train", "evaluate", "epoch_generator", "iterate_batches"]
+__all__ = ["EpochStats", "TrainResult", "EPTrainer", "build_model", "train", "evaluate", "epoch_generator", "iterate_batches"]
 
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -118,6 +119,7 @@ class EPTrainer:
         self.ep_cfg = ep_cfg
         self.totals = StepTotals()
         self.n_out = model.layers[-1]
+        self._checked: set[int] = set()  # ids of the data tensors validated once (see step)
 
     def begin_epoch(self, epoch: int) -> None:
         self.totals.reset()
@@ -125,11 +127,14 @@ class EPTrainer:
 
     def step(self, x: Tensor, y: Tensor, generator: torch.Generator) -> StepOut:
         target = one_hot(y, self.n_out, x.dtype)
+        # no host reads in the step: the batch was validated with its data set (check_data), and
+        # samples that end non-finite are counted on the device and raise at the epoch's end
         if self.regime.needs_grads:
-            res = ep_gradients(self.model, x, target, self.ep_cfg, generator=generator)
+            res = ep_gradients(self.model, x, target, self.ep_cfg, generator=generator, check=False)
             est = Estimate(res.grads)
         else:  # in-array: the host forms no contrast; the phases' activities drive the array
-            res = ep_gradients(self.model, x, target, self.ep_cfg, generator=generator, contrast=_no_contrast)
+            res = ep_gradients(self.model, x, target, self.ep_cfg, generator=generator, contrast=_no_contrast,
+                               check=False)
             (sa, ba), (sb, bb) = res.phases
             m = self.model
             est = Estimate(None, ((1.0, m.hebbian_terms(x, sa, ba, target)), (-1.0, m.hebbian_terms(x, sb, bb, target))),
@@ -144,7 +149,19 @@ class EPTrainer:
         c = self.model.store.counts()
         return c + self.regime.counts() if hasattr(self.regime, "counts") else c
 
+    def check_data(self, x: Tensor, y: Tensor) -> None:
+        """Validate the training data once (shapes, finite values), so that no step reads it on
+        the host."""
+        self.model.check_batch(x[:1], one_hot(y[:1], self.n_out, x.dtype))
+        self.model.check_batch(x)  # finite values of the whole set: one host read
+
     def end_epoch(self, epoch: int, seconds: float) -> EpochStats:
+        bad = self.totals.nonfinite()  # the epoch's one read of the step sums
+        if bad:
+            raise SettleError(
+                f"epoch {epoch}: {bad} settles (free and nudged phases, counted per sample) became non-finite "
+                f"(NaN or inf; status NONFINITE): {_NONFINITE_REMEDY}"
+            )
         d = self.counts() - self.counts0
         t1 = time.perf_counter()
         test_acc, test_loss, test_steps, test_time = evaluate(self.model, self.x_test, self.y_test, self.cfg)
@@ -161,8 +178,20 @@ class EPTrainer:
         )
 
 
+_NONFINITE_REMEDY = remedy(SettleStatus.NONFINITE)
+
+
 def _no_contrast(*args):
     return None
+
+
+def build_model(cfg: TrainConfig, input_shape, n_classes: int):
+    """The network of ``cfg`` (``arch`` or ``layers``, activation, cost, seed, dtype, device) for
+    data of ``input_shape`` (an int: flat inputs) and ``n_classes`` classes, on exact weights."""
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+    return build_network(arch=cfg.arch, layers=cfg.layers, input_shape=shape, n_classes=n_classes,
+                         activation=cfg.activation, cost=cfg.cost, seed=cfg.seed, dtype=cfg.torch_dtype,
+                         device=cfg.torch_device, dataset=cfg.dataset)
 
 
 def _tensors(ds: Dataset, cfg: TrainConfig):
@@ -216,9 +245,7 @@ def train(
         )
 
     ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    model = build_network(arch=cfg.arch, layers=cfg.layers, input_shape=ds.input_shape, n_classes=ds.n_classes,
-                          activation=cfg.activation, cost=cfg.cost, seed=cfg.seed, dtype=cfg.torch_dtype,
-                          device=cfg.torch_device, dataset=cfg.dataset)
+    model = build_model(cfg, ds.input_shape, ds.n_classes)
     cfg = cfg.replace(layers=model.layers)
     card = card if card is not None else cfg.card()
     in_array = cfg.update != "host"
@@ -235,6 +262,8 @@ def train(
     from mep_hw.train.backprop import BPTrainer
 
     trainer = (EPTrainer if cfg.method == "ep" else BPTrainer)(model, cfg, regime, xte, yte)
+    if hasattr(trainer, "check_data"):
+        trainer.check_data(xtr, ytr)
     cost = CostAccumulator(phases=1 + (2 if cfg.estimator == "symmetric" else 1))
     history: list[EpochStats] = []
     start = 1

@@ -26,7 +26,7 @@ class StepOut(NamedTuple):
 
     x: Tensor  # the batch
     result: object  # the EPResult
-    sums: dict  # batch_sums: settle statistics, loss, correct predictions
+    sums: object  # batch_sums (a BatchSums on the device, or a dict of floats): settle statistics, loss, correct
     host_flops: int  # the host's arithmetic in this step
 
 
@@ -143,20 +143,20 @@ class CostObserver(Observer):
     def begin_epoch(self, epoch) -> None:
         self.c0 = self.counts()
         self.flops = 0
-        self.settle = [0.0, 0.0]
+        self.totals = StepTotals()  # settle time and steps, summed on the device, read once per epoch
 
     def on_step(self, step, epoch, batch, out: StepOut) -> None:
         self.flops += out.host_flops
-        s = out.sums
-        self.settle[0] += s["free_time"] + s["nudged_time"]
-        self.settle[1] += s["free_steps"] + s["nudged_steps"]
+        self.totals.add(out.sums)
 
     def end_train(self, epoch) -> None:
         self.c1 = self.counts()
 
     def on_epoch(self, epoch, stats, history) -> None:
+        s = self.totals.sums
+        settle = (s["free_time"] + s["nudged_time"], s["free_steps"] + s["nudged_steps"])
         self.acc.add_epoch(self.c0._asdict(), self.c1._asdict(), self.counts()._asdict(), n=self.n_train,
-                           host_flops=self.flops, settle=(float(self.settle[0]), float(self.settle[1])),
+                           host_flops=self.flops, settle=settle,
                            test=(self.n_test, stats.test_time_mean, stats.test_steps_mean))
 
 

@@ -28,7 +28,7 @@ from mep_hw.errors import ConfigError
 from mep_hw.io.trace import TraceWriter
 from mep_hw.settle import SettleStatus
 
-__all__ = ["TraceEvery", "parse_trace_every", "StepTotals", "batch_sums", "open_trace", "interval_values", "epoch_units"]
+__all__ = ["SUM_KEYS", "BatchSums", "TraceEvery", "parse_trace_every", "StepTotals", "batch_sums", "open_trace", "interval_values", "epoch_units"]
 
 TRACE_FILE = "trace.h5"
 
@@ -63,67 +63,112 @@ def parse_trace_every(value) -> TraceEvery | None:
     return TraceEvery(int(m.group(1)), unit)
 
 
-def batch_sums(res, y: torch.Tensor) -> dict[str, float]:
+SUM_KEYS = ("n", "free_steps", "free_time", "free_residual", "free_limit", "free_nonfinite", "n_nudged",
+            "nudged_steps", "nudged_time", "nudged_residual", "nudged_limit", "nudged_nonfinite", "loss", "correct")
+
+
+class BatchSums:
+    """The sums over one training batch, as one float64 tensor ``values`` on the batch's device
+    in the order of :data:`SUM_KEYS`: nothing is read on the host until a value is asked for."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def __getitem__(self, key: str) -> float:  # a host read: for occasional use (accumulate the sums instead)
+        return float(self.values[SUM_KEYS.index(key)])
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(SUM_KEYS, self.values.tolist()))
+
+
+def _phase_sums(r, dtype) -> torch.Tensor:
+    """(steps, time, residual, step-limit count, non-finite count) summed over a settle's samples."""
+    st = r.status
+    return torch.stack([r.steps.to(dtype), r.time.to(dtype), r.residual.to(dtype),
+                        (st == SettleStatus.STEP_LIMIT).to(dtype), (st == SettleStatus.NONFINITE).to(dtype)]).sum(1)
+
+
+def batch_sums(res, y: torch.Tensor) -> BatchSums:
     """The sums over one training batch that epoch statistics and trace intervals are made of
-    (settle steps, times, residuals and step-limit hits per phase, loss, correct predictions)."""
-    out = {
-        "n": float(y.shape[0]),
-        "free_steps": float(res.free.steps.sum()), "free_time": float(res.free.time.sum()),
-        "free_residual": float(res.free.residual.sum()),
-        "free_limit": float((res.free.status == SettleStatus.STEP_LIMIT).sum()),
-        "n_nudged": 0.0, "nudged_steps": 0.0, "nudged_time": 0.0, "nudged_residual": 0.0, "nudged_limit": 0.0,
-        "loss": float(res.loss.sum()), "correct": float((res.logits.argmax(1) == y).sum()),
-    }
-    for r in res.nudged:
-        out["n_nudged"] += r.steps.numel()
-        out["nudged_steps"] += float(r.steps.sum())
-        out["nudged_time"] += float(r.time.sum())
-        out["nudged_residual"] += float(r.residual.sum())
-        out["nudged_limit"] += float((r.status == SettleStatus.STEP_LIMIT).sum())
-    return out
+    (settle steps, times, residuals, step-limit hits and non-finite samples per phase, loss,
+    correct predictions), computed on the device without reading anything on the host: read
+    them once per epoch or trace interval (:class:`StepTotals`)."""
+    dt = torch.float64
+    free = _phase_sums(res.free, dt)
+    nudged = sum(_phase_sums(r, dt) for r in res.nudged) if res.nudged else free.new_zeros(5)
+    n_nudged = sum(r.steps.numel() for r in res.nudged)
+    head = free.new_full((1,), float(y.shape[0]))  # filled on the device: no host-to-device copy
+    nn = free.new_full((1,), float(n_nudged))
+    tail = torch.stack([res.loss.sum().to(dt), (res.logits.argmax(1) == y).sum().to(dt)])
+    return BatchSums(torch.cat([head, free, nn, nudged, tail]))
 
 
 class StepTotals:
-    """Running sums of :func:`batch_sums` over training steps: an epoch, or a trace interval."""
+    """Running sums of :func:`batch_sums` over training steps: an epoch, or a trace interval.
+    The sums stay on the device (one addition per step); ``sums`` reads them on the host (one
+    synchronisation)."""
 
-    KEYS = ("n", "free_steps", "free_time", "free_residual", "free_limit", "n_nudged", "nudged_steps",
-            "nudged_time", "nudged_residual", "nudged_limit", "loss", "correct")
+    KEYS = SUM_KEYS
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self._acc: torch.Tensor | None = None
+        self._host = dict.fromkeys(self.KEYS, 0.0)
 
     def state_dict(self) -> dict[str, float]:
-        """The running sums as plain floats (for the checkpoint)."""
-        return {k: float(v) for k, v in self.sums.items()}
+        """The running sums as plain floats (for the checkpoint; one host read)."""
+        return self.sums
 
     def load_state_dict(self, state: dict[str, float] | None) -> None:
         """Continue from :meth:`state_dict` (None, from an older checkpoint: start from zero)."""
         self.reset()
         for k, v in (state or {}).items():
-            if k in self.sums:
-                self.sums[k] = float(v)
+            if k in self._host:
+                self._host[k] = float(v)
 
-    def add(self, sums: dict[str, float]) -> None:
-        for k, v in sums.items():
-            self.sums[k] += v
+    def add(self, sums: BatchSums | dict[str, float]) -> None:
+        """Add one batch's sums (a :class:`BatchSums` stays on the device; a dict of floats is
+        added on the host)."""
+        if isinstance(sums, BatchSums):
+            self._acc = sums.values.clone() if self._acc is None else self._acc.add_(sums.values)
+        else:
+            for k, v in sums.items():
+                self._host[k] += v
 
-    def mean(self, key: str, per: str = "n") -> float:
+    @property
+    def sums(self) -> dict[str, float]:
+        """The totals as host floats (reads the device sums once)."""
+        out = dict(self._host)
+        if self._acc is not None:
+            for k, v in zip(SUM_KEYS, self._acc.tolist()):
+                out[k] += v
+        return out
+
+    def nonfinite(self) -> int:
+        """Samples that ended non-finite (any phase) in these steps: one host read."""
+        s = self.sums
+        return int(s["free_nonfinite"] + s["nudged_nonfinite"])
+
+    def mean(self, key: str, per: str = "n", sums: dict[str, float] | None = None) -> float:
         """sums[key] / sums[per] (NaN over no samples)."""
-        d = self.sums[per]
-        return self.sums[key] / d if d else float("nan")
+        sums = self.sums if sums is None else sums
+        d = sums[per]
+        return sums[key] / d if d else float("nan")
 
     def means(self) -> dict[str, tuple[float, str]]:
         """The per-interval records of a trace."""
+        s = self.sums
         return {
-            "settle/free_steps_mean": (self.mean("free_steps"), "steps"),
-            "settle/free_residual_mean": (self.mean("free_residual"), "1/tau"),
-            "settle/nudged_steps_mean": (self.mean("nudged_steps", "n_nudged"), "steps"),
-            "settle/nudged_residual_mean": (self.mean("nudged_residual", "n_nudged"), "1/tau"),
-            "metrics/train_loss": (self.mean("loss"), "1"),
-            "metrics/train_accuracy": (self.mean("correct"), "1"),
+            "settle/free_steps_mean": (self.mean("free_steps", sums=s), "steps"),
+            "settle/free_residual_mean": (self.mean("free_residual", sums=s), "1/tau"),
+            "settle/nudged_steps_mean": (self.mean("nudged_steps", "n_nudged", s), "steps"),
+            "settle/nudged_residual_mean": (self.mean("nudged_residual", "n_nudged", s), "1/tau"),
+            "metrics/train_loss": (self.mean("loss", sums=s), "1"),
+            "metrics/train_accuracy": (self.mean("correct", sums=s), "1"),
         }
 
 

@@ -155,9 +155,9 @@ def test_dt_above_one_projects_onto_the_box():
 
 
 @pytest.mark.parametrize("compact_frac,compact_min", [(0.25, 32), (0.25, 4), (0.0, 0), (1.0, 0)])
-def test_finished_samples_leave_by_the_rule_of_the_torch_engine(compact_frac, compact_min):
-    # 64 samples at the training tolerance: they finish at different steps, and linger or are
-    # frozen (taken out of the working batch) as in the torch engine; states, residuals, steps agree
+def test_finished_samples_are_frozen_as_in_the_torch_engine(compact_frac, compact_min):
+    # 64 samples at the training tolerance: they finish at different steps and are frozen at that
+    # step, as in the torch engine, whatever its compaction rule; states, residuals, steps agree
     g = torch.Generator().manual_seed(7)
     model = LayeredHopfield((6, 5, 4, 3), generator=g, dtype=F64)
     x = torch.rand(64, 6, generator=g, dtype=F64)
@@ -267,7 +267,7 @@ def test_brian2_is_a_registered_solver():
     assert {"brian2", "brian2_cython"} <= set(SOLVER_NAMES) and get_backend("euler") is None
     assert get_backend("brian2").method == "euler" and get_backend("brian2").target == "numpy"
     SettleConfig(solver="brian2")
-    with pytest.raises(ConfigError, match="unknown solver 'brain2'; valid solvers: euler, .*dopri5, brian2, brian2_cython"):
+    with pytest.raises(ConfigError, match="unknown solver 'brain2'; valid solvers: euler, .*dopri5, block, brian2, brian2_cython"):
         SettleConfig(solver="brain2")
     with pytest.raises(ConfigError, match="'brian2' is a backend"):
         get_solver("brian2")
