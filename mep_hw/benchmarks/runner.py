@@ -32,6 +32,7 @@ from mep_hw.errors import ConfigError, MepHwError
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import write_json
 from mep_hw.optimizers import local_ep, muon_backprop, natural_ep, sdmep, smep
+from mep_hw.train.fit import Observer, fit
 
 __all__ = ["BASELINES", "EP_BASELINES", "BenchConfig", "load_config", "build_model", "run", "main"]
 
@@ -132,60 +133,78 @@ def _tensors(cfg: BenchConfig, data_dir):
     return conv(ds.x_train), torch.as_tensor(ds.y_train), conv(ds.x_test), torch.as_tensor(ds.y_test), shape
 
 
-def train_one(name: str, cfg: BenchConfig, model0: nn.Sequential, data, log=print) -> dict:
-    xtr, ytr, xte, yte = data
-    model = copy.deepcopy(model0)
-    kw = dict(cfg.optimizers.get(name, {}))
-    is_ep = name in EP_BASELINES
-    opt = EP_BASELINES[name](model.parameters(), model=model, **kw) if is_ep else BP_BASELINES[name](model.parameters(), **kw)
-    n = xtr.shape[0]
-    steps_per_epoch = -(-n // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch) if cfg.schedule == "cosine" else None
-    history, wall = [], 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        model.train()
-        loss_sum, settle_steps, step_times = 0.0, 0.0, []
-        t0 = time.perf_counter()
-        for idx in perm.split(cfg.batch_size):
-            x, y = xtr[idx], ytr[idx]
-            ts = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            if is_ep:
-                model(x)
-                loss = opt.step(target=y)
-                settle_steps += float(opt.last_result.nudged[0].steps.float().mean()) * len(idx)
-            else:
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-            step_times.append(time.perf_counter() - ts)
-            if sched is not None:
-                sched.step()
-            loss_value = float(loss.detach())
-            loss_sum += loss_value * len(idx)
-            if not math.isfinite(loss_value):
-                raise MepHwError(f"{name}: the training loss became {loss_value} in epoch {epoch}; lower its lr")
-        seconds = time.perf_counter() - t0
-        wall += seconds
-        model.eval()
+class _SequentialTrainer:
+    """One baseline on an ``nn.Sequential`` for :func:`mep_hw.train.fit`: EP baselines take the
+    forward pass as the free phase and ``optimizer.step(target=y)``; the others backprop."""
+
+    def __init__(self, name: str, cfg: BenchConfig, model: nn.Sequential, kw: dict, steps_per_epoch: int, test):
+        self.name, self.cfg, self.model = name, cfg, model
+        self.is_ep = name in EP_BASELINES
+        self.opt = EP_BASELINES[name](model.parameters(), model=model, **kw) if self.is_ep else BP_BASELINES[name](model.parameters(), **kw)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.epochs * steps_per_epoch)
+                      if cfg.schedule == "cosine" else None)
+        self.xte, self.yte = test
+        self.wall = 0.0
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.model.train()
+        self.loss_sum, self.settle_steps, self.n, self.step_times = 0.0, 0.0, 0, []
+
+    def step(self, x, y, generator) -> None:
+        ts = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        if self.is_ep:
+            self.model(x)
+            loss = self.opt.step(target=y)
+            self.settle_steps += float(self.opt.last_result.nudged[0].steps.float().mean()) * len(y)
+        else:
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            loss.backward()
+            self.opt.step()
+        self.step_times.append(time.perf_counter() - ts)
+        if self.sched is not None:
+            self.sched.step()
+        loss_value = float(loss.detach())
+        self.loss_sum += loss_value * len(y)
+        self.n += len(y)
+        if not math.isfinite(loss_value):
+            raise MepHwError(f"{self.name}: the training loss became {loss_value}; lower its lr")
+
+    def end_epoch(self, epoch: int, seconds: float) -> dict:
+        self.wall += seconds
+        self.model.eval()
         with torch.no_grad():
-            out = torch.cat([model(xte[i : i + 1000]) for i in range(0, xte.shape[0], 1000)])
-            test_loss = float(nn.functional.cross_entropy(out, yte))
-            test_acc = float((out.argmax(1) == yte).float().mean())
-        step_times.sort()
-        rec = {
-            "epoch": epoch, "train_loss": loss_sum / n, "test_loss": test_loss, "test_accuracy": test_acc,
-            "epoch_seconds": seconds, "wall_seconds": wall, "step_ms_median": 1e3 * step_times[len(step_times) // 2],
-        }
-        if is_ep:
-            rec["nudged_steps_mean"] = settle_steps / n
-        history.append(rec)
-        log(f"{name:14s} epoch {epoch}/{cfg.epochs}: test acc {test_acc:.4f} loss {rec['train_loss']:.4f} ({seconds:.1f}s)")
-    return {"baseline": name, "mode": "ep" if is_ep else "backprop", "kwargs": kw, "history": history,
+            out = torch.cat([self.model(self.xte[i : i + 1000]) for i in range(0, self.xte.shape[0], 1000)])
+            test_loss = float(nn.functional.cross_entropy(out, self.yte))
+            test_acc = float((out.argmax(1) == self.yte).float().mean())
+        times = sorted(self.step_times)
+        rec = {"epoch": epoch, "train_loss": self.loss_sum / self.n, "test_loss": test_loss, "test_accuracy": test_acc,
+               "epoch_seconds": seconds, "wall_seconds": self.wall, "step_ms_median": 1e3 * times[len(times) // 2]}
+        if self.is_ep:
+            rec["nudged_steps_mean"] = self.settle_steps / self.n
+        return rec
+
+
+class _Log(Observer):
+    def __init__(self, name: str, epochs: int, log):
+        self.name, self.epochs, self.log = name, epochs, log
+
+    def on_epoch(self, epoch, rec, history) -> None:
+        self.log(f"{self.name:14s} epoch {epoch}/{self.epochs}: test acc {rec['test_accuracy']:.4f} "
+                 f"loss {rec['train_loss']:.4f} ({rec['epoch_seconds']:.1f}s)")
+
+
+def train_one(name: str, cfg: BenchConfig, model0: nn.Sequential, data, log=print) -> dict:
+    """Train baseline ``name`` from ``model0``'s weights with the training loop of
+    :func:`mep_hw.train.fit` (same shuffles for every baseline)."""
+    xtr, ytr, xte, yte = data
+    kw = dict(cfg.optimizers.get(name, {}))
+    trainer = _SequentialTrainer(name, cfg, copy.deepcopy(model0), kw, -(-xtr.shape[0] // cfg.batch_size), (xte, yte))
+    history = fit(trainer, xtr, ytr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                  observers=[_Log(name, cfg.epochs, log)], progress=False)
+    return {"baseline": name, "mode": "ep" if trainer.is_ep else "backprop", "kwargs": kw, "history": history,
             "test_accuracy": history[-1]["test_accuracy"], "best_test_accuracy": max(h["test_accuracy"] for h in history),
-            "wall_seconds": wall, "step_ms_median": sorted(h["step_ms_median"] for h in history)[len(history) // 2]}
+            "wall_seconds": trainer.wall, "step_ms_median": sorted(h["step_ms_median"] for h in history)[len(history) // 2]}
 
 
 def write_report(cfg: BenchConfig, results: dict, out: Path) -> None:

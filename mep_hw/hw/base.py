@@ -87,6 +87,12 @@ class Device(ABC):
         """Let time pass (drift); by default nothing changes."""
         return state
 
+    def apply_pulses(self, state, n_up: Tensor, n_down: Tensor, generator: torch.Generator) -> tuple[Any, UpdateCounts]:
+        """Apply per-cell counts of pulses that move w̃ up and down (an in-array update)."""
+        raise DeviceError(
+            f"{self.kind} devices take no pulsed in-array updates; use --update host, or a crossbar or ideal card"
+        )
+
     def physical(self, state) -> dict[str, tuple[Tensor, str]]:
         return {"weight": (self.mean(state), "1")}
 
@@ -127,6 +133,10 @@ class IdealDevice(Device):
 
     kind: ClassVar[str] = "ideal"
     name: str = "ideal"
+    dw_pulse: float = 1e-3  # in-array updates: the exact change of w̃ per pulse
+
+    def __post_init__(self):
+        check_range("dw_pulse", self.dw_pulse, lo=0.0, lo_open=True, hi=1.0)
 
     def init_state(self, shape, generator, dtype, device) -> IdealState:
         return IdealState(torch.zeros(shape, dtype=dtype, device=device))
@@ -140,6 +150,14 @@ class IdealDevice(Device):
     def update(self, state, dw, generator):
         return IdealState(state.w + dw), UpdateCounts(0, 0, 0, 0)
 
+    def symmetry_point(self, state) -> Tensor:
+        """Up and down pulses are equal and opposite everywhere: the reference is 0."""
+        return torch.zeros_like(state.w)
+
+    def apply_pulses(self, state, n_up, n_down, generator):
+        """Every pulse moves w̃ by exactly ±dw_pulse (no bounds, no noise)."""
+        return IdealState(state.w + (n_up - n_down) * self.dw_pulse), UpdateCounts(n_up.sum(), n_down.sum(), 0, 0)
+
 
 class Tile:
     """One weight matrix (out × in) held by ``device`` behind ``periphery``.
@@ -148,8 +166,13 @@ class Tile:
     logical weights to w̃ ∈ [−1, 1]. Inputs are divided by ``in_scale`` before the DAC.
     """
 
+    READS = ("output", "per_cell")
+
     def __init__(self, device: Device, periphery: Periphery, W: Tensor, *, seed: int, noise: NoiseBank | None = None,
-                 in_scale: float = 1.0, name: str = "tile"):
+                 in_scale: float = 1.0, name: str = "tile", read: str = "output"):
+        if read not in self.READS:
+            raise ConfigError(f"read={read!r} is not a read model; choose one of: {', '.join(self.READS)}")
+        self.read_model = read
         if W.ndim != 2:
             raise DeviceError(f"{name}: a tile holds a matrix, got shape {tuple(W.shape)}")
         self.device, self.periphery, self.name = device, periphery, name
@@ -159,9 +182,11 @@ class Tile:
         self.in_scale = float(in_scale)
         self.w_scale = device.mapping_scale(W.detach(), periphery.w_headroom)
         self.state = device.init_state(self.shape, self.gen, W.dtype, W.device)
-        # pulse counts, and the operations of every read: multiply-accumulates in the array and
-        # DAC / ADC conversions (only where the periphery has a converter); see mep_hw.hw.cost
-        self.totals = {"pulses_up": 0, "pulses_down": 0, "refreshes": 0, "programmed": 0, "macs": 0, "dac": 0, "adc": 0}
+        # the operations of every read (multiply-accumulates in the array, DAC / ADC conversions
+        # where the periphery has a converter: Python ints from the shapes, no device sync) and of
+        # every write (pulse counts: ints or tensors, summed lazily); see mep_hw.hw.cost
+        self._reads = [0, 0, 0]
+        self._writes = [0, 0, 0, 0]
         self._cache: dict = {}
         self._dac_cache: dict = {}
         self._read_std = None
@@ -204,14 +229,41 @@ class Tile:
         return c[key]
 
     def _count(self, c: UpdateCounts):
-        for k, v in c._asdict().items():
-            self.totals[k] += int(v)
+        w = self._writes
+        for i, v in enumerate(c):
+            w[i] = w[i] + v
 
-    def program(self, W: Tensor) -> Tensor:
-        """Write logical weights W; returns what the tile holds afterwards."""
+    def op_counts(self):
+        """Reads and writes of this tile so far, as an :class:`~mep_hw.hw.store.OpCounts`."""
+        from mep_hw.hw.store import OpCounts
+
+        macs, dac, adc = self._reads
+        up, down, refreshes, programmed = (int(v) for v in self._writes)
+        return OpCounts(macs, dac, adc, up, down, refreshes, programmed)
+
+    def state_dict(self) -> dict:
+        return {"state": dict(self.state._asdict()), "gen": self.gen.get_state(),
+                "counts": self.op_counts()._asdict(), "w_scale": self.w_scale}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = type(self.state)(**d["state"])
+        self.gen.set_state(d["gen"])
+        c = d["counts"]
+        self._reads = [c["macs"], c["dac"], c["adc"]]
+        self._writes = [c["pulses_up"], c["pulses_down"], c["refreshes"], c["programmed"]]
+        self.w_scale = float(d["w_scale"])
+        self._changed()
+
+    def program(self, W: Tensor, cells: Tensor | None = None) -> Tensor:
+        """Write logical weights W (only the ``cells`` of a boolean mask, if given: the others
+        keep their state); returns what the tile holds afterwards."""
         w = W.detach() / self.w_scale
-        self.state = self.device.program(self.state, w, self.gen)
-        self._count(UpdateCounts(0, 0, 0, int(w.numel())))
+        new = self.device.program(self.state, w, self.gen)
+        if cells is not None:
+            new = type(new)(*(torch.where(cells, a, b) if isinstance(a, Tensor) and a.shape == cells.shape else a
+                              for a, b in zip(new, self.state)))
+        self.state = new
+        self._count(UpdateCounts(0, 0, 0, int(w.numel() if cells is None else cells.sum())))
         self._changed()
         return self.held()
 
@@ -232,6 +284,20 @@ class Tile:
         self._count(counts)
         self._changed()
         return self.held() - before
+
+    def apply_pulses(self, n_up: Tensor, n_down: Tensor, seconds: float = 0.0) -> None:
+        """Apply per-cell pulse counts (an in-array update: coincidences of row and column pulse
+        trains) with the device's pulse physics (``Device.apply_pulses``)."""
+        self.state, counts = self.device.apply_pulses(self.state, n_up, n_down, self.gen)
+        if seconds:
+            self.state = self.device.advance(self.state, seconds)
+        self._count(counts)
+        self._changed()
+
+    @property
+    def dw_pulse(self) -> float:
+        """The change of a logical weight per pulse at the symmetry point (device units × w_scale)."""
+        return float(self.device.dw_pulse) * self.w_scale
 
     def advance(self, seconds: float) -> None:
         """Let time pass for the device (drift)."""
@@ -274,7 +340,14 @@ class Tile:
         p = self.periphery
         xs, norm, entry = self._dac(x, x_in_bound, slot)
         step, k = self._dac_unit, self._k
-        y = xs @ Wk  # in ADC codes (in DAC steps when there is no ADC)
+        if self.read_model == "per_cell" and var is not None:
+            # the reference read: every cell of every read draws its own noise, then the product
+            std = var.sqrt() if isinstance(var, Tensor) else math.sqrt(var)
+            cells = torch.randn((x.shape[0], *Wk.shape), generator=self.gen, dtype=torch.float64).to(Wk.dtype).to(Wk.device)
+            y = torch.einsum("bi,bio->bo", xs, Wk + cells * (std * k))
+            var = None
+        else:
+            y = xs @ Wk  # in ADC codes (in DAC steps when there is no ADC)
         extra = self.device.output_noise_var(y * (step / k)) if self._shot else None
         if var is not None or p.out_noise or extra is not None:
             # noise std in ADC codes per sample, std = value · u with u (B, 1) or (B, out)
@@ -286,6 +359,8 @@ class Tile:
                 value = 1.0
                 if var is None:
                     u = torch.full((y.shape[0], 1), ok, dtype=y.dtype, device=y.device)
+                    if self.read_model == "per_cell":
+                        entry[3] = None  # the cached (u, value) would skip the per-cell draw
                 elif isinstance(var, Tensor):  # per-cell read noise: Var(ỹ_j) = Σ_i x̃_i² σ_ij²
                     u = ((xs * xs) @ var).mul_(k * k).add_(ok * ok).sqrt_()
                 else:  # one σ for all cells: std = √(σ² ‖x̃‖² + o²) = σk · hypot(‖x̃‖, o/(σk))
@@ -305,12 +380,12 @@ class Tile:
         return y.mul_(alpha) if add is None else torch.add(add, y, alpha=alpha, out=y)
 
     def _ops(self, batch: int, n_in: int, n_out: int) -> None:
-        t = self.totals
-        t["macs"] += batch * n_in * n_out
+        r = self._reads
+        r[0] += batch * n_in * n_out
         if self.periphery.dac_bits:
-            t["dac"] += batch * n_in
+            r[1] += batch * n_in
         if self.periphery.adc_bits:
-            t["adc"] += batch * n_out
+            r[2] += batch * n_out
 
     def _scalar(self, v: float, like: Tensor) -> Tensor:
         t = self._cache.get(("scalar", v))
@@ -351,5 +426,8 @@ class Tile:
         """Expected rms of one output's noise (logical units) for inputs of rms ``x_rms``: read
         noise, output noise and ADC rounding (step/√12)."""
         p = self.periphery
-        var = (self.device.noise_rms(self.state) ** 2) * n_in * x_rms**2 + p.out_noise**2 + (p.adc_step**2) / 12.0
+        rms = self._cache.get("noise_rms")
+        if rms is None:  # a reduction over the cells: once per state
+            rms = self._cache["noise_rms"] = self.device.noise_rms(self.state)
+        var = (rms**2) * n_in * x_rms**2 + p.out_noise**2 + (p.adc_step**2) / 12.0
         return math.sqrt(var) * self.w_scale * self.in_scale

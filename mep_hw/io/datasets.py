@@ -1,4 +1,5 @@
-"""Datasets: MNIST and Fashion-MNIST from the standard IDX gz files, and scikit-learn's digits.
+"""Datasets: MNIST and Fashion-MNIST from the standard IDX gz files, CIFAR-10 from its binary
+version, and scikit-learn's digits.
 
 IDX files are looked for in the folder given by ``data_dir`` (the ``--data-dir`` option) or the
 ``MEP_HW_DATA`` environment variable, either directly or in a sub-folder named after the dataset.
@@ -8,7 +9,17 @@ mirrors if absent. Every ``.gz`` file is checked against its published MD5, so a
 or the Fashion-MNIST file in place of the MNIST one is caught; a failing file raises
 :class:`~mep_hw.errors.DataError` that names the file and the fix.
 
-Images are returned as float32 in [0, 1], flattened; labels as int64.
+CIFAR-10 (Krizhevsky 2009) is read from the *binary version* only (``data_batch_1.bin`` …
+``data_batch_5.bin``, ``test_batch.bin``: records of 1 label byte and 3072 pixel bytes, the
+1024 red, then green, then blue values of a 32×32 image in row-major order), never from the
+pickled Python version (unpickling a file runs code from it). They are looked for in the same
+folders, also inside ``cifar-10-batches-bin/`` (the folder the official archive unpacks to);
+absent from the cache, the archive is downloaded, checked against its published MD5, and only
+the six ``.bin`` files are extracted. A file whose size is not a whole number of records, or a
+label byte above 9, raises DataError.
+
+Images are returned as float32 in [0, 1], flattened (CIFAR-10 in channel, row, column order);
+labels as int64; ``Dataset.image_shape`` gives the (channels, height, width) of an image.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,7 +38,8 @@ import numpy as np
 
 from mep_hw.errors import ConfigError, DataError
 
-__all__ = ["DATASETS", "Dataset", "IdxSpec", "load_dataset", "read_idx", "download_idx", "cache_dir"]
+__all__ = ["DATASETS", "Dataset", "IdxSpec", "CIFAR10", "load_dataset", "read_idx", "read_cifar_bin", "download_idx",
+           "download_cifar10", "cache_dir"]
 
 
 class IdxSpec(NamedTuple):
@@ -68,7 +81,28 @@ IDX_DATASETS: dict[str, IdxSpec] = {
     ),
 }
 
-DATASETS = ("digits", *IDX_DATASETS)
+
+class CifarSpec(NamedTuple):
+    train_files: tuple[str, ...]
+    test_file: str
+    folder: str  # what the archive unpacks to
+    archive: str
+    md5: str  # of the archive, as published on the CIFAR page
+    mirrors: tuple[str, ...]
+
+
+CIFAR10 = CifarSpec(
+    tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+    "test_batch.bin",
+    "cifar-10-batches-bin",
+    "cifar-10-binary.tar.gz",
+    "c32a1d4ab5d03f1284b67883e8d87530",
+    ("https://www.cs.toronto.edu/~kriz/",),
+)
+CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte, then 1024 R, 1024 G, 1024 B
+CIFAR_CLASSES = 10
+
+DATASETS = ("digits", *IDX_DATASETS, "cifar10")
 
 
 class Dataset(NamedTuple):
@@ -78,10 +112,16 @@ class Dataset(NamedTuple):
     x_test: np.ndarray
     y_test: np.ndarray
     n_classes: int
+    image_shape: tuple[int, ...] | None = None  # (channels, height, width); None: flat vectors
 
     @property
     def input_dim(self) -> int:
         return int(self.x_train.shape[1])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) for images, else (input_dim,)."""
+        return tuple(self.image_shape) if self.image_shape else (self.input_dim,)
 
 
 # ----------------------------------------------------------------------------- IDX format
@@ -237,6 +277,7 @@ def _read_split(name: str, folder: Path) -> Dataset:
         to_x(arrays["test_images"]),
         arrays["test_labels"].astype(np.int64),
         10,
+        (1, *arrays["train_images"].shape[1:]),
     )
 
 
@@ -248,7 +289,145 @@ def _load_digits() -> Dataset:
     x = (d.data / 16.0).astype(np.float32)
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    return Dataset("digits", xtr, ytr, xte, yte, 10)
+    return Dataset("digits", xtr, ytr, xte, yte, 10, (1, 8, 8))
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 binary
+def read_cifar_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images (n, 3072) uint8 in channel, row, column order; labels (n,) uint8) of one CIFAR-10
+    binary batch file. A size that is not a whole number of 3073-byte records (truncated), an
+    empty file or a label byte above 9 (corrupt, or not a CIFAR-10 file) raises DataError."""
+    path = Path(path)
+    fix = f"delete {path} and download the binary version again (or point --data-dir at intact files)"
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e}); {fix}") from None
+    if raw.size == 0:
+        raise DataError(f"{path} is empty; {fix}")
+    if raw.size % CIFAR_RECORD:
+        raise DataError(
+            f"{path} holds {raw.size} bytes, not a whole number of {CIFAR_RECORD}-byte records "
+            f"(1 label + 3072 pixels): {raw.size // CIFAR_RECORD} records and {raw.size % CIFAR_RECORD} bytes "
+            f"over; the file is truncated or not a CIFAR-10 binary batch; {fix}"
+        )
+    rec = raw.reshape(-1, CIFAR_RECORD)
+    labels = rec[:, 0]
+    bad = np.flatnonzero(labels >= CIFAR_CLASSES)
+    if bad.size:
+        raise DataError(
+            f"{path}: record {int(bad[0])} has label byte {int(labels[bad[0]])} (CIFAR-10 labels are 0–9; "
+            f"{bad.size} such records): the file is corrupt, or CIFAR-100 or the pickled version; {fix}"
+        )
+    return rec[:, 1:], labels
+
+
+def _cifar_folder(folder: Path) -> Path | None:
+    """The folder holding the CIFAR-10 binary files under ``folder`` (itself, cifar10/,
+    cifar-10-batches-bin/ or cifar10/cifar-10-batches-bin/), or None."""
+    spec = CIFAR10
+    for cand in (folder, folder / "cifar10", folder / spec.folder, folder / "cifar10" / spec.folder):
+        if any((cand / f).exists() for f in (*spec.train_files, spec.test_file)):
+            return cand
+    return None
+
+
+def _read_cifar(folder: Path) -> Dataset:
+    spec = CIFAR10
+    missing = [f for f in (*spec.train_files, spec.test_file) if not (folder / f).exists()]
+    if missing:
+        pickled = " (it holds the pickled version, which is never read: use the binary one)" if (folder / "data_batch_1").exists() else ""
+        raise DataError(
+            f"{folder} lacks {', '.join(missing)}{pickled}: a CIFAR-10 folder holds the binary version's "
+            f"{', '.join(spec.train_files)} and {spec.test_file}; add them, or omit --data-dir to download"
+        )
+    parts = [read_cifar_bin(folder / f) for f in spec.train_files]
+    xte, yte = read_cifar_bin(folder / spec.test_file)
+    to_x = lambda a: a.astype(np.float32) / 255.0  # noqa: E731
+    return Dataset(
+        "cifar10",
+        to_x(np.concatenate([p[0] for p in parts])), np.concatenate([p[1] for p in parts]).astype(np.int64),
+        to_x(xte), yte.astype(np.int64), CIFAR_CLASSES, (3, 32, 32),
+    )
+
+
+def download_cifar10(dest: Path, mirrors: Sequence[str] | None = None, timeout: float = 60.0) -> Path:
+    """Download the CIFAR-10 binary archive into ``dest``, verify its MD5 and extract the six
+    ``.bin`` files (nothing else) into ``dest``; returns ``dest``."""
+    spec = CIFAR10
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / spec.archive
+    if not (archive.exists() and _md5(archive) == spec.md5):
+        errors = []
+        for base in tuple(mirrors or spec.mirrors):
+            url = base.rstrip("/") + "/" + spec.archive
+            part = archive.with_name(archive.name + ".part")
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r, part.open("wb") as f:
+                    shutil.copyfileobj(r, f, 1 << 20)
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                errors.append(f"{url}: {e}")
+                part.unlink(missing_ok=True)
+                continue
+            got = _md5(part)
+            if got != spec.md5:
+                errors.append(f"{url}: md5 {got} ≠ {spec.md5}")
+                part.unlink(missing_ok=True)
+                continue
+            os.replace(part, archive)
+            break
+        else:
+            raise DataError(
+                f"could not download {spec.archive} of cifar10: " + "; ".join(errors)
+                + ". Download the binary version by hand, unpack it and pass its folder with --data-dir (or set MEP_HW_DATA)"
+            )
+    wanted = {f"{spec.folder}/{f}": f for f in (*spec.train_files, spec.test_file)}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar.getmembers():
+                name = wanted.get(member.name)
+                if name is None or not member.isfile():
+                    continue
+                src = tar.extractfile(member)
+                tmp = dest / (name + ".part")
+                with tmp.open("wb") as f:
+                    shutil.copyfileobj(src, f, 1 << 20)
+                os.replace(tmp, dest / name)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{archive} cannot be unpacked ({e}); delete it and download it again") from None
+    missing = [f for f in wanted.values() if not (dest / f).exists()]
+    if missing:
+        raise DataError(f"{archive} passed its checksum but lacks {', '.join(missing)}; report this (the mirror changed?)")
+    archive.unlink()  # the six .bin files are what is read; the archive (≈ 170 MB) is not kept
+    return dest
+
+
+def _load_cifar(data_dir, download: bool, mirrors) -> Dataset:
+    given = data_dir if data_dir is not None else os.environ.get("MEP_HW_DATA") or None
+    if given is not None:
+        folder = Path(given).expanduser()
+        if not folder.is_dir():
+            src = "--data-dir" if data_dir is not None else "MEP_HW_DATA"
+            raise DataError(f"{src}={folder} is not a folder; give the folder holding the CIFAR-10 binary files")
+        found = _cifar_folder(folder)
+        if found is None:
+            pickled = any((c / "data_batch_1").exists() for c in (folder, folder / "cifar-10-batches-py"))
+            raise DataError(
+                f"no CIFAR-10 binary files in {folder} (looked in it, cifar10/ and {CIFAR10.folder}/ for "
+                f"data_batch_1.bin …)"
+                + ("; it holds the pickled Python version, which is never read (unpickling runs code from the "
+                   "file): get the binary version" if pickled else "")
+                + "; put them there, or omit --data-dir to download them into the cache"
+            )
+        return _read_cifar(found)
+    folder = cache_dir() / "datasets" / "cifar10"
+    if not all((folder / f).exists() for f in (*CIFAR10.train_files, CIFAR10.test_file)):
+        if not download:
+            raise DataError(f"cifar10 is not in the cache {folder} and downloading is off; pass --data-dir")
+        download_cifar10(folder, mirrors)
+    return _read_cifar(folder)
 
 
 def load_dataset(
@@ -260,12 +439,14 @@ def load_dataset(
     limit_train: int | None = None,
     limit_test: int | None = None,
 ) -> Dataset:
-    """Load ``name`` (digits, mnist or fashion-mnist); see the module docstring for where from.
+    """Load ``name`` (digits, mnist, fashion-mnist or cifar10); see the module docstring for where from.
 
     ``limit_train``/``limit_test`` keep the first N samples of each split.
     """
     if name == "digits":
         ds = _load_digits()
+    elif name == "cifar10":
+        ds = _load_cifar(data_dir, download, mirrors)
     else:
         _idx_spec(name)
         given = data_dir if data_dir is not None else os.environ.get("MEP_HW_DATA") or None

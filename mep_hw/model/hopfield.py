@@ -27,9 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from mep_hw.errors import ConfigError, DataError
+from mep_hw.hw.store import ExactOp, IdealStore, WeightStore, rms_noise_floor
 from mep_hw.model.activations import Activation, get_activation
+from mep_hw.model.holomorphic import ComplexReads, softmax
 
-__all__ = ["COSTS", "DenseCoupling", "LayeredHopfield", "HopfieldDynamics"]
+__all__ = ["COSTS", "DenseCoupling", "LayeredHopfield", "HopfieldDynamics", "StoreReads"]
 
 COSTS = ("mse", "ce")
 
@@ -43,30 +45,21 @@ def _check_finite(name: str, t: Tensor) -> None:
         )
 
 
-class DenseCoupling:
-    """An exact weight matrix as a coupling operator: ``mvm(x, add) = add + x Wᵀ`` and
-    ``mvm_t(u, add) = add + u W``. A device tile (:class:`mep_hw.hw.Tile`) offers the same two
-    methods, read through its physics and periphery."""
-
-    def __init__(self, W: Tensor):
-        self.W, self.Wt = W, W.T
-
-    def mvm(self, x: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
-        return x @ self.Wt if add is None else torch.addmm(add, x, self.Wt)
-
-    def mvm_t(self, u: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
-        return u @ self.W if add is None else torch.addmm(add, u, self.W)
+DenseCoupling = ExactOp  # an exact weight matrix as a read operator (mep_hw.hw.store)
 
 
 class HopfieldDynamics:
     """The vector field of one batch: the input, the target and β are bound.
 
-    Implements the protocol of the settle engine: ``sizes``, ``box``, ``field(s)`` on the packed
-    state (batch, Σ n_l) and ``restrict(index)``. ``beta`` is a float or a (batch, 1) tensor (one
-    β per sample, so the ±β phases of the symmetric estimator settle as one batch). The weights
-    are read through coupling operators ``ops`` (one per weight matrix); with
-    ``input_drive`` given (exact weights) the constant drive W₀x + b₀ is computed once, otherwise
-    the input array is read again at every evaluation, as a device does.
+    Implements the protocol of the settle engine: ``sizes``, ``box``, ``noise_floor``,
+    ``field(s)`` on the packed state (batch, Σ n_l) and ``restrict(index)``. ``beta`` is a float
+    or a (batch, 1) tensor (one β per sample, so the ±β phases of the symmetric estimator settle
+    as one batch). The weights are read through the operators ``ops`` of a weight store (one per
+    weight matrix). The input x is clamped for the whole phase, so the input array is read once
+    per phase: the drive W₀x + b₀ (``input_drive``; on a device one read with its DAC, noise and
+    ADC, held for the phase) is computed when the phase's dynamics is made (:meth:`nudge` makes a
+    new phase and reads it again). ``noise_floor`` is the rms noise per state component of one
+    field evaluation (0 for exact weights): the settle cannot get below it.
     """
 
     def __init__(
@@ -77,7 +70,7 @@ class HopfieldDynamics:
         act: Activation,
         cost: str,
         x: Tensor,
-        input_drive: Tensor | None,
+        input_drive: Tensor,
         beta: float | Tensor,
         target: Tensor | None,
         noise_floor: float = 0.0,
@@ -94,7 +87,7 @@ class HopfieldDynamics:
         self.box = act.box
         self.noise_floor = noise_floor
         self.n_states = len(self.ops) - (1 if cost == "ce" else 0)
-        self.sizes = tuple(b.shape[0] for b in self.biases[: self.n_states])
+        self.sizes = tuple(op.shape[0] for op in self.ops[: self.n_states])
         if self.box is not None and cost == "mse" and self.nudged:
             self._out_scale, self._out_shift, self._out_concave = _mse_output_map(beta, target)
 
@@ -107,26 +100,26 @@ class HopfieldDynamics:
     def restrict(self, index: Tensor) -> "HopfieldDynamics":
         return self._with(
             x=self.x[index],
-            input_drive=None if self.input_drive is None else self.input_drive[index],
+            input_drive=self.input_drive[index],
             beta=self.beta[index] if isinstance(self.beta, Tensor) else self.beta,
             target=None if self.target is None else self.target[index],
         )
 
     def drive0(self) -> Tensor:
-        """W₀x + b₀: precomputed, or read through the input array now."""
-        if self.input_drive is not None:
-            return self.input_drive
-        return self.ops[0].mvm(self.x, self.biases[0])
+        """W₀x + b₀, read once for the phase."""
+        return self.input_drive
 
     def nudge(self, beta: float | Tensor, target: Tensor) -> "HopfieldDynamics":
-        """The same batch at nudging strength ``beta`` towards ``target``. A (k·batch, 1) tensor
-        of β repeats the batch k times (target given for all k·batch rows), so several nudged
-        phases settle together."""
+        """The same batch at nudging strength ``beta`` towards ``target``: a new phase (the input
+        array is read again, unless it is exact). A (k·batch, 1) tensor of β repeats the batch k
+        times (target given for all k·batch rows), so several nudged phases settle together."""
         x, drive = self.x, self.input_drive
         if isinstance(beta, Tensor) and beta.shape[0] != x.shape[0]:
             k = beta.shape[0] // x.shape[0]
             x = x.repeat(k, 1)
-            drive = None if drive is None else drive.repeat(k, 1)
+            drive = drive.repeat(k, 1)
+        if not getattr(self.ops[0], "exact", False):
+            drive = self.ops[0].mvm(x, self.biases[0])
         return self._with(x=x, input_drive=drive, beta=beta, target=target)
 
     def drives(self, rho: Sequence[Tensor]) -> list[Tensor]:
@@ -142,7 +135,7 @@ class HopfieldDynamics:
             out.append(d)
         if self.cost == "ce" and self.nudged:
             logits = ops[-1].mvm(rho[-1], b[-1], x_in_bound=inb)
-            err = (torch.softmax(logits, dim=1) - self.target) * self.beta
+            err = (softmax(logits, dim=1) - self.target) * self.beta
             out[-1] = ops[-1].mvm_t(err.neg_(), out[-1])
         return out
 
@@ -196,7 +189,37 @@ def _mse_output_map(beta: float | Tensor, target: Tensor):
     return a, c, concave
 
 
-class LayeredHopfield(nn.Module):
+class StoreReads:
+    """The weight store of a network (:mod:`mep_hw.hw.store`): where its weight matrices live and
+    are read from; exact float weights (the parameters themselves) unless :meth:`use_store` gave
+    a device store. For an ``nn.Module`` with ``weights`` (and ``biases``) ParameterLists."""
+
+    _store: WeightStore | None = None
+
+    @property
+    def store(self) -> WeightStore:
+        if self._store is None:
+            self._store = IdealStore(list(self.weights))
+        return self._store
+
+    def use_store(self, store: WeightStore):
+        """Hold the weight matrices in ``store`` (made over ``list(self.weights)``)."""
+        if len(store) != len(self.weights) or any(store.index(w) != k for k, w in enumerate(self.weights)):
+            raise ConfigError("the store must hold this network's weight matrices, in order (build it over list(model.weights))")
+        self._store = store
+        return self
+
+    def store_ops(self, complex_reads: bool = False) -> tuple:
+        """The store's read operators; with ``complex_reads`` a device read of a complex input is
+        two real reads (:class:`~mep_hw.model.holomorphic.ComplexReads`; exact weights take complex
+        inputs as they are)."""
+        ops = self.store.ops
+        if complex_reads and not self.store.exact:
+            ops = tuple(ComplexReads(op) for op in ops)
+        return ops
+
+
+class LayeredHopfield(StoreReads, nn.Module):
     """A layered Hopfield network of any depth for EP (see the module docstring for F).
 
     ``layers`` lists the layer sizes from input to output, e.g. ``(784, 500, 10)``. With
@@ -243,6 +266,21 @@ class LayeredHopfield(nn.Module):
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.zeros(n_out, dtype=dtype, device=device)))
 
+    def noise_floor(self) -> float:
+        """rms (per state component) of the noise of one field evaluation read through the store:
+        the read, output and ADC noise of the arrays feeding each state, for inputs of rms 0.5
+        (states in [0, 1]); 0 on exact weights."""
+        st = self.store
+        if st.exact:
+            return 0.0
+        terms = []
+        for l in range(self.n_states):
+            v = st.noise_rms(l, 0.5) ** 2
+            if l + 1 < self.n_states:  # the transpose read from the layer above
+                v += st.noise_rms(l + 1, 0.5, transpose=True) ** 2
+            terms.append((v, self.layers[l + 1]))
+        return rms_noise_floor(terms)
+
     # ----------------------------------------------------------------- structure
     @property
     def n_states(self) -> int:
@@ -278,15 +316,13 @@ class LayeredHopfield(nn.Module):
 
     def dynamics(
         self, x: Tensor, *, beta: float | Tensor = 0.0, target: Tensor | None = None, check: bool = True,
-        free_states=None, ops: Sequence | None = None, noise_floor: float = 0.0,
+        free_states=None, complex_reads: bool = False,
     ) -> HopfieldDynamics:
-        """The vector field for batch ``x`` at nudging strength ``beta`` towards ``target``.
-
-        ``ops`` are the coupling operators the weights are read through (one per weight matrix,
-        e.g. device tiles); by default the network's own weights, exactly, with the constant
-        input drive W₀x + b₀ computed once here. ``noise_floor`` (rms, per state component) is
-        added to the settle's absolute tolerance: a noisy device cannot settle below its noise.
-        (``free_states`` is accepted for protocol compatibility; it implies nothing here.)
+        """The vector field for batch ``x`` at nudging strength ``beta`` towards ``target``,
+        reading the weights through :attr:`store` (the input drive W₀x + b₀ once, here), with the
+        store's noise floor. ``complex_reads``: the states will be complex (holomorphic EP), each
+        complex read of a device is two real reads. (``free_states`` is accepted for protocol
+        compatibility; it implies nothing here.)
         """
         if isinstance(beta, Tensor):
             if beta.shape != (x.shape[0], 1):
@@ -299,16 +335,11 @@ class LayeredHopfield(nn.Module):
                 raise ConfigError(f"beta={beta} is not finite; use a finite nudging strength")
         if not (isinstance(beta, float) and beta == 0.0) and target is None:
             raise ConfigError("a nudged phase (beta ≠ 0) needs a target")
-        b = [v.detach() for v in self.biases]
-        if ops is None:
-            ops = [DenseCoupling(w.detach()) for w in self.weights]
-            drive = ops[0].mvm(x, b[0])
-        else:
-            if len(ops) != len(self.weights):
-                raise ConfigError(f"{len(ops)} coupling operators given for {len(self.weights)} weight matrices")
-            drive = None
-        return HopfieldDynamics(ops=ops, biases=b, act=self.act, cost=self.cost, x=x, input_drive=drive,
-                                beta=beta, target=target, noise_floor=noise_floor)
+        ops = self.store_ops(complex_reads)
+        # analog biases are read with their arrays (a column driven by 1): nothing to add on the host
+        b = [None] * len(ops) if self.store.holds_biases else [v.detach() for v in self.biases]
+        return HopfieldDynamics(ops=ops, biases=b, act=self.act, cost=self.cost, x=x, input_drive=ops[0].mvm(x, b[0]),
+                                beta=beta, target=target, noise_floor=self.noise_floor())
 
     def forward_init(self, dyn: HopfieldDynamics) -> list[Tensor]:
         """A feed-forward pass s_l = ρ(W_{l−1}ρ(s_{l−1}) + b_l): the usual warm start of the
@@ -339,10 +370,15 @@ class LayeredHopfield(nn.Module):
         return e
 
     def logits(self, states: Sequence[Tensor]) -> Tensor:
-        """The network's output scores: the output state (mse) or the readout logits (ce)."""
+        """The network's output scores: the output state (mse) or the readout logits (ce), read
+        through the store like every other weight (differentiable on exact weights)."""
         if self.cost == "mse":
             return states[-1]
-        return torch.addmm(self.biases[-1], self.act.fn(states[-1]), self.weights[-1].T)
+        r = self.act.fn(states[-1])
+        if self.store.exact:  # the parameter itself: differentiable, complex inputs read as they are
+            return ExactOp(self.weights[-1]).mvm(r, self.biases[-1])
+        b = None if self.store.holds_biases else self.biases[-1].detach()
+        return self.store_ops(r.is_complex())[-1].mvm(r, b, x_in_bound=self.act.box is not None)
 
     def cost_fn(self, states: Sequence[Tensor], target: Tensor) -> Tensor:
         """C(s) per sample, shape (batch,)."""
@@ -384,8 +420,21 @@ class LayeredHopfield(nn.Module):
                 gw = torch.addmm(rb[l + 1].T @ rb[l], ra[l + 1].T, ra[l], alpha=-1.0)
             grads += [gw.mul_(k), (rb[l + 1] - ra[l + 1]).sum(0).mul_(k)]
         if self.cost == "ce":  # ∂(βC)/∂θ for the readout: β (p − y) ρ(s_L)ᵀ
-            ea = (torch.softmax(self.logits(sa), 1) - target) * beta_a
-            eb = (torch.softmax(self.logits(sb), 1) - target) * beta_b
+            ea = (softmax(self.logits(sa), 1) - target) * beta_a
+            eb = (softmax(self.logits(sb), 1) - target) * beta_b
             gw = torch.addmm(ea.T @ ra[-1], eb.T, rb[-1], alpha=-1.0)
             grads += [gw.mul_(k), (ea - eb).sum(0).mul_(k)]
         return grads
+
+    @torch.no_grad()
+    def hebbian_terms(self, x: Tensor, states: Sequence[Tensor], beta: float, target: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per weight matrix, the (post d, pre a) activities of one phase whose outer products
+        d aᵀ make the EP update: ΔW_l = η/(β_a − β_b) · Σ_batch (d aᵀ|_a − d aᵀ|_b), the biases
+        the same with a = 1 — :meth:`ep_contrast` is −1/B times it. For a Hopfield layer
+        d = ρ(s_{l+1}), a = ρ(s_l) (a = x for the input); for the CE readout d = −β(p − y), a = ρ(s_L).
+        An in-array update applies each phase's terms as pulse coincidences (:mod:`mep_hw.hw.pulses`)."""
+        r = [x] + self.rho(states)
+        terms = [(r[l + 1], r[l]) for l in range(self.n_states)]
+        if self.cost == "ce":
+            terms.append(((target - torch.softmax(self.logits(states), 1)) * beta, r[-1]))
+        return terms

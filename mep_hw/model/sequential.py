@@ -69,6 +69,7 @@ class SequentialDynamics:
     """The settle's view of one batch: the clamped first-block output, β and the target."""
 
     box = None
+    noise_floor = 0.0  # exact float weights
 
     def __init__(self, energy: "FeedforwardEnergy", first: Tensor, beta, target, shapes):
         self.energy = energy

@@ -10,15 +10,20 @@ Two modes:
   ``step(x=x, target=y, model=model)`` (the legacy form). The EP estimate goes into ``.grad``
   and the same update rules apply.
 
-Per parameter, one step is: gradient → (natural-gradient whitening) → update rule (Muon, Dion or
-momentum for matrices; Adam otherwise) → −lr × direction (+ error-feedback residual) → written
-through ``writer`` (exact by default) → spectral constraint on matrices.
+Per parameter, one step is: gradient (+ L2 decay) → (natural-gradient whitening) → update rule
+(Muon, Dion, momentum or Adam for matrices; Adam or momentum otherwise) → −lr × direction
+(− decoupled decay) (+ error-feedback residual) → written through ``writer`` (exact by default)
+→ spectral constraint on matrices. After all parameters, an optional coupled constraint bounds a
+chain of matrices together (the coupling operator of a layered Hopfield network), its rescale
+written through the same ``writer``. The writer is the only way a step changes a parameter, so
+a weight store (:mod:`mep_hw.hw.store`) can hold the matrices on a device: error feedback and
+both constraints then act on what the device achieved and holds.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +48,9 @@ __all__ = ["SMEPOptimizer", "SDMEPOptimizer", "MODES"]
 
 MODES = ("ep", "backprop")
 GRADIENTS = ("ep", "local")
-MATRIX_UPDATES = ("muon", "momentum")
+MATRIX_UPDATES = ("muon", "momentum", "adam")
+OTHER_UPDATES = ("adam", "momentum")
+WEIGHT_DECAY_MODES = ("decoupled", "l2")
 
 
 def _exact_writer(p: Tensor, delta: Tensor) -> Tensor:
@@ -57,15 +64,19 @@ class SMEPOptimizer(torch.optim.Optimizer):
 
     Args (besides ``params``): ``model`` the ``nn.Sequential`` to train in EP mode; ``lr`` the
     learning rate of matrix parameters (Muon); ``adam_lr`` that of the others (default
-    ``lr / 10``); ``mode`` 'ep' or 'backprop'; ``beta``, ``estimator``, ``settle_steps``,
+    ``other_lr_scale × lr``, ``other_lr_scale`` = 0.1); ``mode`` 'ep' or 'backprop'; ``beta``, ``estimator``, ``settle_steps``,
     ``settle_lr`` (Euler step of the nudged settle, in units of τ), ``settle_tol``,
     ``loss_type`` ('mse' or 'cross_entropy') and ``gradient`` ('ep' or 'local') for EP;
     ``momentum``, ``nesterov``, ``ns_steps`` for Muon; ``use_spectral_constraint`` with
     ``gamma`` (a number, or 'auto' in EP mode: the largest per-layer bound that guarantees the
     nudged settle converges, :func:`settle_safe_gamma`); ``use_error_feedback``; ``use_natural_gradient`` with ``natural_damping``,
-    ``natural_ema``, ``natural_refresh``; ``matrix_update`` ('muon' or 'momentum');
-    ``weight_decay`` (decoupled); ``writer(param, delta) -> applied`` to apply updates through a
-    lossy store (default: exact).
+    ``natural_ema``, ``natural_refresh``; ``matrix_update`` ('muon', 'momentum' or 'adam') and
+    ``other_update`` ('adam' or 'momentum') for the rest; ``weight_decay`` with
+    ``weight_decay_mode`` ('decoupled': −lr·λ·p added to the step; 'l2': λ·p added to the
+    gradient); ``writer(param, delta) -> applied`` to apply updates through a lossy store
+    (default: exact); ``coupled`` (a sequence of matrix parameters forming the chain of a
+    layered Hopfield network) with ``coupled_gamma``: after every step ‖𝒲‖ ≤ γ for the coupling
+    operator of the chain (DESIGN §3), measured on the parameters as written.
     """
 
     def __init__(
@@ -96,13 +107,19 @@ class SMEPOptimizer(torch.optim.Optimizer):
         natural_ema: float = 0.95,
         natural_refresh: int = 10,
         matrix_update: str = "muon",
+        other_update: str = "adam",
+        other_lr_scale: float = 0.1,
+        weight_decay_mode: str = "decoupled",
         writer: Callable[[Tensor, Tensor], Tensor] | None = None,
+        coupled: Sequence[Tensor] | None = None,
+        coupled_gamma: float | None = None,
         **extra,
     ):
-        for name, value, valid in (("mode", mode, MODES), ("gradient", gradient, GRADIENTS), ("matrix_update", matrix_update, MATRIX_UPDATES)):
+        for name, value, valid in (("mode", mode, MODES), ("gradient", gradient, GRADIENTS), ("matrix_update", matrix_update, MATRIX_UPDATES),
+                                   ("other_update", other_update, OTHER_UPDATES), ("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)):
             if value not in valid:
                 raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-        for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("other_lr_scale", other_lr_scale)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name}={v!r} must be a finite number ≥ 0")
         if not 0 <= momentum < 1:
@@ -112,6 +129,7 @@ class SMEPOptimizer(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, adam_lr=adam_lr, adam_betas=tuple(adam_betas), eps=eps, weight_decay=weight_decay,
             momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, matrix_update=matrix_update,
+            other_update=other_update, other_lr_scale=other_lr_scale, weight_decay_mode=weight_decay_mode,
             use_spectral_constraint=use_spectral_constraint, gamma=gamma,
             use_error_feedback=use_error_feedback, use_natural_gradient=use_natural_gradient,
             natural_damping=natural_damping, natural_ema=natural_ema, natural_refresh=natural_refresh,
@@ -126,6 +144,13 @@ class SMEPOptimizer(torch.optim.Optimizer):
         )
         self.gradient_source.config()  # validate now, not at the first step
         self.writer = writer or _exact_writer
+        self.coupled = list(coupled) if coupled else []
+        if self.coupled:
+            if coupled_gamma is None:
+                raise ConfigError("coupled= needs coupled_gamma, the bound on the chain's coupling operator")
+            self.coupled_constraint = SpectralConstraint(gamma=coupled_gamma)
+            self.coupled_state: dict = {}
+        self.last_coupled_sigma: float | None = None
         self.last_result: EPResult | None = None
         self._energies: dict[int, FeedforwardEnergy] = {}
         self._captured: dict[int, tuple[Tensor, list[Tensor]]] = {}
@@ -215,14 +240,16 @@ class SMEPOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ updates
     def _strategies(self, group: dict) -> dict:
+        adam = AdamUpdate(betas=group["adam_betas"], eps=group["eps"])
+        momentum = MomentumUpdate(momentum=group["momentum"])
+        kind = group["matrix_update"]
         matrix = (
             MuonUpdate(momentum=group["momentum"], nesterov=group["nesterov"], ns_steps=group["ns_steps"])
-            if group["matrix_update"] == "muon"
-            else MomentumUpdate(momentum=group["momentum"])
+            if kind == "muon" else adam if kind == "adam" else momentum
         )
         return {
             "matrix": matrix,
-            "other": AdamUpdate(betas=group["adam_betas"], eps=group["eps"]),
+            "other": adam if group["other_update"] == "adam" else momentum,
             "natural": NaturalGradient(damping=group["natural_damping"], ema=group["natural_ema"], refresh=group["natural_refresh"]),
             "spectral": SpectralConstraint(gamma=self._gamma(group)),
             "feedback": ErrorFeedback(),
@@ -255,26 +282,35 @@ class SMEPOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             st = self._strategies(group)
             lr = group["lr"]
-            other_lr = group["adam_lr"] if group["adam_lr"] is not None else lr / 10
+            other_lr = group["adam_lr"] if group["adam_lr"] is not None else lr * group["other_lr_scale"]
+            wd, decoupled = group["weight_decay"], group["weight_decay_mode"] == "decoupled"
+            fused = self._fused_adam(group, lr, other_lr) if self._fused_adam_applies(group) else None
+            if fused is True:  # written in place: the exact write
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                g = p.grad
                 is_matrix = p.ndim >= 2
                 lr_p = lr if is_matrix else other_lr
-                if group["weight_decay"]:
-                    p.mul_(1.0 - lr_p * group["weight_decay"])
-                    if "spectral_ub" in state:  # σ shrinks by the same factor
-                        state["spectral_ub"] *= 1.0 - lr_p * group["weight_decay"]
-                if is_matrix:
-                    if group["use_natural_gradient"]:
-                        g = st["natural"].precondition(p, g, state)
-                    rule = self._matrix_rule(group, st, p)
-                    d = rule.direction(p, g, state)
+                if fused is not None:
+                    delta = fused[id(p)]
                 else:
-                    d = st["other"].direction(p, g, state)
-                delta = d.mul_(-lr_p)
+                    g = p.grad
+                    if wd and not decoupled:
+                        g = g.add(p, alpha=wd)
+                    if is_matrix:
+                        if group["use_natural_gradient"]:
+                            g = st["natural"].precondition(p, g, state)
+                        rule = self._matrix_rule(group, st, p)
+                        d = rule.direction(p, g, state)
+                    else:
+                        d = st["other"].direction(p, g, state)
+                    delta = d.mul_(-lr_p)
+                    if wd and decoupled:  # p(1 − lr·λ): σ shrinks by the same factor
+                        delta.add_(p, alpha=-lr_p * wd)
+                        if "spectral_ub" in state:
+                            state["spectral_ub"] *= 1.0 - lr_p * wd
                 if group["use_error_feedback"]:
                     intended = st["feedback"].intended(delta, state)
                     applied = self.writer(p, intended)
@@ -287,7 +323,57 @@ class SMEPOptimizer(torch.optim.Optimizer):
                     exact = applied is delta and self.writer is _exact_writer
                     bound = lr_p * rule.spectral_bound(p) if exact else float(torch.linalg.vector_norm(applied))
                     st["spectral"].apply(p, state, bound)
+        if self.coupled:
+            self.last_coupled_sigma = self.coupled_constraint.apply_coupled(self.coupled, self.coupled_state, writer=self.writer)
         return loss
+
+    def state_dict(self):
+        d = super().state_dict()
+        if self.coupled:
+            d["coupled_state"] = dict(self.coupled_state)
+        return d
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        coupled = state_dict.pop("coupled_state", None)
+        super().load_state_dict(state_dict)
+        if self.coupled and coupled is not None:
+            self.coupled_state = dict(coupled)
+
+    @staticmethod
+    def _fused_adam_applies(group: dict) -> bool:
+        return (group["matrix_update"] == "adam" and group["other_update"] == "adam"
+                and not group["use_natural_gradient"] and not group["use_spectral_constraint"])
+
+    def _fused_adam(self, group: dict, lr: float, other_lr: float):
+        """Adam on the whole group with torch's fused kernel (torch.optim.adam's functional API;
+        the per-parameter path costs several times more). With the exact writer and no error
+        feedback the parameters are updated in place (returns True: that is the exact write);
+        otherwise the kernel runs on copies and the changes are returned by ``id(param)``, to be
+        written through the writer."""
+        from torch.optim.adam import adam as adam_fn
+
+        in_place = self.writer is _exact_writer and not group["use_error_feedback"]
+        b1, b2 = group["adam_betas"]
+        out = {}
+        ps = [p for p in group["params"] if p.grad is not None]
+        for lr_p, sel in ((lr, [p for p in ps if p.ndim >= 2]), (other_lr, [p for p in ps if p.ndim < 2])):
+            if not sel:
+                continue
+            states = [self.state[p] for p in sel]
+            for p, st in zip(sel, states):
+                if "exp_avg" not in st:
+                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            targets = sel if in_place else [p.detach().clone() for p in sel]
+            adam_fn(targets, [p.grad for p in sel], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+                    [st["step"] for st in states], fused=sel[0].device.type in ("cpu", "cuda"), amsgrad=False,
+                    beta1=b1, beta2=b2, lr=lr_p, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                    decoupled_weight_decay=group["weight_decay_mode"] == "decoupled")
+            if not in_place:
+                for p, t in zip(sel, targets):
+                    out[id(p)] = t.sub_(p)
+        return True if in_place else out
 
     def __del__(self):
         for h in getattr(self, "_hooks", []):

@@ -278,13 +278,18 @@ class SpectralConstraint:
         return sigma
 
     @torch.no_grad()
-    def apply_coupled(self, weights: Sequence[Tensor], state: dict) -> float:
-        """Rescale the chain ``weights`` (state k → k+1) together so that ‖𝒲‖ ≤ γ."""
-        est = coupled_spectral_norm(weights, state.get("coupled_v"), max_iters=self.max_iters, rtol=self.rtol)
+    def apply_coupled(self, weights: Sequence[Tensor], state: dict, writer=None) -> float:
+        """Rescale the chain ``weights`` (state k → k+1) together so that ‖𝒲‖ ≤ γ; returns σ
+        measured before. With ``writer(w, delta) -> applied`` (a weight store's write path) the
+        rescale is written through it, and σ is measured on what it holds."""
+        est = coupled_spectral_norm([w.detach() for w in weights], state.get("coupled_v"), max_iters=self.max_iters, rtol=self.rtol)
         state["coupled_v"] = est.vectors
         if est.sigma > self.gamma:
             for w in weights:
-                w.mul_(self.gamma / est.sigma)
+                if writer is None:
+                    w.mul_(self.gamma / est.sigma)
+                else:
+                    writer(w, w.detach() * (self.gamma / est.sigma - 1.0))
         return est.sigma
 
 

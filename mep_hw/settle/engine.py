@@ -7,8 +7,8 @@ holds (L2 norms over all of the sample's state components, N of them)::
 
     rms(f(s)) ≤ atol + rtol · rms(s)        with rms(v) = ‖v‖ / √N
 
-A dynamics read through noisy hardware may declare ``noise_floor``, the rms of its field noise per
-component; 2 × noise_floor is then added to atol. A sample also stops at ``max_steps`` (status
+Every dynamics declares ``noise_floor``, the rms of its field noise per component (0 for exact
+weights; > 0 when read through noisy hardware); 2 × noise_floor is added to atol. A sample also stops at ``max_steps`` (status
 STEP_LIMIT) or when its residual is not finite (NONFINITE). Finished samples are dropped from the working batch (in bulk, once they make up a
 fraction ``compact_frac`` of it), so they stop costing work.
 
@@ -42,6 +42,7 @@ __all__ = ["Dynamics", "SettleConfig", "SettleResult", "SettleStatus", "settle",
 class Dynamics(Protocol):
     sizes: tuple[int, ...]
     box: tuple[float, float] | None
+    noise_floor: float  # rms noise of the field per state component (0: exact; taken as 0 when absent)
 
     def field(self, s: Tensor) -> Tensor: ...
 

@@ -18,12 +18,17 @@ import torch
 from mep_hw.ep import ESTIMATORS, INITS, EPConfig
 from mep_hw.errors import ConfigError
 from mep_hw.io import DATASETS
-from mep_hw.model import ACTIVATIONS, COSTS
+from mep_hw.model import ACTIVATIONS, COSTS, HOLOMORPHIC_ACTIVATIONS, ConvLayer, format_arch, parse_arch
+from mep_hw.hw.pulses import SAMPLINGS
+from mep_hw.optimizers.host import HOST_OPTIMIZERS
 from mep_hw.settle import SOLVER_NAMES as SOLVERS, SettleConfig  # tableaus and backends (brian2)
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "DTYPES", "parse_layers", "option_names", "layer_lr_scales"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "UPDATES", "SCHEDULES", "DTYPES", "parse_layers", "option_names",
+           "layer_lr_scales"]
 
-OPTIMIZERS = ("adam", "sgd", "muon", "dion")
+OPTIMIZERS = HOST_OPTIMIZERS
+UPDATES = ("host", "analog", "tiki-taka")
+METHODS = ("ep", "backprop")
 SCHEDULES = ("cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -60,6 +65,10 @@ class TrainConfig:
     layers: tuple[int, ...] | None = _opt(
         None, "layer sizes from input to output, e.g. 784,500,10 (default: input,500,classes)", metavar="N,N,…"
     )
+    arch: str | None = _opt(
+        None, "network architecture instead of --layers, e.g. conv:32:5,pool:2,conv:64:5,pool:2,fc:10 "
+        "(conv:C:K[:P|same], pool:S / avgpool:S after a conv, fc:N; ends with fc:<classes>)", metavar="SPEC",
+    )
     activation: str = _opt("hard_sigmoid", "activation ρ of the Hopfield energy", choices=tuple(ACTIVATIONS))
     cost: str = _opt("mse", "cost: mse on the output state, or ce (softmax cross-entropy readout)", choices=COSTS)
     epochs: int = _opt(15, "number of passes over the training set", metavar="N")
@@ -75,7 +84,7 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "L2 weight decay of the host optimizer", metavar="F")
     schedule: str = _opt("cosine", "learning-rate schedule over the whole run", choices=SCHEDULES)
     beta: float = _opt(0.5, "nudging strength β > 0", metavar="F")
-    estimator: str = _opt("symmetric", "EP estimator: one-sided (+β) or symmetric (±β)", choices=ESTIMATORS)
+    estimator: str = _opt("symmetric", "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs --activation sigmoid)", choices=ESTIMATORS)
     random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
     solver: str = _opt("euler", "ODE solver of the settle", choices=tuple(SOLVERS))
     dt: float = _opt(1.0, "solver step (first step of adaptive solvers), in units of τ", metavar="F")
@@ -108,14 +117,48 @@ class TrainConfig:
         None, "write RUN_DIR/trace.h5 (weights, conductances, pulses, settle stats, energies) every N optimizer "
         "steps (200) or N epochs (1epoch)", metavar="N[epoch]",
     )
+    method: str = _opt(
+        "ep", "learning rule: ep (equilibrium propagation on the layered Hopfield network), or backprop (the same "
+        "layers as an MLP on the same weight store: forward through the arrays, backward through their transpose "
+        "reads; a baseline on identical device physics)", choices=METHODS)
+    update: str = _opt(
+        "host", "update regime: host (host optimizer + device write + error feedback), analog (the array applies "
+        "EP's Hebbian outer products itself by pulse coincidence, --lr is the SGD rate), tiki-taka (in-array "
+        "updates to a fast array, transferred to the slow array through a digital buffer)", choices=UPDATES)
+    pulse_bl: int = _opt(31, "analog / tiki-taka: pulse slots per row and column train (BL)", metavar="N")
+    pulse_sampling: str = _opt(
+        "exact", "analog / tiki-taka: exact (draw the row and column pulse trains and count coincidences) or "
+        "marginal (each cell's count from its exact mean and variance, no correlation between cells; ~10x faster)",
+        choices=SAMPLINGS)
+    transfer_every: int = _opt(1, "tiki-taka: steps between transfers", metavar="N")
+    transfer_columns: int = _opt(
+        64, "tiki-taka: columns of the fast array read and transferred per transfer (cycling)", metavar="N")
+    transfer_lr: float = _opt(
+        1.0, "tiki-taka: buffer gain: H += transfer_lr × (column read of A − symmetry point) / slow pulse step",
+        metavar="F")
+    tt_gamma: float = _opt(0.0, "tiki-taka: the network reads W = C + gamma·A", metavar="F")
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
-        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype"):
+        if self.arch is not None:
+            specs = parse_arch(self.arch)
+            object.__setattr__(self, "arch", format_arch(specs))
+            if any(isinstance(L, ConvLayer) for L in specs) and (self.update != "host" or self.method != "ep"):
+                raise ConfigError(
+                    f"arch={self.arch!r} has convolutions, which train with --method ep --update host only so far; "
+                    "drop --update/--method or use fc layers (--layers)"
+                )
+            if self.spectral_gamma is not None and any(isinstance(L, ConvLayer) for L in specs):
+                raise ConfigError(
+                    f"spectral_gamma bounds the coupling of weight matrices and does not yet cover convolutions "
+                    f"(arch={self.arch!r}); drop --spectral-gamma or use fc layers only"
+                )
+        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method", "pulse_sampling"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(choices)}")
-        for name in ("epochs", "batch_size", "max_steps", "nudged_max_steps", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "max_steps", "nudged_max_steps", "eval_batch_size", "pulse_bl",
+                     "transfer_every", "transfer_columns"):
             _int(name, getattr(self, name), lo=1)
         if self.lr_width is not None:
             _int("lr_width", self.lr_width, lo=0)
@@ -125,7 +168,7 @@ class TrainConfig:
                 _int(name, getattr(self, name), lo=1)
         for name in ("lr", "beta", "dt"):
             _float(name, getattr(self, name), positive=True)
-        for name in ("momentum", "weight_decay", "atol", "rtol", "nudged_atol", "nudged_rtol"):
+        for name in ("momentum", "weight_decay", "atol", "rtol", "nudged_atol", "nudged_rtol", "transfer_lr", "tt_gamma"):
             _float(name, getattr(self, name), positive=False)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
@@ -138,6 +181,12 @@ class TrainConfig:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"torch_device={self.torch_device!r} but CUDA is not available here; use --torch-device cpu")
         self.ep_config()  # validates the settle and EP settings
+        if self.estimator == "holomorphic" and self.activation not in HOLOMORPHIC_ACTIVATIONS:
+            raise ConfigError(
+                f"estimator='holomorphic' settles at complex β and needs a holomorphic activation, but activation="
+                f"{self.activation!r} is not one (the hard sigmoid is a clip); use --activation "
+                f"{' or '.join(HOLOMORPHIC_ACTIVATIONS)}, or another estimator"
+            )
         if not isinstance(self.set, dict):
             raise ConfigError(f"set={self.set!r} must be a table of device-card fields")
         if self.set and not self.device:
@@ -146,6 +195,11 @@ class TrainConfig:
             _float("spectral_gamma", self.spectral_gamma, positive=True)
         if self.device is not None:
             self.card()  # validates the card and the overrides
+        if self.update != "host" and self.device is None:
+            raise ConfigError(
+                f"--update {self.update} applies the update in the array: give the device with --device "
+                "(e.g. --device ecram, or --device ideal for exact pulses)"
+            )
         if self.trace_every is not None:
             from mep_hw.train.tracing import parse_trace_every
 

@@ -41,8 +41,9 @@ class CostAccumulator:
 
     def summary(self, card, cfg, model) -> dict:
         shapes = [tuple(w.shape) for w in model.weights]
-        # one field evaluation reads every array forward and, except the input array, transposed
-        macs_per_eval = sum(o * i for o, i in shapes) + sum(o * i for o, i in shapes[1:])
+        # the input array is read once per phase (the input is clamped: its drive is held); one field
+        # evaluation reads every other array forward and transposed
+        macs_per_eval = 2 * sum(o * i for o, i in shapes[1:])
         try:
             stages = get_solver(cfg.solver).stages
         except Exception:  # a backend (brian2), not a tableau: one evaluation per step

@@ -1,13 +1,19 @@
-"""The EP training loop: minibatches, host optimizer step, evaluation, checkpoints, metrics.
+"""EP training of a layered Hopfield network, on ideal weights or on a device: ``train()``.
+
+One step: the EP estimate (free and nudged settles, reading every weight through the model's
+weight store), then the update regime writes the store (:mod:`mep_hw.train.regimes`); metrics,
+the trace, cost accounting and the checkpoint are observers of the loop (:mod:`mep_hw.train.fit`,
+:mod:`mep_hw.train.observers`).
 
 Randomness comes only from generators seeded by the run's seed: the weight initialisation from
-``seed``, the shuffle (and β signs) of epoch e from a generator seeded by (seed, e). A run
-therefore resumes from the checkpoint of its last finished epoch exactly as if it had never
-stopped, and the same seed gives the same metrics on the same machine.
+``seed``, the shuffle (and β signs) of epoch e from a generator seeded by (seed, e), device
+tiles and read noise from generators seeded by ``seed``. A run therefore resumes from the
+checkpoint of its last finished epoch exactly as if it had never stopped, and the same seed gives
+the same metrics on the same machine.
 
-A run folder holds ``config.toml`` (the full configuration), ``checkpoint.pt`` (weights,
-optimizer and schedule state, history; rewritten atomically after every epoch) and
-``metrics.json`` (also rewritten after every epoch, and when the run is interrupted or
+A run folder holds ``config.toml`` (the full configuration), ``checkpoint.pt`` (weights, the
+device store, optimizer and schedule state, history; rewritten atomically after every epoch)
+and ``metrics.json`` (also rewritten after every epoch, and when the run is interrupted or
 diverges, with ``status`` saying which), and with ``--trace-every`` an HDF5 ``trace.h5``
 (see :mod:`mep_hw.train.tracing` and :mod:`mep_hw.io.trace`).
 """
@@ -19,24 +25,25 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from mep_hw.ep import assign_grads, ep_gradients, free_phase
+from mep_hw.ep import ep_gradients, free_phase
 from mep_hw.errors import ConfigError, SettleError
+from mep_hw.hw import build_store
 from mep_hw.io import Dataset, load_dataset
-from mep_hw.io.runs import load_checkpoint, read_toml, save_checkpoint, write_json, write_toml
-from mep_hw.model import LayeredHopfield, one_hot
-from mep_hw.optimizers import SDMEPOptimizer, SMEPOptimizer
-from mep_hw.optimizers.strategies import SpectralConstraint
+from mep_hw.io.runs import load_checkpoint, read_toml, write_toml
+from mep_hw.model import LayeredHopfield, build_network, one_hot
 from mep_hw.train.config import TrainConfig
-from mep_hw.host.flops import ep_estimate_flops, host_step_flops
 from mep_hw.train.cost import CostAccumulator
-from mep_hw.train.hardware import HardwareNetwork
-from mep_hw.train.tracing import StepTotals, batch_sums, epoch_units, interval_values, open_trace, parse_trace_every
+from mep_hw.train.fit import epoch_generator, fit, iterate_batches
+from mep_hw.train.observers import (
+    CheckpointObserver, CostObserver, MetricsObserver, ProgressObserver, StepOut, TraceObserver,
+)
+from mep_hw.train.regimes import Estimate, build_regime
+from mep_hw.train.tracing import StepTotals, batch_sums, open_trace, parse_trace_every
 
-__all__ = ["EpochStats", "TrainResult", "train", "evaluate", "build_model", "build_optimizer", "epoch_generator", "iterate_batches"]
+__all__ = ["EpochStats", "TrainResult", "EPTrainer", "train", "evaluate", "epoch_generator", "iterate_batches"]
 
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -61,6 +68,8 @@ class EpochStats(NamedTuple):
     refreshes: int = 0
     free_time_mean: float = 0.0  # settle time per sample, units of τ (× the card's tau_s: seconds)
     nudged_time_mean: float = 0.0  # per sample and nudged phase
+    test_steps_mean: float = 0.0  # free-phase steps per test sample
+    test_time_mean: float = 0.0  # free-phase settle time per test sample, units of τ
 
 
 class TrainResult(NamedTuple):
@@ -70,59 +79,84 @@ class TrainResult(NamedTuple):
     status: str  # completed
 
 
-def epoch_generator(seed: int, epoch: int, device="cpu") -> torch.Generator:
-    """The generator of epoch ``epoch`` (1-based) of a run seeded with ``seed``."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
-
-
-def iterate_batches(n: int, batch_size: int, generator: torch.Generator):
-    """Index tensors of a shuffled pass over n samples (the last batch may be smaller)."""
-    perm = torch.randperm(n, generator=generator)
-    return perm.split(batch_size)
-
-
-def build_model(cfg: TrainConfig, input_dim: int, n_classes: int) -> LayeredHopfield:
-    layers = cfg.layers or (input_dim, 500, n_classes)
-    if layers[0] != input_dim or layers[-1] != n_classes:
-        raise ConfigError(
-            f"layers={','.join(map(str, layers))} do not fit dataset {cfg.dataset!r}, which has "
-            f"{input_dim} inputs and {n_classes} classes; use --layers {input_dim},…,{n_classes}"
-        )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = LayeredHopfield(layers, activation=cfg.activation, cost=cfg.cost, generator=gen, dtype=cfg.torch_dtype)
-    return model.to(cfg.torch_device)
-
-
-def build_optimizer(cfg: TrainConfig, params, steps_total: int):
-    fused = {"fused": True} if cfg.torch_device == "cpu" or cfg.torch_device.startswith("cuda") else {}
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    elif cfg.optimizer in ("muon", "dion"):  # the EP gradient arrives in .grad: the optimizer's backprop mode
-        cls = SMEPOptimizer if cfg.optimizer == "muon" else SDMEPOptimizer
-        opt = cls(params, mode="backprop", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = None
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps_total))
-    return opt, sched
-
-
 @torch.no_grad()
-def evaluate(model: LayeredHopfield, x: Tensor, y: Tensor, cfg: TrainConfig, dynamics_kw: dict | None = None) -> tuple[float, float, float, float]:
+def evaluate(model: LayeredHopfield, x: Tensor, y: Tensor, cfg: TrainConfig) -> tuple[float, float, float, float]:
     """(accuracy, mean cost, mean free-phase steps, mean free-phase settle time in τ) of the free
-    phase on (x, y); with ``dynamics_kw`` (device tiles) the weights are read through the devices."""
+    phase on (x, y), reading the weights through the model's store."""
     ep = cfg.ep_config()
     correct, loss, steps, stime = 0, 0.0, 0, 0.0
     for i in range(0, x.shape[0], cfg.eval_batch_size):
         xb, yb = x[i : i + cfg.eval_batch_size], y[i : i + cfg.eval_batch_size]
-        res = free_phase(model, xb, ep, check=False, dynamics_kw=dynamics_kw)
+        res = free_phase(model, xb, ep, check=False)
         correct += int((model.logits(res.states).argmax(1) == yb).sum())
         loss += float(model.cost_fn(res.states, one_hot(yb, model.layers[-1], x.dtype)).sum())
         steps += int(res.steps.sum())
         stime += float(res.time.sum())
     n = max(1, x.shape[0])
     return correct / n, loss / n, steps / n, stime / n
+
+
+class EPTrainer:
+    """One EP training step per batch (estimate, then the regime's update) and the evaluation
+    of each epoch; keeps the epoch's sums."""
+
+    def __init__(self, model: LayeredHopfield, cfg: TrainConfig, regime, x_test: Tensor, y_test: Tensor):
+        self.model, self.cfg, self.regime = model, cfg, regime
+        self.x_test, self.y_test = x_test, y_test
+        ep_cfg = cfg.ep_config()
+        if model.noise_floor() > 0:
+            # on noisy hardware the steady-state test can hold before a nudge has reached the hidden
+            # layers: let every nudged settle take at least one step per layer (and one more)
+            ep_cfg = dataclasses.replace(ep_cfg, nudged=dataclasses.replace(
+                ep_cfg.nudged, min_steps=min(model.n_states + 1, ep_cfg.nudged.max_steps)))
+        self.ep_cfg = ep_cfg
+        self.totals = StepTotals()
+        self.n_out = model.layers[-1]
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.totals.reset()
+        self.counts0 = self.counts()
+
+    def step(self, x: Tensor, y: Tensor, generator: torch.Generator) -> StepOut:
+        target = one_hot(y, self.n_out, x.dtype)
+        if self.regime.needs_grads:
+            res = ep_gradients(self.model, x, target, self.ep_cfg, generator=generator)
+            est = Estimate(res.grads)
+        else:  # in-array: the host forms no contrast; the phases' activities drive the array
+            res = ep_gradients(self.model, x, target, self.ep_cfg, generator=generator, contrast=_no_contrast)
+            (sa, ba), (sb, bb) = res.phases
+            m = self.model
+            est = Estimate(None, ((1.0, m.hebbian_terms(x, sa, ba, target)), (-1.0, m.hebbian_terms(x, sb, bb, target))),
+                           1.0 / ((ba - bb) * x.shape[0]), signed=m.cost == "ce")
+        self.regime.apply(est)
+        sums = batch_sums(res, y)
+        self.totals.add(sums)
+        return StepOut(x, res, sums, self.regime.host_flops(x.shape[0]))
+
+    def counts(self):
+        """Operations of every array of the run: the store's, and a regime's own (tiki-taka's fast arrays)."""
+        c = self.model.store.counts()
+        return c + self.regime.counts() if hasattr(self.regime, "counts") else c
+
+    def end_epoch(self, epoch: int, seconds: float) -> EpochStats:
+        d = self.counts() - self.counts0
+        t1 = time.perf_counter()
+        test_acc, test_loss, test_steps, test_time = evaluate(self.model, self.x_test, self.y_test, self.cfg)
+        t = self.totals.sums
+        n, n_nudged = max(1.0, t["n"]), max(1.0, t["n_nudged"])
+        return EpochStats(
+            epoch=epoch, train_loss=t["loss"] / n, train_accuracy=t["correct"] / n,
+            test_loss=test_loss, test_accuracy=test_acc, epoch_seconds=seconds, eval_seconds=time.perf_counter() - t1,
+            free_steps_mean=t["free_steps"] / n, nudged_steps_mean=t["nudged_steps"] / n_nudged,
+            free_step_limit_frac=t["free_limit"] / n, nudged_step_limit_frac=t["nudged_limit"] / n_nudged,
+            lr=self.regime.lr, pulses_up=d.pulses_up, pulses_down=d.pulses_down, refreshes=d.refreshes,
+            free_time_mean=t["free_time"] / n, nudged_time_mean=t["nudged_time"] / n_nudged,
+            test_steps_mean=test_steps, test_time_mean=test_time,
+        )
+
+
+def _no_contrast(*args):
+    return None
 
 
 def _tensors(ds: Dataset, cfg: TrainConfig):
@@ -159,16 +193,17 @@ def train(
     progress: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     dataset: Dataset | None = None,
+    card=None,
 ) -> TrainResult:
     """Train with EP and write the run folder (see the module docstring).
 
     ``resume`` continues the run in ``run_dir`` from its last checkpoint; ``explicit`` names the
     options the user gave, which must agree with the stored config. ``progress`` shows a bar
     (None: only on a terminal). ``on_batch(epoch, batch)`` is called after every step.
-    ``dataset`` overrides loading by name (for tests and embedding).
+    ``dataset`` overrides loading by name (for tests and embedding). ``card`` (a
+    :class:`~mep_hw.hw.Card`, e.g. one built in Python) holds the weights instead of the card
+    ``cfg.device`` names; its parameters are recorded in metrics.json and the trace.
     """
-    from tqdm.auto import tqdm
-
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT_FILE
     state = None
@@ -185,168 +220,69 @@ def train(
         )
 
     ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    model = build_model(cfg, ds.input_dim, ds.n_classes)
+    model = build_network(arch=cfg.arch, layers=cfg.layers, input_shape=ds.input_shape, n_classes=ds.n_classes,
+                          activation=cfg.activation, cost=cfg.cost, seed=cfg.seed, dtype=cfg.torch_dtype,
+                          device=cfg.torch_device, dataset=cfg.dataset)
     cfg = cfg.replace(layers=model.layers)
+    card = card if card is not None else cfg.card()
+    in_array = cfg.update != "host"
+    if in_array and card is None:
+        raise ConfigError(f"--update {cfg.update} applies the update in the array: give the device with --device")
+    store = build_store(card, list(model.weights), cfg.seed, biases=list(model.biases) if in_array else None)
+    model.use_store(store)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_toml(run_dir / CONFIG_FILE, cfg.to_dict())
 
     xtr, ytr, xte, yte = _tensors(ds, cfg)
-    n = xtr.shape[0]
-    n_batches = -(-n // cfg.batch_size)
-    params = model.param_list()
-    opt, sched = build_optimizer(cfg, params, cfg.epochs * n_batches)
+    n_batches = -(-xtr.shape[0] // cfg.batch_size)
+    regime = build_regime(model, cfg, cfg.epochs * n_batches)
+    from mep_hw.train.backprop import BPTrainer
+
+    trainer = (EPTrainer if cfg.method == "ep" else BPTrainer)(model, cfg, regime, xte, yte)
+    cost = CostAccumulator(phases=1 + (2 if cfg.estimator == "symmetric" else 1))
     history: list[EpochStats] = []
     start = 1
-    card = cfg.card()
-    hw = HardwareNetwork(model, card, cfg.seed) if card is not None else None
-    spectral_state: dict = {}
-    cost_acc = CostAccumulator(phases=1 + (2 if cfg.estimator == "symmetric" else 1))
-    shapes = [tuple(w.shape) for w in model.weights]
-    bias_sizes = [b.numel() for b in model.biases]
     if state is not None:
+        if state.get("format") != 2:
+            raise ConfigError(f"{ckpt_path} was written by an older mep_hw (checkpoint format {state.get('format', 1)}); "
+                              "start a new run with a different --out")
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler") is not None:
-            sched.load_state_dict(state["scheduler"])
+        if state["hardware"] is not None:
+            store.load_state_dict(state["hardware"])
+        regime.load_state_dict(state["regime"])
+        cost.load_state_dict(state.get("cost"))
         history = [EpochStats(**h) for h in state["history"]]
         start = int(state["epoch"]) + 1
-        if hw is not None:
-            hw.load_state_dict(state["hardware"], model)
-        cost_acc.load_state_dict(state.get("cost"))
-    ep_cfg = cfg.ep_config()
-    if hw is not None and hw.noise_floor() > 0:
-        # on noisy hardware the steady-state test can hold before a nudge has reached the hidden
-        # layers: let every nudged settle take at least one step per layer (and one more)
-        ep_cfg = dataclasses.replace(ep_cfg, nudged=dataclasses.replace(ep_cfg.nudged, min_steps=min(model.n_states + 1, ep_cfg.nudged.max_steps)))
-    n_out = model.layers[-1]
-    weights = list(model.weights)
 
-    def write_metrics(status: str, error: str | None = None) -> None:
-        last = history[-1] if history else None
-        write_json(
-            run_dir / METRICS_FILE,
-            {
-                "status": status,
-                "error": error,
-                "test_accuracy": last.test_accuracy if last else None,
-                "train_loss": last.train_loss if last else None,
-                "epochs_completed": len(history),
-                "history": [h._asdict() for h in history],
-                "config": cfg.to_dict(),
-                "device": card.to_dict() if card is not None else None,
-                "pulses": hw.per_layer() if hw is not None else None,
-                "cost": cost_acc.summary(card, cfg, model) if hw is not None else None,
-            },
-        )
+    def static() -> dict:
+        return {
+            "config": cfg.to_dict(),
+            "device": card.to_dict() if card is not None else None,
+            "pulses": store.layer_info() if card is not None else None,
+            "cost": cost.summary(card, cfg, model) if card is not None else None,
+        }
 
+    def checkpoint() -> dict:
+        return {"model": model.state_dict(), "hardware": store.state_dict() if card is not None else None,
+                "regime": regime.state_dict(), "cost": cost.state_dict()}
+
+    observers = []
+    if card is not None:
+        observers.append(CostObserver(cost, trainer.counts, xtr.shape[0], xte.shape[0]))
+    observers.append(CheckpointObserver(ckpt_path, checkpoint))
+    metrics = MetricsObserver(run_dir / METRICS_FILE, static, history, cfg.epochs)
+    observers.append(metrics)
     every = parse_trace_every(cfg.trace_every)
-    tracer = open_trace(run_dir, cfg, card, resume_epoch=(start - 1) if resume else None, steps_per_epoch=n_batches) if every else None
-    acc = StepTotals()  # since the last trace interval
-    if tracer is not None and start == 1 and tracer.count() == 0:
-        tracer.interval(0, 0, interval_values(model, hw, acc))
+    if every:
+        tracer = open_trace(run_dir, cfg, card, resume_epoch=(start - 1) if resume else None, steps_per_epoch=n_batches)
+        trace = TraceObserver(tracer, every, model, n_batches, extra=getattr(regime, "trace_values", None))
+        if start == 1:
+            trace.record_initial()
+        observers.append(trace)
+    if progress is not False:
+        observers.append(ProgressObserver(cfg.epochs))
 
-    show = progress if progress is not None else None
-    try:
-        for epoch in range(start, cfg.epochs + 1):
-            gen = epoch_generator(cfg.seed, epoch)
-            batches = iterate_batches(n, cfg.batch_size, gen)
-            t0 = time.perf_counter()
-            tot = StepTotals()  # this epoch
-            bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                       disable=(not show) if show is not None else None)
-            counts0 = hw.totals() if hw is not None else None
-            dyn_kw = hw.dynamics_kw() if hw is not None else None
-            for b, idx in enumerate(bar):
-                idx = idx.to(xtr.device)
-                x, y = xtr.index_select(0, idx), ytr.index_select(0, idx)
-                res = ep_gradients(model, x, one_hot(y, n_out, x.dtype), ep_cfg, generator=gen, dynamics_kw=dyn_kw)
-                assign_grads(params, res.grads)
-                before = [w.detach().clone() for w in weights] if hw is not None else None
-                opt.step()
-                if hw is not None:
-                    hw.write(model, before)
-                if cfg.spectral_gamma is not None:
-                    if hw is not None:
-                        hw.constrain(model, cfg.spectral_gamma, spectral_state)
-                    elif model.n_states > 1:
-                        SpectralConstraint(gamma=cfg.spectral_gamma).apply_coupled(
-                            [w.data for w in weights[1 : model.n_states]], spectral_state)
-                if sched is not None:
-                    sched.step()
-                sums = batch_sums(res, y)
-                tot.add(sums)
-                if b % 10 == 0:
-                    bar.set_postfix(loss=f"{tot.sums['loss'] / ((b + 1) * cfg.batch_size):.4f}")
-                if tracer is not None:
-                    with torch.no_grad():
-                        acc.add(sums, float(model.energy(x, res.free.states).sum()))
-                    step = (epoch - 1) * n_batches + b + 1
-                    if every.due_step(step) or (b == n_batches - 1 and every.due_epoch(epoch)):
-                        tracer.interval(step, epoch, interval_values(model, hw, acc))
-                        acc.reset()
-                if on_batch is not None:
-                    on_batch(epoch, b)
-            epoch_seconds = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            ops_train = hw.totals() if hw is not None else None
-            test_acc, test_loss, test_steps, test_time = evaluate(model, xte, yte, cfg, dyn_kw)
-            t = tot.sums
-            counts = {}
-            if hw is not None:
-                # host work per step: the EP estimate (linear in the batch) and the optimizer step
-                host_flops = sum(ep_estimate_flops(len(i), shapes) for i in batches) + len(batches) * host_step_flops(cfg.optimizer, shapes, bias_sizes)
-                cost_acc.add_epoch(counts0, ops_train, hw.totals(), n=n, host_flops=host_flops,
-                                   settle=(t["free_time"] + t["nudged_time"], t["free_steps"] + t["nudged_steps"]),
-                                   test=(xte.shape[0], test_time, test_steps))
-                counts = {k: ops_train[k] - counts0[k] for k in ("pulses_up", "pulses_down", "refreshes")}
-            n_nudged = max(1.0, t["n_nudged"])
-            stats = EpochStats(
-                epoch=epoch,
-                train_loss=t["loss"] / n,
-                train_accuracy=t["correct"] / n,
-                test_loss=test_loss,
-                test_accuracy=test_acc,
-                epoch_seconds=epoch_seconds,
-                eval_seconds=time.perf_counter() - t1,
-                free_steps_mean=t["free_steps"] / n,
-                nudged_steps_mean=t["nudged_steps"] / n_nudged,
-                free_step_limit_frac=t["free_limit"] / n,
-                nudged_step_limit_frac=t["nudged_limit"] / n_nudged,
-                lr=float(opt.param_groups[0]["lr"]),
-                **counts,
-                free_time_mean=t["free_time"] / n,
-                nudged_time_mean=t["nudged_time"] / n_nudged,
-            )
-            history.append(stats)
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "history": [h._asdict() for h in history],
-                    "hardware": hw.state_dict() if hw is not None else None,
-                    "cost": cost_acc.state_dict(),
-                },
-            )
-            write_metrics("running" if epoch < cfg.epochs else "completed")
-            if tracer is not None:
-                tracer.epoch(epoch, {k: (v, epoch_units(k)) for k, v in stats._asdict().items() if k != "epoch"})
-            if show is not False:
-                tqdm.write(
-                    f"epoch {epoch}/{cfg.epochs}: train loss {stats.train_loss:.4f} acc {stats.train_accuracy:.4f} | "
-                    f"test acc {stats.test_accuracy:.4f} | {epoch_seconds:.1f}s | steps free "
-                    f"{stats.free_steps_mean:.1f} nudged {stats.nudged_steps_mean:.1f}"
-                )
-    except KeyboardInterrupt:
-        write_metrics("interrupted", f"interrupted during epoch {len(history) + 1}; resume with --resume")
-        raise
-    except SettleError as e:
-        write_metrics("diverged", str(e))
-        raise
-    finally:
-        if tracer is not None:
-            tracer.close()
-    write_metrics("completed")
+    history = fit(trainer, xtr, ytr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, start=start,
+                  history=history, observers=observers, on_batch=on_batch, progress=progress,
+                  stop_errors={SettleError: "diverged"})
     return TrainResult(run_dir, history[-1].test_accuracy, tuple(history), "completed")

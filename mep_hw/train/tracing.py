@@ -5,8 +5,9 @@ N epochs (at the epoch's end). An interval holds, per weight matrix, the logical
 network uses (for a device run: what the device holds, noise-free) and the device's physical
 state (conductances in µS, MZI phases in rad, fixed-point integers), the cumulative pulse
 counts, and — averaged over the steps since the previous interval — settle steps and final
-residuals of the free and nudged phases, the energy E(s⁰) of the free fixed point (under the held
-weights), the training loss and accuracy. Step 0 (the initial weights) is always recorded.
+residuals of the free and nudged phases, the training loss and accuracy; and the mean energy
+E(s⁰) of the free fixed points of the batch of the step the interval is recorded at (under the
+held weights: computed only then). Step 0 (the initial weights) is always recorded.
 Every finished epoch appends its metrics to ``/epochs``.
 """
 
@@ -74,11 +75,10 @@ def batch_sums(res, y: torch.Tensor) -> dict[str, float]:
 
 
 class StepTotals:
-    """Running sums of :func:`batch_sums` over training steps: an epoch, or a trace interval
-    (with the free-state energy, when tracing)."""
+    """Running sums of :func:`batch_sums` over training steps: an epoch, or a trace interval."""
 
     KEYS = ("n", "free_steps", "free_time", "free_residual", "free_limit", "n_nudged", "nudged_steps",
-            "nudged_time", "nudged_residual", "nudged_limit", "loss", "correct", "energy")
+            "nudged_time", "nudged_residual", "nudged_limit", "loss", "correct")
 
     def __init__(self):
         self.reset()
@@ -86,10 +86,9 @@ class StepTotals:
     def reset(self):
         self.sums = dict.fromkeys(self.KEYS, 0.0)
 
-    def add(self, sums: dict[str, float], energy: float = 0.0) -> None:
+    def add(self, sums: dict[str, float]) -> None:
         for k, v in sums.items():
             self.sums[k] += v
-        self.sums["energy"] += energy
 
     def mean(self, key: str, per: str = "n") -> float:
         """sums[key] / sums[per] (NaN over no samples)."""
@@ -103,7 +102,6 @@ class StepTotals:
             "settle/free_residual_mean": (self.mean("free_residual"), "1/tau"),
             "settle/nudged_steps_mean": (self.mean("nudged_steps", "n_nudged"), "steps"),
             "settle/nudged_residual_mean": (self.mean("nudged_residual", "n_nudged"), "1/tau"),
-            "energy/free_mean": (self.mean("energy"), "1"),
             "metrics/train_loss": (self.mean("loss"), "1"),
             "metrics/train_accuracy": (self.mean("correct"), "1"),
         }
@@ -125,20 +123,25 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def interval_values(model, hw, acc: StepTotals) -> dict[str, tuple[np.ndarray | float, str]]:
+def interval_values(model, acc: StepTotals, energy: float = float("nan")) -> dict[str, tuple[np.ndarray | float, str]]:
+    """One trace interval: ``acc``'s means, the free-state ``energy``, and per weight matrix what
+    the model's weight store holds (weights, biases, the device's physical state, cumulative
+    operation counts)."""
     out: dict = dict(acc.means())
+    out["energy/free_mean"] = (energy, "1")
+    store = model.store
     for k, (w, b) in enumerate(zip(model.weights, model.biases)):
-        out[f"layers/W{k}/weight"] = (_np(w), "1")
+        out[f"layers/W{k}/weight"] = (_np(store.held(k)), "1")
         out[f"layers/W{k}/bias"] = (_np(b), "1")
-    if hw is not None:
-        for k, t in enumerate(hw.tiles):
-            for name, (value, units) in t.device.physical(t.state).items():
+    if store.card is not None:
+        for k, info in enumerate(store.layer_info()):
+            for name, (value, units) in store.physical(k).items():
                 out[f"layers/W{k}/{name}"] = (_np(value), units)
             for name in ("pulses_up", "pulses_down", "refreshes"):
-                out[f"layers/W{k}/{name}"] = (np.int64(t.totals[name]), "pulses")
+                out[f"layers/W{k}/{name}"] = (np.int64(info[name]), "pulses")
             for name, units in (("macs", "MAC"), ("dac", "conversions"), ("adc", "conversions")):  # cumulative, mep_hw.hw.cost
-                out[f"layers/W{k}/{name}"] = (np.int64(t.totals[name]), units)
-            out[f"layers/W{k}/w_scale"] = (np.float64(t.w_scale), "1")
+                out[f"layers/W{k}/{name}"] = (np.int64(info[name]), units)
+            out[f"layers/W{k}/w_scale"] = (np.float64(info["w_scale"]), "1")
     return out
 
 

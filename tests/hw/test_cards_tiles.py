@@ -113,7 +113,7 @@ def test_the_same_seed_reproduces_a_noisy_tile():
     for _ in range(2):
         t = Tile(card.device, card.periphery, W, seed=11, noise=NoiseBank(12))
         t.write(torch.full_like(W, 0.01))
-        outs.append((t.held().clone(), t.mvm(x).clone(), dict(t.totals)))
+        outs.append((t.held().clone(), t.mvm(x).clone(), t.op_counts()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]) and outs[0][2] == outs[1][2]
     t3 = Tile(card.device, card.periphery, W, seed=13, noise=NoiseBank(12))
     assert not torch.equal(t3.held(), outs[0][0])

@@ -85,7 +85,7 @@ def test_tile_with_a_fixed_point_device_and_updates():
         t.write(torch.full_like(W, 0.1 * 2**-8))
     drift = float((t.held() - before).mean())
     assert abs(drift - 40 * 2**-8) < 6 * 2**-8
-    assert t.totals["pulses_up"] > 0
+    assert t.op_counts().pulses_up > 0
 
 
 def test_bad_fields():

@@ -226,13 +226,11 @@ def test_a_diverging_settle_is_nonfinite():
 
 
 def test_device_tiles_are_refused():
-    from mep_hw.hw import NoiseBank, Tile, load_card
+    from mep_hw.hw import TileStore, load_card
 
     model, x, _ = network("hard_sigmoid", "mse", 0, scale=1.0)
-    card = load_card("pcm", {"levels": 16})
-    noise = NoiseBank(1, dtype=F64)
-    tiles = [Tile(card.device, card.periphery, w.detach(), seed=k + 1, noise=noise) for k, w in enumerate(model.weights)]
-    dyn = model.dynamics(x, ops=tiles)
+    model.use_store(TileStore(load_card("pcm", {"levels": 16}), list(model.weights), seed=1))
+    dyn = model.dynamics(x)
     with pytest.raises(ConfigError, match="brian2 backend runs ideal weights only.*Tile.*drop --device.*torch solver"):
         settle(dyn, model.forward_init(dyn), SettleConfig(solver="brian2"))
 

@@ -50,7 +50,7 @@ def test_a_hardware_run_resumes_exactly(tmp_path, host):
     for k in full["model"]:
         assert torch.equal(full["model"][k], cut["model"][k]), k
     for a, b in zip(full["hardware"]["tiles"], cut["hardware"]["tiles"]):
-        assert a["totals"] == b["totals"]
+        assert a["counts"] == b["counts"]
         assert torch.equal(a["state"]["gp"], b["state"]["gp"])
     assert strip_times(metrics(tmp_path / "full")["history"]) == strip_times(metrics(tmp_path / "cut")["history"])
 

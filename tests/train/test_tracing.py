@@ -27,9 +27,10 @@ def test_a_traced_run_records_weights_settle_stats_and_epochs(tmp_path):
     ck = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
     assert not np.array_equal(t.intervals["layers/W0/weight"][0], t.intervals["layers/W0/weight"][2])
     # step 0 holds the initial weights: a fresh model of the same seed
-    from mep_hw.train.loop import build_model
+    from mep_hw.model import build_network
 
-    init = build_model(TrainConfig(**SMALL), 64, 10)
+    c = TrainConfig(**SMALL)
+    init = build_network(arch=None, layers=c.layers, input_shape=(64,), n_classes=10, seed=c.seed)
     np.testing.assert_array_equal(t.intervals["layers/W0/weight"][0], init.weights[0].detach().numpy())
     assert t.intervals["layers/W1/weight"].shape == (3, 10, 16)
     assert np.isnan(t.intervals["settle/free_steps_mean"][0]) and (t.intervals["settle/free_steps_mean"][1:] >= 0).all()

@@ -1,0 +1,54 @@
+"""Stochastic pulse coincidence (Gokmen & Vlasov 2016): expectation = the scaled outer product,
+variance = the Bernoulli-sum formula, signs, and update management."""
+
+import math
+
+import pytest
+import torch
+
+from mep_hw.errors import ConfigError
+from mep_hw.hw.pulses import coincidences, coincidences_marginal, update_management
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("sampler", [coincidences, coincidences_marginal])
+@pytest.mark.parametrize("cx,cd", [(0.7, 0.5), (1.6, 0.9)])  # the second clips probabilities at 1
+def test_coincidence_counts_have_the_expectation_and_variance_of_their_formula(cx, cd, sampler):
+    # R independent replicas in one call: x and d tiled R times; the diagonal blocks of the
+    # (3R × 4R) count matrix are cells with their own row and column trains
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.tensor([0.1, 0.5, 0.9, 1.0], dtype=F64)
+    d1 = torch.tensor([0.2, 0.6, 1.0], dtype=F64)
+    B, bl, R = 40, 10, 1500
+    up = sampler(x1.repeat(R).expand(B, 4 * R), d1.repeat(R).expand(B, 3 * R), bl=bl, cx=cx, cd=cd, generator=g).up
+    counts = up.reshape(R, 3, R, 4).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (R, 3, 4)
+    pq = torch.outer((cd * d1).clamp(max=1), (cx * x1).clamp(max=1))
+    mean = B * bl * pq
+    var = B * bl * pq * (1 - pq)
+    se = (var / R).sqrt()
+    assert ((counts.mean(0) - mean).abs() <= 4 * se + 1e-12).all()
+    ok = var > 0
+    assert ((counts.var(0)[ok] / var[ok] - 1).abs() < 0.12).all()  # R = 1500: the variance's relative se ≈ 3.7 %
+    assert (counts.var(0)[~ok] == 0).all()
+
+
+@pytest.mark.parametrize("sampler", [coincidences, coincidences_marginal])
+def test_signs_decide_the_direction(sampler):
+    g = torch.Generator().manual_seed(1)
+    x = torch.tensor([[1.0, -1.0]], dtype=F64)
+    d = torch.tensor([[1.0, -1.0, 0.0]], dtype=F64)
+    c = sampler(x, d, bl=7, cx=1.0, cd=1.0, generator=g)  # probabilities 1: every slot fires
+    assert c.up.tolist() == [[7, 0], [0, 7], [0, 0]]
+    assert c.down.tolist() == [[0, 7], [7, 0], [0, 0]]
+
+
+def test_update_management_gives_the_learning_rate_and_balances_the_maxima():
+    cx, cd = update_management(0.01, 10, 0.002, x_max=1.0, d_max=0.25)
+    assert 0.002 * 10 * cx * cd == pytest.approx(0.01)
+    assert cx * 1.0 == pytest.approx(cd * 0.25)  # equal top probabilities
+    with pytest.raises(ConfigError, match="dw_min > 0"):
+        update_management(0.01, 10, 0.0, 1.0, 1.0)
+    with pytest.raises(ConfigError, match="BL=0 must be ≥ 1"):
+        coincidences(torch.ones(1, 2), torch.ones(1, 2), bl=0, cx=1, cd=1, generator=torch.Generator())
+    assert math.isfinite(update_management(0.0, 10, 0.1, 0.0, 0.0)[0])

@@ -1,0 +1,64 @@
+"""Training a convolutional Hopfield network: the --arch option, runs, resume, device tiles."""
+
+import pytest
+import torch
+
+from mep_hw.errors import ConfigError
+from mep_hw.io.runs import load_checkpoint
+from mep_hw.train import TrainConfig, train
+from tests.train.runs import metrics, strip_times
+
+ARCH = "conv:4:3,pool:2,fc:10"  # digits are 1×8×8: conv → 6×6 → pool → 4×3×3 = 36 → 10
+SMALL = dict(dataset="digits", arch=ARCH, epochs=2, batch_size=50, limit_train=200, limit_test=100)
+
+
+def test_arch_option_is_canonical_and_validated():
+    assert TrainConfig(arch=" CONV:4:3 , maxpool:2,fc:10").arch == "conv:4:3,pool:2,fc:10"
+    with pytest.raises(ConfigError, match="must follow a conv layer"):
+        TrainConfig(arch="fc:10,pool:2")
+    with pytest.raises(ConfigError, match="spectral_gamma .* does not yet cover convolutions"):
+        TrainConfig(arch=ARCH, spectral_gamma=0.9)
+    TrainConfig(arch="fc:32,fc:10", spectral_gamma=0.9)  # fc layers only: the coupling bound applies
+    with pytest.raises(ConfigError, match="estimator='holomorphic' .* activation='hard_sigmoid' is not one"):
+        TrainConfig(estimator="holomorphic")
+    assert TrainConfig(estimator="holomorphic", activation="sigmoid").ep_config().points == 4
+
+
+def test_a_conv_run_learns_and_resumes(tmp_path):
+    cfg = TrainConfig(**{**SMALL, "epochs": 3}, cost="ce", lr=0.01)
+    train(cfg, tmp_path / "a", progress=False)
+    m = metrics(tmp_path / "a")
+    assert m["status"] == "completed" and m["config"]["arch"] == ARCH
+    assert m["config"]["layers"] == [64, 36, 10]
+    losses = [h["train_loss"] for h in m["history"]]
+    assert losses[0] > losses[1] > losses[2]  # 12 Adam steps: it learns (the MLP 64-36-10 is as slow here)
+    assert m["history"][-1]["test_accuracy"] > 0.15  # 10 % is chance
+    ck = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert tuple(ck["model"]["weights.0"].shape) == (4, 9)  # the kernel matrix a tile would hold
+    # a second run from the stored config resumes (the stored layers agree with the arch)
+    train(cfg.replace(epochs=4), tmp_path / "a", resume=True, explicit={"epochs"}, progress=False)
+    assert metrics(tmp_path / "a")["epochs_completed"] == 4
+
+
+def test_arch_must_end_with_the_classes():
+    with pytest.raises(ConfigError, match="ends with fc:7 but dataset 'digits' has 10 classes"):
+        train(TrainConfig(**{**SMALL, "arch": "conv:4:3,fc:7"}), "/nonexistent/never", progress=False)
+
+
+def test_an_ideal_device_run_equals_the_ideal_conv_run(tmp_path):
+    # the device reads each kernel tile once per output position (unfold → mvm → fold); with the
+    # ideal card that is the same arithmetic as conv2d
+    train(TrainConfig(**SMALL), tmp_path / "a", progress=False)
+    train(TrainConfig(**SMALL, device="ideal"), tmp_path / "b", progress=False)
+    ha, hb = strip_times(metrics(tmp_path / "a")["history"]), strip_times(metrics(tmp_path / "b")["history"])
+    assert [h["test_accuracy"] for h in ha] == [h["test_accuracy"] for h in hb]
+    ka, kb = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"], load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    for k in ka:
+        torch.testing.assert_close(ka[k], kb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_pcm_conv_run_counts_reads_per_output_position(tmp_path):
+    train(TrainConfig(**{**SMALL, "epochs": 1}, device="pcm", set={"levels": 16}, lr=0.01), tmp_path / "p", progress=False)
+    m = metrics(tmp_path / "p")
+    assert [p["shape"] for p in m["pulses"]] == [[4, 9], [10, 36]]
+    assert 0.0 <= m["test_accuracy"] <= 1.0 and m["cost"] is not None

@@ -1,0 +1,116 @@
+"""Update regimes: the in-array update's expectation is the host's SGD step, Tiki-Taka on an ideal
+symmetric device reduces to SGD, no host arithmetic for the in-array EP update, backprop on the
+same store, and runs of each regime (learning, exact resume, errors)."""
+
+import copy
+
+import pytest
+import torch
+
+from mep_hw.ep import EPConfig, ep_gradients
+from mep_hw.errors import ConfigError, DeviceError
+from mep_hw.hw import TileStore, load_card
+from mep_hw.io.runs import load_checkpoint
+from mep_hw.model import LayeredHopfield, one_hot
+from mep_hw.train import TrainConfig, train
+from mep_hw.train.regimes import AnalogUpdate, Estimate, HostUpdate, TikiTakaUpdate
+from tests.train.runs import metrics, run_interrupted, strip_times
+
+F64 = torch.float64
+SMALL = dict(dataset="digits", layers=(64, 32, 10), epochs=2, batch_size=50, limit_train=300, limit_test=100)
+
+
+def setup(update="analog", dw=1e-4, **cfg):
+    g = torch.Generator().manual_seed(0)
+    m = LayeredHopfield((12, 8, 5), generator=g, dtype=F64)
+    m.use_store(TileStore(load_card("ideal", {"dw_pulse": dw}), list(m.weights), seed=0, biases=list(m.biases)))
+    c = TrainConfig(dataset="digits", device="ideal", update=update, lr=0.1, schedule="constant", pulse_bl=200, **cfg)
+    x = torch.rand(16, 12, generator=g, dtype=F64)
+    y = one_hot(torch.randint(0, 5, (16,), generator=g), 5, F64)
+    res = ep_gradients(m, x, y, EPConfig(beta=0.5))
+    (sa, ba), (sb, bb) = res.phases
+    est = Estimate(res.grads, ((1.0, m.hebbian_terms(x, sa, ba, y)), (-1.0, m.hebbian_terms(x, sb, bb, y))), 1.0 / ((ba - bb) * 16))
+    return m, c, res, est
+
+
+def test_the_in_array_update_is_the_host_sgd_step_in_expectation():
+    m, cfg, res, est = setup()
+    store = m.store
+    start = [store.tiles[k].state for k in range(2)]
+    host = [-0.1 * g for g in res.grads]  # SGD without momentum: W ← W − lr·ĝ, biases the same
+    reps, total = 300, [torch.zeros_like(t.held()) for t in store.tiles]
+    for r in range(reps):
+        regime = AnalogUpdate(m, cfg, 10, seed=r)
+        for k, t in enumerate(store.tiles):
+            t.state = start[k]
+            t._changed()
+        before = [t.held().clone() for t in store.tiles]
+        regime.apply(est)
+        for k, t in enumerate(store.tiles):
+            total[k] += t.held() - before[k]
+    for k in range(2):
+        mean = total[k] / reps
+        expected = torch.cat([host[2 * k], host[2 * k + 1][:, None]], dim=1)
+        cos = torch.nn.functional.cosine_similarity(mean.flatten(), expected.flatten(), dim=0)
+        assert cos > 0.99, (k, float(cos))
+        assert float(mean.norm() / expected.norm()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_tiki_taka_on_an_ideal_symmetric_device_reduces_to_sgd():
+    # every column transferred every step, A reset to its symmetry point after it is read, the
+    # remainder of a pulse kept in H: C carries the SGD step (to within one pulse of C per weight)
+    m, cfg, res, est = setup("tiki-taka", transfer_columns=13)
+    tt = TikiTakaUpdate(m, cfg, 10, seed=3)
+    tt.cfg = tt.cfg._replace(reset_fast=True, max_pulses=10**6)
+    m2 = copy.deepcopy(m)
+    sgd = AnalogUpdate(m2, cfg, 10, seed=3)  # the same coincidences, written straight to the weights
+    c0 = [t.held().clone() for t in m.store.tiles]
+    w0 = [t.held().clone() for t in m2.store.tiles]
+    tt.apply(est)
+    sgd.apply(est)
+    for k in range(2):
+        dc = m.store.tiles[k].held() - c0[k]
+        dw = m2.store.tiles[k].held() - w0[k]
+        pulse = m.store.tiles[k].dw_pulse
+        assert (dc - dw).abs().max() <= pulse * (1 + 1e-9), k
+        assert torch.allclose(tt.fast[k].held(), tt.sym[k])  # A back at its reference
+        assert dw.abs().max() > 20 * pulse  # the step is many pulses: the check is not trivial
+
+
+def test_the_in_array_ep_update_does_no_host_arithmetic(tmp_path):
+    m, cfg, res, est = setup()
+    assert AnalogUpdate(m, cfg, 10).host_flops(16) == 0
+    train(TrainConfig(**SMALL, device="ideal", update="analog", lr=0.05), tmp_path / "a", progress=False)
+    cost = metrics(tmp_path / "a")["cost"]["train"]["per_sample"]
+    assert cost["host_flops"] == 0 and cost["pulses"] > 0
+
+
+@pytest.mark.parametrize("update", ["analog", "tiki-taka"])
+def test_an_in_array_run_learns_and_resumes_exactly(tmp_path, update):
+    cfg = TrainConfig(**SMALL, device="ideal", update=update, lr=0.35, transfer_lr=0.2)
+    res = train(cfg, tmp_path / "full", progress=False)
+    if update == "analog":
+        assert res.test_accuracy > 0.25  # chance is 0.1 (12 steps of plain SGD)
+    run_interrupted(cfg, tmp_path / "cut", epoch=2, batch=1)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    a, b = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert strip_times(metrics(tmp_path / "full")["history"]) == strip_times(metrics(tmp_path / "cut")["history"])
+
+
+@pytest.mark.parametrize("update", ["host", "analog"])
+def test_backprop_on_the_same_store_learns(tmp_path, update):
+    cfg = TrainConfig(**{**SMALL, "epochs": 3}, device="ideal", method="backprop", update=update,
+                      lr=0.25 if update == "analog" else 1e-2, pulse_bl=100)
+    res = train(cfg, tmp_path / update, progress=False)
+    assert res.test_accuracy > 0.45  # chance is 0.1 (18 steps)
+    h = metrics(tmp_path / update)["history"]
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+
+
+def test_in_array_regimes_need_a_pulsed_device(tmp_path):
+    with pytest.raises(ConfigError, match="--update analog applies the update in the array: give the device with --device"):
+        TrainConfig(**SMALL, update="analog")
+    with pytest.raises(DeviceError, match="no pulse"):
+        train(TrainConfig(**SMALL, device="fpga_q16", update="analog"), tmp_path / "f", progress=False)
