@@ -71,7 +71,8 @@ FREE = {"loose": (1e-4, 1e-2, 100), "mid": (1e-5, 0.0, 500), "tight": (1e-6, 0.0
 def grid_variants(spec: str) -> list[dict]:
     """A product grid ``estimator=symmetric,one-sided;beta=0.2,0.5;free=loose,1;nudged_c=2e-5;cap=20,100``.
 
-    ``free`` is a name of FREE (loose: today's 1e-4 + 1e-2·rms(s); mid; tight) or a number k:
+    ``estimator`` may also be ``holomorphic`` (needs ``--activation sigmoid``).
+    ``free`` is a name of FREE (loose: the symmetric estimator's 1e-4 + 1e-2·rms(s); mid; tight) or a number k:
     free atol = k·nudged_c·β, rtol 0 (k = 1: the free phase is as tight as the nudged ones).
     Nudged phases: atol = nudged_c·β, rtol 0, step limit ``cap`` (the free limit is 10·cap).
     Each (estimator, β) also gets its exact counterpart (``…-exact``) once.
@@ -87,6 +88,11 @@ def grid_variants(spec: str) -> list[dict]:
         if (est, b) not in seen:
             seen.add((est, b))
             out.append(variant(f"{est[:3]}-b{b:g}-exact", est, b, exact=True))
+        if fr == "default":  # what TrainConfig gives this estimator and β (its own tolerances)
+            ep = TrainConfig(estimator=est, beta=b, activation="sigmoid" if est == "holomorphic" else "hard_sigmoid").ep_config()
+            out.append(variant(f"{est[:3]}-b{b:g}-default", est, b, (ep.free.atol, ep.free.rtol, ep.free.max_steps),
+                               (ep.nudged.atol, ep.nudged.rtol, ep.nudged.max_steps)))
+            continue
         free = FREE[fr] if fr in FREE else (float(fr) * c * b, 0.0, 10 * cap)
         out.append(variant(f"{est[:3]}-b{b:g}-free_{fr}-c{c:g}-cap{cap}", est, b, free, (c * b, 0.0, cap)))
     return out
@@ -139,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cost", default="mse", choices=("mse", "ce"))
+    p.add_argument("--activation", default="hard_sigmoid", help="sigmoid for the holomorphic estimator")
     p.add_argument("--n", type=int, default=100, help="samples in the batch")
     p.add_argument("--offset", type=int, default=0, help="first training sample of the batch")
     p.add_argument("--seed", type=int, default=0)
@@ -158,10 +165,10 @@ def main(argv=None) -> int:
     ds = load_dataset(a.dataset, a.data_dir, limit_train=a.offset + a.n, limit_test=1)
     x = torch.as_tensor(ds.x_train[a.offset:a.offset + a.n], dtype=torch.float64)
     y = one_hot(torch.as_tensor(ds.y_train[a.offset:a.offset + a.n]), layers[-1], torch.float64)
-    m32 = LayeredHopfield(layers, cost=a.cost, generator=torch.Generator().manual_seed(a.seed))
+    m32 = LayeredHopfield(layers, activation=a.activation, cost=a.cost, generator=torch.Generator().manual_seed(a.seed))
     if ck is not None:
         m32.load_state_dict(ck["model"])
-    m64 = LayeredHopfield(layers, cost=a.cost, dtype=torch.float64)
+    m64 = LayeredHopfield(layers, activation=a.activation, cost=a.cost, dtype=torch.float64)
     m64.load_state_dict({k: v.double() for k, v in m32.state_dict().items()})
     t0 = time.perf_counter()
     fp = exact_fixed_point(m64, x)
