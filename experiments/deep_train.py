@@ -33,8 +33,11 @@ from mep_hw.optimizers.strategies import SpectralConstraint
 from mep_hw.settle import SettleConfig, SettleStatus
 from mep_hw.train import TrainConfig
 
+from mep_hw.model import build_network
+from mep_hw.train.fit import epoch_generator, iterate_batches
+from mep_hw.train.loop import evaluate
+
 EXACT = SettleConfig(solver="euler", dt=0.5, atol=1e-11, rtol=0.0, max_steps=200_000)
-from mep_hw.train.loop import build_model, epoch_generator, evaluate, iterate_batches
 
 
 def parse_set(items) -> dict:
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
     cfg = TrainConfig(dataset=a.dataset, data_dir=a.data_dir, layers=a.layers, epochs=a.epochs,
                       limit_train=a.limit_train, limit_test=a.limit_test, **parse_set(a.set))
     ds = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    model = build_model(cfg, ds.input_dim, ds.n_classes)
+    model = build_network(arch=None, layers=cfg.layers, input_shape=ds.input_shape, n_classes=ds.n_classes,
+                          activation=cfg.activation, cost=cfg.cost, seed=cfg.seed)
     with torch.no_grad():
         for w in model.weights:
             w.mul_(a.init_scale)

@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from mep_hw.benchmarks.foundation import _Clip01, _median
+from mep_hw.errors import ConfigError
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import write_json
 from mep_hw.train import TrainConfig, train
 from mep_hw.train.config import layer_lr_scales
-from mep_hw.train.loop import build_optimizer, epoch_generator, iterate_batches
+from mep_hw.train.fit import epoch_generator, iterate_batches
 
 __all__ = ["InterleavedBackprop", "run", "main"]
 
@@ -56,7 +57,15 @@ class InterleavedBackprop:
         scales = layer_lr_scales(layers, cfg.cost, cfg.lr_width)
         groups = [{"params": [m.weight], "lr": cfg.lr * k} for m, k in zip(lins, scales)]
         groups.append({"params": [m.bias for m in lins], "lr": cfg.lr})
-        self.opt, self.sched = build_optimizer(cfg, groups, cfg.epochs * -(-n // cfg.batch_size))
+        # torch's Adam / SGD with the EP run's hyperparameters: the cheapest correct baseline
+        if cfg.optimizer == "adam":
+            self.opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            raise ConfigError(f"the interleaved backprop baseline takes optimizer adam or sgd, not {cfg.optimizer!r}")
+        steps = cfg.epochs * -(-n // cfg.batch_size)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, steps)) if cfg.schedule == "cosine" else None
         self._epoch, self._batches = None, None
         self.seconds: dict[int, float] = {}
         self.test_accuracy: dict[int, float] = {}
