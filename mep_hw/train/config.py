@@ -84,7 +84,10 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "L2 weight decay of the host optimizer", metavar="F")
     schedule: str = _opt("cosine", "learning-rate schedule over the whole run", choices=SCHEDULES)
     beta: float = _opt(0.5, "nudging strength β > 0", metavar="F")
-    estimator: str = _opt("symmetric", "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs --activation sigmoid)", choices=ESTIMATORS)
+    estimator: str | None = _opt(
+        None, "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs "
+        "--activation sigmoid); default: one-sided on ideal weights, symmetric with --device (docs/ep.md, "
+        "\"Choosing the defaults\")", choices=ESTIMATORS)
     random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
     solver: str = _opt("euler", "ODE solver of the settle", choices=tuple(SOLVERS))
     dt: float = _opt(1.0, "solver step (first step of adaptive solvers), in units of τ", metavar="F")
@@ -144,6 +147,10 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
+        if self.estimator is None:  # measured (docs/ep.md): one-sided is the better estimate on ideal weights;
+            # on a noisy device the free phase stops at the noise floor and only the symmetric contrast
+            # cancels its unfinished relaxation
+            object.__setattr__(self, "estimator", "one-sided" if self.device is None else "symmetric")
         if self.arch is not None:
             specs = parse_arch(self.arch)
             object.__setattr__(self, "arch", format_arch(specs))
