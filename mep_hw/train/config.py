@@ -86,7 +86,7 @@ class TrainConfig:
     beta: float = _opt(0.5, "nudging strength β > 0", metavar="F")
     estimator: str | None = _opt(
         None, "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs "
-        "--activation sigmoid); default: one-sided on ideal weights, symmetric with --device (docs/ep.md, "
+        "--activation sigmoid); default: one-sided, symmetric on a --device whose reads are noisy (docs/ep.md, "
         "\"Choosing the defaults\")", choices=ESTIMATORS)
     random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
     solver: str = _opt("euler", "ODE solver of the settle", choices=tuple(SOLVERS))
@@ -147,10 +147,11 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
-        if self.estimator is None:  # measured (docs/ep.md): one-sided is the better estimate on ideal weights;
-            # on a noisy device the free phase stops at the noise floor and only the symmetric contrast
+        if self.estimator is None:  # measured (docs/ep.md): one-sided is the better estimate on exact reads;
+            # through noisy reads the free phase stops at the noise floor and only the symmetric contrast
             # cancels its unfinished relaxation
-            object.__setattr__(self, "estimator", "one-sided" if self.device is None else "symmetric")
+            noisy = self.device is not None and _noisy_reads(self.card())
+            object.__setattr__(self, "estimator", "symmetric" if noisy else "one-sided")
         if self.arch is not None:
             specs = parse_arch(self.arch)
             object.__setattr__(self, "arch", format_arch(specs))
@@ -316,6 +317,13 @@ def layer_lr_scales(layers, cost: str, lr_width: int | None) -> tuple[float, ...
         n = n_in if (cost == "ce" and l == last) else max(n_in, n_out)
         out.append(min(1.0, lr_width / n))
     return tuple(out)
+
+
+def _noisy_reads(card) -> bool:
+    """Whether a read of the card's arrays carries noise (read noise of the cells, output noise,
+    ADC rounding): the settle's steady-state test then stops at a noise floor."""
+    p = card.periphery
+    return bool(getattr(card.device, "read_noise", 0.0) or p.out_noise or p.adc_bits)
 
 
 def option_names() -> tuple[str, ...]:

@@ -72,13 +72,15 @@ def test_free_tolerance_is_tied_to_estimator_and_beta():
     assert (ep.free.atol, ep.free.rtol) == (3e-4, 0.1)
 
 
-def test_default_estimator_is_one_sided_on_ideal_weights_and_symmetric_on_a_device():
+def test_default_estimator_is_one_sided_on_exact_reads_and_symmetric_on_noisy_ones():
     """Measured (docs/ep.md, "Choosing the defaults"): on ideal weights one-sided β = 0.5 with its
     tied free tolerance aligns better with the implicit gradient than symmetric β = 0.5 (cosine
-    0.97 vs 0.73 on a trained 784-500-500-10 net) and trains deeper nets; on a device card the
-    free phase stops at the read-noise floor and one-sided EP diverges where symmetric learns."""
+    0.97 vs 0.73 on a trained 784-500-500-10 net) and trains deeper nets; through noisy reads the
+    free phase stops at the noise floor and one-sided EP diverges where symmetric learns."""
     assert TrainConfig().estimator == "one-sided"
     assert TrainConfig().ep_config().estimator == "one-sided"
     assert TrainConfig(device="pcm").estimator == "symmetric"
+    assert TrainConfig(device="ideal").estimator == "one-sided"  # exact reads: as without a device
+    assert TrainConfig(device="ideal", set={"out_noise": 0.01}).estimator == "symmetric"
     assert TrainConfig(device="pcm", estimator="one-sided").estimator == "one-sided"
     assert TrainConfig.from_dict(TrainConfig().to_dict()).estimator == "one-sided"
