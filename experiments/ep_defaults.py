@@ -35,6 +35,7 @@ CANDIDATES = {
     "one_b0.2": dict(estimator="one-sided", beta=0.2),
     "one_b1": dict(estimator="one-sided", beta=1.0),
     "sym_b0.5": dict(estimator="symmetric", beta=0.5),
+    "new_lrw0": dict(lr_width=0),  # the new defaults with one learning rate for all layers
 }
 
 
