@@ -107,7 +107,7 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
     hist = res.history
     ep_times = [h.epoch_seconds - bp.seconds[h.epoch] for h in hist]
     bp_times = [bp.seconds[h.epoch] for h in hist]
-    n_nudged = 2 if cfg.estimator == "symmetric" else 1
+    n_nudged = {"one-sided": 1, "symmetric": 2}.get(cfg.estimator)  # holomorphic: N/2 + 1 real-or-complex phases
     report = {
         "benchmark": "deep",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
