@@ -25,6 +25,19 @@ def test_foundation_benchmark_writes_its_figures(tmp_path):
     assert r["ep"]["free_steps_mean_all"] >= 0 and r["ep"]["nudged_steps_mean_all"] >= 0
 
 
+def test_deep_benchmark_interleaves_backprop_and_writes_its_figures(tmp_path):
+    from mep_hw.benchmarks import deep
+
+    out = tmp_path / "d.json"
+    deep.main(["--dataset", "digits", "--layers", "64,40,40,10", "--epochs", "2", "--limit-train", "200",
+               "--limit-test", "100", "--set", "lr_width=20", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["config"]["estimator"] == "one-sided" and r["config"]["lr_width"] == 20
+    assert len(r["ep"]["test_accuracy_history"]) == 2 and len(r["backprop"]["test_accuracy_history"]) == 2
+    assert all(t > 0 for t in r["backprop"]["epoch_seconds"]) and r["ep_over_backprop_epoch_time"] > 0
+    assert r["ep"]["free_steps_mean_all"] > 0 and r["ep"]["nudged_phases"] == 1
+
+
 def tiny_config(tmp_path, **over):
     cfg = {"name": "tiny", "dataset": "digits", "model": {"type": "mlp", "layers": [64, 32, 10]}, "epochs": 2,
            "batch_size": 64, "limit_train": 300, "limit_test": 100,

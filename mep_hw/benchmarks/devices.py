@@ -157,7 +157,7 @@ def accuracy(data_dir, cards: list[str], epochs: int, out: Path, runs_dir: Path 
         label = spec
         cfg = TrainConfig(dataset="mnist", data_dir=data_dir, layers=(784, 500, 10), epochs=epochs,
                           device=None if name == "ideal_float" else name, set=sets,
-                          limit_train=limit_train, limit_test=limit_test)
+                          limit_train=limit_train, limit_test=limit_test, estimator="symmetric")  # one estimator for every card, as measured
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = (runs_dir / label.replace(":", "_").replace("=", "").replace(",", "_")) if runs_dir else Path(tmp) / "run"
             t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from mep_hw.settle import SOLVER_NAMES as SOLVERS, SWEEPS, SettleConfig  # table
 from mep_hw.settle import SOLVERS as ODE_SOLVERS
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "UPDATES", "SCHEDULES", "DTYPES", "DEFAULT_DT", "SETTLE_TIME", "parse_layers", "parse_cycles",
-           "option_names"]
+           "option_names", "layer_lr_scales"]
 
 OPTIMIZERS = HOST_OPTIMIZERS
 UPDATES = ("host", "analog", "tiki-taka")
@@ -103,6 +103,9 @@ class TrainConfig:
         "adam", "host optimizer that applies the EP gradient (muon/dion: Muon or Dion on the weight matrices, "
         "Adam at lr/10 on the biases, momentum 0.95; use --lr 0.02)", choices=OPTIMIZERS)
     lr: float = _opt(1e-3, "learning rate of the host optimizer", metavar="F")
+    lr_width: int | None = _opt(
+        500, "per-layer learning rates: a weight matrix between two state layers (or the readout) whose wider side n "
+        "exceeds this width gets lr·lr_width/n; the input matrix and the biases get lr (0: one lr for all)", metavar="N")
     momentum: float = _opt(0.9, "momentum of sgd", metavar="F")
     weight_decay: float = _opt(0.0, "L2 weight decay of the host optimizer", metavar="F")
     schedule: str = _opt("cosine", "learning-rate schedule over the whole run", choices=SCHEDULES)
@@ -111,7 +114,10 @@ class TrainConfig:
         "their sum form one last cycle. Written by --resume --epochs to record how the schedule was extended", metavar="N,N,…",
     )
     beta: float = _opt(0.5, "nudging strength β > 0", metavar="F")
-    estimator: str = _opt("symmetric", "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs --activation sigmoid)", choices=ESTIMATORS)
+    estimator: str | None = _opt(
+        None, "EP estimator: one-sided (+β), symmetric (±β) or holomorphic (4 complex β on a circle; needs "
+        "--activation sigmoid); default: one-sided, symmetric on a --device whose reads are noisy (docs/ep.md, "
+        "\"Choosing the defaults\")", choices=ESTIMATORS)
     random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
     solver: str = _opt(
         "auto", "settle solver; auto: the block sweep for a layered net with a box activation (hard_sigmoid), "
@@ -119,8 +125,12 @@ class TrainConfig:
     dt: float | None = _opt(
         None, "solver step (first step of adaptive solvers), in units of τ; default per activation: "
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_DT.items()) + " (recorded in config.toml)", metavar="F")
-    atol: float = _opt(1e-4, "free phase: absolute steady-state tolerance on rms(ds/dt)", metavar="F")
-    rtol: float = _opt(1e-2, "free phase: tolerance relative to rms(s)", metavar="F")
+    atol: float | None = _opt(
+        None, "free phase: absolute steady-state tolerance on rms(ds/dt) (default: tied to the estimator, see "
+        "free_tolerance: one-sided min(nudged_atol, 2e-5·β); symmetric and holomorphic 1e-4)", metavar="F")
+    rtol: float | None = _opt(
+        None, "free phase: tolerance relative to rms(s) (default: one-sided nudged_rtol; symmetric and holomorphic "
+        "1e-2)", metavar="F")
     max_steps: int | None = _opt(
         None, "free phase: step limit (default: a settle time / dt; "
         + ", ".join(f"{k} {v[0]:g} τ" for k, v in SETTLE_TIME.items()) + ")", metavar="N")
@@ -188,6 +198,11 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
+        if self.estimator is None:  # measured (docs/ep.md): one-sided is the better estimate on exact reads;
+            # through noisy reads the free phase stops at the noise floor and only the symmetric contrast
+            # cancels its unfinished relaxation
+            noisy = self.device is not None and _noisy_reads(self.card())
+            object.__setattr__(self, "estimator", "symmetric" if noisy else "one-sided")
         if self.arch is not None:
             specs = parse_arch(self.arch)
             object.__setattr__(self, "arch", format_arch(specs))
@@ -215,6 +230,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "max_steps", "nudged_max_steps", "eval_batch_size", "pulse_bl",
                      "transfer_every", "transfer_columns", "transfer_max_pulses"):
             _int(name, getattr(self, name), lo=1)
+        if self.lr_width is not None:
+            _int("lr_width", self.lr_width, lo=0)
         _int("seed", self.seed, lo=0)
         for name in ("limit_train", "limit_test"):
             if getattr(self, name) is not None:
@@ -222,7 +239,8 @@ class TrainConfig:
         for name in ("lr", "beta", "dt"):
             _float(name, getattr(self, name), positive=True)
         for name in ("momentum", "weight_decay", "atol", "rtol", "nudged_atol", "nudged_rtol", "transfer_lr", "tt_gamma"):
-            _float(name, getattr(self, name), positive=False)
+            if getattr(self, name) is not None or name not in ("atol", "rtol"):
+                _float(name, getattr(self, name), positive=False)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
         for name in ("random_sign", "transfer_forget", "transfer_reset"):
@@ -286,14 +304,43 @@ class TrainConfig:
             parse_trace_every(self.trace_every)
 
     # ------------------------------------------------------------------ derived configs
+    def free_tolerance(self) -> tuple[float, float]:
+        """(atol, rtol) of the free phase: the fields where given, else tied to the estimator.
+
+        The one-sided estimate [∂F/∂θ(s^β) − ∂F/∂θ(s⁰)]/β divides the free state's error by β, so
+        its free phase must be settled as tightly as the nudged one that it is subtracted from,
+        and tighter as β shrinks: atol = min(nudged_atol, 2e-5·β) (= nudged_atol = 1e-5 at
+        β = 0.5), rtol = nudged_rtol. The symmetric and holomorphic estimates difference nudged
+        states only; the free state is their starting point, so a loose test suffices while
+        the nudged phases converge: atol = 1e-4, rtol = 1e-2. Measured gradient cosines against
+        the implicit gradient: docs/ep.md, "Tolerances of the phases"."""
+        if self.estimator == "one-sided":
+            tied = (min(self.nudged_atol, 2e-5 * self.beta), self.nudged_rtol)
+        else:
+            tied = (1e-4, 1e-2)
+        return (tied[0] if self.atol is None else self.atol, tied[1] if self.rtol is None else self.rtol)
+
     def ep_config(self) -> EPConfig:
-        free = SettleConfig(solver=self.settle_solver, dt=self.dt, atol=self.atol, rtol=self.rtol, max_steps=self.max_steps)
+        atol, rtol = self.free_tolerance()
+        free = SettleConfig(solver=self.settle_solver, dt=self.dt, atol=atol, rtol=rtol, max_steps=self.max_steps)
         nudged = SettleConfig(
             solver=self.settle_solver, dt=self.dt, atol=self.nudged_atol, rtol=self.nudged_rtol, max_steps=self.nudged_max_steps
         )
         return EPConfig(
             beta=self.beta, estimator=self.estimator, random_sign=self.random_sign, init=self.init, free=free, nudged=nudged
         )
+
+    def param_groups(self, model) -> list[dict]:
+        """The host optimizer's parameter groups for ``model``: for a dense LayeredHopfield, weight
+        matrix l at lr·s_l with s_l from :func:`layer_lr_scales` and every bias at lr; for other
+        networks (convolutions) one group at lr. Pass them where the optimizer takes its
+        parameters (``torch.optim.Adam(cfg.param_groups(model), lr=cfg.lr)``)."""
+        dense = len(model.layers) == len(model.weights) + 1 and all(w.ndim == 2 for w in model.weights)
+        if not dense or not self.lr_width:
+            return [{"params": list(model.param_list()), "lr": self.lr}]
+        scales = layer_lr_scales(model.layers, model.cost, self.lr_width)
+        groups = [{"params": [w], "lr": self.lr * k} for w, k in zip(model.weights, scales)]
+        return groups + [{"params": list(model.biases), "lr": self.lr}]
 
     def card(self):
         """The device card with the ``set`` overrides applied (None without ``device``)."""
@@ -354,6 +401,38 @@ class TrainConfig:
     def default_steps(self) -> tuple[int, int]:
         """The (free, nudged) step limits that default to the activation's settle times / dt."""
         return tuple(max(1, round(tau / self.dt)) for tau in SETTLE_TIME[self.activation])
+
+
+def layer_lr_scales(layers, cost: str, lr_width: int | None) -> tuple[float, ...]:
+    """Learning-rate multiplier of each weight matrix of a layered Hopfield network.
+
+    An Adam step moves every weight by about lr, and the presynaptic states of a hard-sigmoid
+    network are ≥ 0, so a step moves a unit's total input by up to lr·n·mean(ρ) for n inputs: it
+    grows with the width. Between two state layers the matrix is read both ways (W ρ(s_l) up,
+    Wᵀ ρ(s_{l+1}) down), so the wider side counts. Matrices between state layers whose wider
+    side n exceeds ``lr_width`` get ``lr_width / n`` (the readout of a ``ce`` cost: its fan-in);
+    the input matrix keeps 1 (its fan-in is the data's). This is μP's Adam scaling of hidden and
+    output weights (Yang et al. 2021, Tensor Programs V), capped at 1 so that nets no wider than
+    ``lr_width`` train as before. Measured (784-2000-2000-10, MSE, 40 Adam steps at lr 1e-3 on
+    MNIST): every state saturates at 0 or 1 and learning stops at 10 %; at lr/4 it reaches 85 %.
+    """
+    layers = tuple(int(n) for n in layers)
+    out = []
+    last = len(layers) - 2
+    for l, (n_in, n_out) in enumerate(zip(layers[:-1], layers[1:])):
+        if l == 0 or not lr_width:
+            out.append(1.0)
+            continue
+        n = n_in if (cost == "ce" and l == last) else max(n_in, n_out)
+        out.append(min(1.0, lr_width / n))
+    return tuple(out)
+
+
+def _noisy_reads(card) -> bool:
+    """Whether a read of the card's arrays carries noise (read noise of the cells, output noise,
+    ADC rounding): the settle's steady-state test then stops at a noise floor."""
+    p = card.periphery
+    return bool(getattr(card.device, "read_noise", 0.0) or p.out_noise or p.adc_bits)
 
 
 def option_names() -> tuple[str, ...]:

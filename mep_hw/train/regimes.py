@@ -78,7 +78,7 @@ class HostUpdate:
         if cfg.spectral_gamma is not None and model.n_states > 1:
             coupled = list(model.weights)[1 : model.n_states]
         self.optimizer = host_optimizer(
-            cfg.optimizer, self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            cfg.optimizer, cfg.param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             writer=None if store.exact else store.writer, error_feedback=not store.exact, coupled=coupled,
             coupled_gamma=cfg.spectral_gamma,
         )

@@ -25,7 +25,9 @@ def test_arch_option_is_canonical_and_validated():
 
 
 def test_a_conv_run_learns_and_resumes(tmp_path):
-    cfg = TrainConfig(**{**SMALL, "epochs": 3}, cost="ce", lr=0.01)
+    # the conv path is characterised with symmetric EP (docs/conv.md); with the one-sided default of
+    # ideal weights the 12 steps lower the loss the same (2.286 → 2.207) but leave 100 test digits at 15 %
+    cfg = TrainConfig(**{**SMALL, "epochs": 3}, cost="ce", lr=0.01, estimator="symmetric")
     train(cfg, tmp_path / "a", progress=False)
     m = metrics(tmp_path / "a")
     assert m["status"] == "completed" and m["config"]["arch"] == ARCH

@@ -140,3 +140,27 @@ def test_in_array_regimes_need_a_pulsed_device(tmp_path):
         TrainConfig(**SMALL, update="analog")
     with pytest.raises(DeviceError, match="no pulse"):
         train(TrainConfig(**SMALL, device="fpga_q16", update="analog"), tmp_path / "f", progress=False)
+
+
+def test_layer_lr_scales_follow_the_wider_side_above_lr_width():
+    from mep_hw.train.config import layer_lr_scales
+
+    assert layer_lr_scales((784, 500, 500, 10), "mse", 500) == (1.0, 1.0, 1.0)
+    assert layer_lr_scales((784, 2000, 2000, 10), "mse", 500) == (1.0, 0.25, 0.25)
+    # a ce readout is read one way only: its fan-in counts
+    assert layer_lr_scales((784, 1000, 1000, 10), "ce", 500) == (1.0, 0.5, 0.5)
+    assert layer_lr_scales((784, 2000, 2000, 10), "mse", 0) == (1.0, 1.0, 1.0)
+
+
+def test_the_host_regime_steps_each_matrix_at_its_layer_lr():
+    """One Adam step moves every weight by ≈ its group's lr (the first Adam step is lr·sign(g))."""
+    m = LayeredHopfield((12, 40, 40, 5), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(dataset="digits", lr=1e-3, lr_width=20, schedule="constant")
+    reg = HostUpdate(m, cfg, steps_total=10)
+    before = [w.detach().clone() for w in m.weights]
+    b_before = [b.detach().clone() for b in m.biases]
+    grads = [torch.ones_like(p) for p in m.param_list()]
+    reg.apply(Estimate(grads))
+    moved = [float((w.detach() - b).abs().max()) for w, b in zip(m.weights, before)]
+    assert moved == pytest.approx([1e-3, 1e-3 * 20 / 40, 1e-3 * 20 / 40], rel=1e-3)
+    assert [float((b.detach() - b0).abs().max()) for b, b0 in zip(m.biases, b_before)] == pytest.approx([1e-3] * 3, rel=1e-3)
