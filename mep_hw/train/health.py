@@ -53,7 +53,7 @@ class SettleHealth(NamedTuple):
 
 def _remedy(cfg: TrainConfig, phase: str) -> str:
     stable = DEFAULT_DT.get(cfg.activation)
-    if cfg.solver == "euler" and stable is not None and cfg.dt > stable:
+    if cfg.settle_solver == "euler" and stable is not None and cfg.dt > stable:
         return (f"lower --dt to {stable:g} (the default for --activation {cfg.activation}: Euler at dt={cfg.dt:g} "
                 "overshoots this settle and cycles instead of converging)")
     limit = "--max-steps" if phase == "free" else "--nudged-max-steps"
@@ -74,7 +74,7 @@ def settle_health(
     there (optional; named in the message when far above the tolerance)."""
     parts, remedies, status = [], [], "ok"
     for phase, frac, res, atol, limit in (
-        ("free", free_limit_frac, free_residual_max, cfg.atol, cfg.max_steps),
+        ("free", free_limit_frac, free_residual_max, cfg.free_tolerance()[0], cfg.max_steps),
         ("nudged", nudged_limit_frac, nudged_residual_max, cfg.nudged_atol, cfg.nudged_max_steps),
     ):
         if not (isinstance(frac, (int, float)) and math.isfinite(frac) and 0.0 <= frac <= 1.0):

@@ -74,7 +74,7 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
 
 
 def test_a_diverging_run_records_the_failure_and_keeps_its_checkpoint(tmp_path):
-    cfg = TrainConfig(**{**SMALL, "activation": "sigmoid", "dt": 3.0, "epochs": 1})
+    cfg = TrainConfig(**{**SMALL, "activation": "sigmoid", "dt": 3.0, "epochs": 1, "max_steps": 100, "estimator": "symmetric"})
     with pytest.raises(SettleError, match="NONFINITE"):
         train(cfg, tmp_path / "d", progress=False)
     m = metrics(tmp_path / "d")
@@ -93,7 +93,7 @@ def test_layers_must_fit_the_dataset(tmp_path):
         ({"lr": -1.0}, "lr=-1.0 must be a finite number > 0"),
         ({"beta": 0.0}, "beta=0.0 must be a finite number > 0"),
         ({"solver": "rk45"}, "solver='rk45' is not valid; choose one of: " + ", ".join(SOLVER_NAMES)),
-        ({"beta": 1.0}, r"beta=1 ≥ 1 with the MSE cost and a −β phase \(symmetric estimator\)"),
+        ({"beta": 1.0, "estimator": "symmetric"}, r"beta=1 ≥ 1 with the MSE cost and a −β phase \(symmetric estimator\)"),
         ({"beta": 2.0, "estimator": "one-sided", "random_sign": True}, r"beta=2 ≥ 1 .*\(random sign\)"),
         ({"cosine_cycles": "2,0"}, "cosine_cycles='2,0' must be one or more whole numbers of epochs ≥ 1"),
         ({"cosine_cycles": "2", "schedule": "constant"}, "cosine_cycles=2 needs --schedule cosine"),
