@@ -36,9 +36,10 @@ def test_compare_writes_report_and_every_plot(tmp_path):
         assert f"]({png})" in text, png
         w, h = _png_size(tmp_path / "rep" / png)
         assert w > 300 and h > 200
-    # each run is labelled by what differs between the two: the card and its override, and lr
-    assert "| pcm lr=0.02 levels=16 | pcm | completed | 2 |" in text
-    assert "| ideal (float) lr=0.001 | none (float) | completed | 2 |" in text
+    # each run is labelled by what differs between the two: the card and its override, lr, and the
+    # estimator (the default resolves per card: one-sided on exact weights, symmetric on noisy reads)
+    assert "| pcm estimator=symmetric lr=0.02 levels=16 | pcm | completed | 2 |" in text
+    assert "| ideal (float) estimator=one-sided lr=0.001 | none (float) | completed | 2 |" in text
     assert "| 16 (4 b) | 2 % |" in text  # the sweep table: levels with bits, read noise in %
     assert "± 0.00" not in text  # one seed per cell: no spread to show
     assert "Not drawn" not in text
@@ -135,7 +136,7 @@ def test_plot_text_does_not_collide_with_long_labels_and_many_runs(tmp_path, fig
 def test_a_sweep_where_no_point_completed_says_so(tmp_path, figures):
     spec = tmp_path / "s.toml"
     spec.write_text('[base]\ndataset = "digits"\nlayers = "64,12,10"\nepochs = 1\nlimit_train = 100\nlimit_test = 50\n'
-                    'dt = 50.0\n[axes]\nmax_steps = [10, 20]\nnudged_max_steps = [5, 10]\n')
+                    'solver = "euler"\ndt = 50.0\n[axes]\nmax_steps = [10, 20]\nnudged_max_steps = [5, 10]\n')  # Euler at dt 50 cycles
     run_sweep(spec, tmp_path / "sweep", workers=2, threads=1, progress=False)
     text = compare([tmp_path / "sweep"], tmp_path / "rep").read_text()
     assert "| 10 | 5 | no point completed | 0 |" in text and "not_settling — not settling" in text

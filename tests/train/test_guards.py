@@ -145,7 +145,7 @@ def test_settles_that_never_converge_stop_the_run_as_not_settling(tmp_path):
     run = tmp_path / "n"
     with pytest.raises(DivergedError, match=r"not settling .*100 % of this epoch's 200 free-phase settles ended at the "
                                             r"step limit \(--max-steps 100\).*remedy: lower --dt") as e:
-        train(TrainConfig(**SMALL, epochs=2, dt=50.0), run, progress=False)
+        train(TrainConfig(**SMALL, epochs=2, solver="euler", dt=50.0, max_steps=100), run, progress=False)  # block ignores dt
     assert e.value.status == "not_settling"
     assert metrics(run)["status"] == "not_settling"
 
