@@ -57,7 +57,7 @@ def run_one(card: str, method: str, update: str, *, data_dir, epochs: int, lr: f
     cost = (m.get("cost") or {}).get("train") or {}
     per = cost.get("per_sample", {})
     return {
-        "card": card, "method": method, "update": update, "lr": lr, "epochs": epochs,
+        "card": card, "method": method, "update": update, "lr": lr, "epochs": epochs, "config": dict(extra or {}),
         "test_accuracy": res.test_accuracy, "test_accuracy_history": [h.test_accuracy for h in res.history],
         "train_loss_history": [h.train_loss for h in res.history],
         "energy_J_per_sample": cost.get("energy_J_per_sample"), "host_flops_per_sample": per.get("host_flops"),
