@@ -53,3 +53,31 @@ def test_update_management_gives_the_learning_rate_and_balances_the_maxima():
     with pytest.raises(ConfigError, match="BL=0 must be ≥ 1"):
         coincidences(torch.ones(1, 2), torch.ones(1, 2), bl=0, cx=1, cd=1, generator=torch.Generator())
     assert math.isfinite(update_management(0.0, 10, 0.1, 0.0, 0.0)[0])
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_tiki_taka_buffer_keeps_momentum_times_the_transfer(forget):
+    """aihwkit's BufferedTransferCompound: after a transfer of n pulses the buffer is reset to
+    momentum·n (forget_buffer) or loses (1 − momentum)·n; cells that did not transfer keep H."""
+    from mep_hw.hw import IdealDevice, Periphery, Tile
+    from mep_hw.hw.transfer import TransferConfig, TransferState, transfer_step
+
+    W = torch.zeros(3, 4, dtype=torch.float64)
+    W[0, 0] = 1.0  # sets w_scale = 1 (× headroom): the fast and slow tiles share the mapping
+    fast = Tile(IdealDevice(dw_pulse=0.01), Periphery(), W, seed=0)
+    slow = Tile(IdealDevice(dw_pulse=0.01), Periphery(), W, seed=1)
+    sym = torch.zeros(3, 4, dtype=torch.float64)
+    dw_c = slow.dw_pulse
+    # A holds 2.5 C-pulses in cell (0, 1) and 0.4 in (1, 2): one transfers (clipped to 1), one not
+    a = torch.zeros(3, 4, dtype=torch.float64)
+    a[0, 1], a[1, 2] = 2.5 * dw_c, 0.4 * dw_c
+    fast.program(a)
+    cfg = TransferConfig(columns=4, lr=1.0, max_pulses=1, momentum=0.1, forget=forget)
+    c0 = slow.held().clone()
+    st, flops = transfer_step(fast, slow, TransferState(torch.zeros(3, 4, dtype=torch.float64), 0), cfg, sym)
+    dc = (slow.held() - c0) / dw_c
+    assert torch.allclose(dc[0, 1], torch.tensor(1.0, dtype=torch.float64)) and dc.abs().sum() == pytest.approx(1.0)
+    expected = 0.1 * 1.0 if forget else 2.5 - 0.9 * 1.0
+    assert float(st.H[0, 1]) == pytest.approx(expected, abs=1e-9)
+    assert float(st.H[1, 2]) == pytest.approx(0.4, abs=1e-9)  # below one pulse: kept in the buffer
+    assert flops == 5 * 3 * 4 and st.next_col == 0
