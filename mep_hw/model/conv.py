@@ -662,28 +662,6 @@ class ConvHopfield(StoreReads, nn.Module):
             e = e - self._coupling_energy(l, rho[l], rho[l + 1])
         return e
 
-    def logits(self, states: Sequence[Tensor]) -> Tensor:
-        """The network's output scores: the output state (mse) or the readout logits (ce)."""
-        if self.cost == "mse":
-            return states[-1]
-        r = self.act.fn(states[-1])
-        if self.store.exact:
-            return DenseCoupling(self.weights[-1]).mvm(r, self.biases[-1])
-        return self.store_ops(r.is_complex())[-1].mvm(r, self.biases[-1].detach(), x_in_bound=self.act.box is not None)
-
-    def cost_fn(self, states: Sequence[Tensor], target: Tensor) -> Tensor:
-        """C(s) per sample, shape (batch,)."""
-        if self.cost == "mse":
-            return 0.5 * ((states[-1] - target) ** 2).sum(1)
-        return -(torch.log_softmax(self.logits(states), dim=1) * target).sum(1)
-
-    def total_energy(self, x: Tensor, states: Sequence[Tensor], beta: float, target: Tensor | None) -> Tensor:
-        """F = E + βC per sample."""
-        f = self.energy(x, states)
-        if beta != 0.0:
-            f = f + beta * self.cost_fn(states, target)
-        return f
-
     # ----------------------------------------------------------------- EP parameter gradients
     def _routed(self, l: int, below: Tensor, above: Tensor) -> Tensor:
         """P'ᵀρ(s_{l+1}) on the convolution's output grid (B, C_out, h_conv, w_conv): for max

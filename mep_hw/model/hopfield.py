@@ -283,6 +283,32 @@ class StoreReads:
             ops = tuple(ComplexReads(op) for op in ops)
         return ops
 
+    # the readout and the cost, shared by the layered and the convolutional networks (which give
+    # ``cost``, ``act``, ``weights``, ``biases`` and ``energy``)
+    def logits(self, states: Sequence[Tensor]) -> Tensor:
+        """The network's output scores: the output state (mse) or the readout logits (ce), read
+        through the store like every other weight (differentiable on exact weights)."""
+        if self.cost == "mse":
+            return states[-1]
+        r = self.act.fn(states[-1])
+        if self.store.exact:  # the parameter itself: differentiable, complex inputs read as they are
+            return ExactOp(self.weights[-1]).mvm(r, self.biases[-1])
+        b = None if self.store.holds_biases else self.biases[-1].detach()
+        return self.store_ops(r.is_complex())[-1].mvm(r, b, x_in_bound=self.act.box is not None)
+
+    def cost_fn(self, states: Sequence[Tensor], target: Tensor) -> Tensor:
+        """C(s) per sample, shape (batch,)."""
+        if self.cost == "mse":
+            return 0.5 * ((states[-1] - target) ** 2).sum(1)
+        return -(torch.log_softmax(self.logits(states), dim=1) * target).sum(1)
+
+    def total_energy(self, x: Tensor, states: Sequence[Tensor], beta: float, target: Tensor | None) -> Tensor:
+        """F = E + βC per sample."""
+        f = self.energy(x, states)
+        if beta != 0.0:
+            f = f + beta * self.cost_fn(states, target)
+        return f
+
 
 class LayeredHopfield(StoreReads, nn.Module):
     """A layered Hopfield network of any depth for EP (see the module docstring for F).
@@ -433,30 +459,6 @@ class LayeredHopfield(StoreReads, nn.Module):
         for l in range(self.n_states):
             e = e - ((rho[l] @ self.weights[l].T) * rho[l + 1]).sum(1) - rho[l + 1] @ self.biases[l]
         return e
-
-    def logits(self, states: Sequence[Tensor]) -> Tensor:
-        """The network's output scores: the output state (mse) or the readout logits (ce), read
-        through the store like every other weight (differentiable on exact weights)."""
-        if self.cost == "mse":
-            return states[-1]
-        r = self.act.fn(states[-1])
-        if self.store.exact:  # the parameter itself: differentiable, complex inputs read as they are
-            return ExactOp(self.weights[-1]).mvm(r, self.biases[-1])
-        b = None if self.store.holds_biases else self.biases[-1].detach()
-        return self.store_ops(r.is_complex())[-1].mvm(r, b, x_in_bound=self.act.box is not None)
-
-    def cost_fn(self, states: Sequence[Tensor], target: Tensor) -> Tensor:
-        """C(s) per sample, shape (batch,)."""
-        if self.cost == "mse":
-            return 0.5 * ((states[-1] - target) ** 2).sum(1)
-        return -(torch.log_softmax(self.logits(states), dim=1) * target).sum(1)
-
-    def total_energy(self, x: Tensor, states: Sequence[Tensor], beta: float, target: Tensor | None) -> Tensor:
-        """F = E + βC per sample."""
-        f = self.energy(x, states)
-        if beta != 0.0:
-            f = f + beta * self.cost_fn(states, target)
-        return f
 
     # ----------------------------------------------------------------- EP parameter gradients
     @torch.no_grad()
