@@ -1,14 +1,32 @@
-"""The backprop baselines' optimizer: what a training run's host optimizer does, as the cheapest
-correct PyTorch implementation (torch's fused Adam, plain SGD; Muon and Dion from the optimizer
-API), with the run's cosine schedule."""
+"""What the benchmarks share: the backprop baselines' optimizer (what a training run's host
+optimizer does, as the cheapest correct PyTorch implementation: torch's fused Adam, plain SGD;
+Muon and Dion from the optimizer API, with the run's cosine schedule) and the ``--set
+FIELD=VALUE`` training-config overrides."""
 
 from __future__ import annotations
 
 import torch
 
+from mep_hw.errors import ConfigError
+from mep_hw.hw.cards import parse_value
 from mep_hw.optimizers import host_optimizer
 
-__all__ = ["baseline_optimizer"]
+__all__ = ["baseline_optimizer", "config_sets"]
+
+
+def config_sets(items) -> dict:
+    """``["field=value", …]`` → {field: value} (values parsed as in a card or config file),
+    checked against :class:`~mep_hw.train.TrainConfig` before any run starts."""
+    from mep_hw.train import TrainConfig
+
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set torch_device=cuda")
+        out[key.strip()] = parse_value(value.strip())
+    TrainConfig.from_dict(dict(out), source="--set")  # an unknown field or a bad value fails here
+    return out
 
 
 def baseline_optimizer(cfg, params, steps_total: int):

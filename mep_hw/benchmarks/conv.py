@@ -29,7 +29,7 @@ from mep_hw.io import load_dataset
 from mep_hw.io.runs import write_json
 from mep_hw.model import ConvHopfield, build_network
 from mep_hw.train import TrainConfig, train
-from mep_hw.benchmarks._baseline import baseline_optimizer
+from mep_hw.benchmarks._baseline import baseline_optimizer, config_sets
 from mep_hw.train.fit import epoch_generator, iterate_batches
 
 __all__ = ["feedforward_cnn", "run", "main"]
@@ -80,54 +80,19 @@ def _median(v):
     return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
 
 
-def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
-    ds = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    model0 = build_network(arch=cfg.arch, layers=None, input_shape=ds.input_shape, n_classes=ds.n_classes,
-                           activation=cfg.activation, cost=cfg.cost, seed=cfg.seed, dtype=cfg.torch_dtype)
-    net = feedforward_cnn(model0)  # the EP run starts from the same weights (same seed)
-    xtr, ytr = torch.as_tensor(ds.x_train), torch.as_tensor(ds.y_train)
-    xte, yte = torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
-    n = xtr.shape[0]
-    opt, sched = baseline_optimizer(cfg, net.parameters(), cfg.epochs * -(-n // cfg.batch_size))
-    bp_hist, ep_hist = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        rd = run_dir or Path(tmp) / "ep"
-        # the EP run is extended an epoch at a time; its cosine is planned over all cfg.epochs (one
-        # cycle, as the CNN's), so each extension continues it rather than starting a new cycle
-        plan = cfg.replace(cosine_cycles=(cfg.epochs,)) if cfg.schedule == "cosine" and cfg.cosine_cycles is None else cfg
-        for epoch in range(1, cfg.epochs + 1):
-            res = train(plan.replace(epochs=epoch), rd, resume=epoch > 1, explicit={"epochs"}, dataset=ds, progress=False)
-            ep_hist = list(res.history)
-            t0 = time.perf_counter()
-            for idx in iterate_batches(n, cfg.batch_size, epoch_generator(cfg.seed, epoch)):
-                x, y = xtr.index_select(0, idx), ytr.index_select(0, idx)
-                opt.zero_grad(set_to_none=True)
-                pred = net(x)
-                if cfg.cost == "ce":
-                    loss = nn.functional.cross_entropy(pred, y)
-                else:
-                    loss = 0.5 * ((pred - nn.functional.one_hot(y, ds.n_classes).to(pred.dtype)) ** 2).sum(1).mean()
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-            seconds = time.perf_counter() - t0
-            with torch.no_grad():
-                acc = sum(int((net(xte[i:i + 1000]).argmax(1) == yte[i:i + 1000]).sum()) for i in range(0, len(xte), 1000)) / max(1, len(xte))
-            bp_hist.append({"epoch": epoch, "epoch_seconds": seconds, "test_accuracy": acc})
-            h = ep_hist[-1]
-            print(f"epoch {epoch}: EP test acc {h.test_accuracy:.4f} ({h.epoch_seconds:.1f}s, steps free "
-                  f"{h.free_steps_mean:.1f} nudged {h.nudged_steps_mean:.1f}) | backprop {acc:.4f} ({seconds:.1f}s)", flush=True)
+def _report(cfg: TrainConfig, model0, ep_hist, bp_hist) -> dict:
     ep_times = [h.epoch_seconds for h in ep_hist]
     bp_times = [h["epoch_seconds"] for h in bp_hist]
-    report = {
+    return {
         "benchmark": "conv",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    **({"gpu": torch.cuda.get_device_name()} if torch.device(cfg.torch_device).type == "cuda" else {})},
         "config": cfg.to_dict(),
         "arch": cfg.arch,
         "layers": list(model0.layers),
         "reads_per_sample": {"positions_per_weight": list(model0.positions())},
+        "epochs_done": len(ep_hist),
         "ep": {
             "test_accuracy": ep_hist[-1].test_accuracy,
             "best_test_accuracy": max(h.test_accuracy for h in ep_hist),
@@ -148,7 +113,59 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
         "ep_over_backprop_epoch_time": _median(ep_times) / _median(bp_times),
         "ep_over_backprop_epoch_time_per_epoch": [a / b for a, b in zip(ep_times, bp_times)],
     }
-    write_json(out, report)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
+    """Train the EP run and the backprop CNN epoch by epoch; the JSON is rewritten after every
+    epoch, so an interrupted benchmark keeps the epochs it finished."""
+    ds = load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    model0 = build_network(arch=cfg.arch, layers=None, input_shape=ds.input_shape, n_classes=ds.n_classes,
+                           activation=cfg.activation, cost=cfg.cost, seed=cfg.seed, dtype=cfg.torch_dtype)
+    dev = torch.device(cfg.torch_device)
+    net = feedforward_cnn(model0).to(dev)  # the EP run starts from the same weights (same seed), on its device
+    xtr, ytr = torch.as_tensor(ds.x_train).to(dev), torch.as_tensor(ds.y_train).to(dev)
+    xte, yte = torch.as_tensor(ds.x_test).to(dev), torch.as_tensor(ds.y_test).to(dev)
+    n = xtr.shape[0]
+    opt, sched = baseline_optimizer(cfg, net.parameters(), cfg.epochs * -(-n // cfg.batch_size))
+    bp_hist, ep_hist = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        rd = run_dir or Path(tmp) / "ep"
+        # the EP run is extended an epoch at a time; its cosine is planned over all cfg.epochs (one
+        # cycle, as the CNN's), so each extension continues it rather than starting a new cycle
+        plan = cfg.replace(cosine_cycles=(cfg.epochs,)) if cfg.schedule == "cosine" and cfg.cosine_cycles is None else cfg
+        for epoch in range(1, cfg.epochs + 1):
+            res = train(plan.replace(epochs=epoch), rd, resume=epoch > 1, explicit={"epochs"}, dataset=ds, progress=False)
+            ep_hist = list(res.history)
+            _sync(dev)
+            t0 = time.perf_counter()
+            for idx in iterate_batches(n, cfg.batch_size, epoch_generator(cfg.seed, epoch)):
+                idx = idx.to(dev)
+                x, y = xtr.index_select(0, idx), ytr.index_select(0, idx)
+                opt.zero_grad(set_to_none=True)
+                pred = net(x)
+                if cfg.cost == "ce":
+                    loss = nn.functional.cross_entropy(pred, y)
+                else:
+                    loss = 0.5 * ((pred - nn.functional.one_hot(y, ds.n_classes).to(pred.dtype)) ** 2).sum(1).mean()
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+            _sync(dev)
+            seconds = time.perf_counter() - t0
+            with torch.no_grad():
+                acc = sum(int((net(xte[i:i + 1000]).argmax(1) == yte[i:i + 1000]).sum()) for i in range(0, len(xte), 1000)) / max(1, len(xte))
+            bp_hist.append({"epoch": epoch, "epoch_seconds": seconds, "test_accuracy": acc})
+            h = ep_hist[-1]
+            print(f"epoch {epoch}: EP test acc {h.test_accuracy:.4f} ({h.epoch_seconds:.1f}s, steps free "
+                  f"{h.free_steps_mean:.1f} nudged {h.nudged_steps_mean:.1f}) | backprop {acc:.4f} ({seconds:.1f}s)", flush=True)
+            report = _report(cfg, model0, ep_hist, bp_hist)
+            write_json(out, report)
     return report
 
 
@@ -168,10 +185,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/conv_mnist.json", help="JSON file to write")
     p.add_argument("--run-dir", default=None, help="keep the EP run folder here (default: a temporary folder)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="other TrainConfig fields, e.g. torch_device=cuda, estimator=symmetric, device=pcm")
     a = p.parse_args(argv)
     cfg = TrainConfig(dataset=a.dataset, data_dir=a.data_dir, arch=a.arch, cost=a.cost, epochs=a.epochs, lr=a.lr,
                       beta=a.beta, batch_size=a.batch_size, nudged_max_steps=a.nudged_max_steps,
-                      limit_train=a.limit_train, limit_test=a.limit_test, seed=a.seed)
+                      limit_train=a.limit_train, limit_test=a.limit_test, seed=a.seed, **config_sets(a.set))
     r = run(cfg, Path(a.out), Path(a.run_dir) if a.run_dir else None)
     print(f"EP test accuracy {r['ep']['test_accuracy']:.4f} (backprop {r['backprop']['test_accuracy']:.4f}); "
           f"EP/backprop epoch time {r['ep_over_backprop_epoch_time']:.1f}; wrote {a.out}")

@@ -73,6 +73,7 @@ class SyncCounter:
     def __init__(self, device):
         self.on = torch.device(device).type == "cuda"
         self.count = 0
+        self.sites: dict[str, int] = {}
 
     def __enter__(self):
         if self.on:
@@ -87,7 +88,12 @@ class SyncCounter:
         if self.on:
             torch.cuda.set_sync_debug_mode("default")
             self._w.__exit__(*exc)
-            self.count = sum("synchroniz" in str(w.message).lower() for w in self._log)
+            hits = [w for w in self._log if "synchroniz" in str(w.message).lower()]
+            self.count = len(hits)
+            # where: the Python line that made the host wait (file:line, the package's files only)
+            for w in hits:
+                site = f"{Path(w.filename).as_posix().split('mep_hw/')[-1]}:{w.lineno}"
+                self.sites[site] = self.sites.get(site, 0) + 1
             torch.cuda.synchronize()
         return False
 
@@ -132,7 +138,8 @@ def measure_device_step(cfg: TrainConfig, card_name: str, xs, ys, *, device: str
         n = len(xs) - 1
         on_cuda = torch.device(device).type == "cuda"
         return {"device_card": card_name, "device_step_ms": 1e3 * t / n,
-                "device_step_syncs": sc.count / n if on_cuda else None, "device_error": None}
+                "device_step_syncs": sc.count / n if on_cuda else None, "device_error": None,
+                "device_step_sync_sites": {k: v / n for k, v in sorted(sc.sites.items(), key=lambda kv: -kv[1])} if on_cuda else None}
     except Exception as e:  # recorded: this is what the check is for
         return {"device_card": card_name, "device_step_ms": None, "device_step_syncs": None,
                 "device_error": f"{type(e).__name__}: {e}"}
@@ -206,6 +213,8 @@ def measure(layers: str, batch: int, solver: str, check_every: int, *, device: s
         "settle_syncs_profiler": prof_settle,
         "ep_step_ms": 1e3 * t_ep / batches,
         "ep_step_syncs": se.count / batches if on_cuda else None,
+        "ep_step_sync_sites": {k: v / batches for k, v in sorted(se.sites.items(), key=lambda kv: -kv[1])} if on_cuda else None,
+        "settle_sync_sites": dict(sorted(sc.sites.items(), key=lambda kv: -kv[1])) if on_cuda else None,
         "ep_step_syncs_profiler": None if prof_ep is None else prof_ep / batches,
     }
 

@@ -18,7 +18,6 @@ of the free and of each nudged phase, and the share of nudged samples at their s
 from __future__ import annotations
 
 import argparse
-import ast
 import platform
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mep_hw.benchmarks._baseline import config_sets
 from mep_hw.benchmarks.foundation import _Clip01, _median
 from mep_hw.errors import ConfigError
 from mep_hw.io import load_dataset
@@ -142,17 +142,6 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
     return report
 
 
-def _parse_set(items) -> dict:
-    out = {}
-    for it in items or []:
-        k, _, v = it.partition("=")
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
@@ -167,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", default=None, help="keep the EP run folder here (default: a temporary folder)")
     a = p.parse_args(argv)
     cfg = TrainConfig(dataset=a.dataset, data_dir=a.data_dir, layers=a.layers, epochs=a.epochs,
-                      limit_train=a.limit_train, limit_test=a.limit_test, seed=a.seed, **_parse_set(a.set))
+                      limit_train=a.limit_train, limit_test=a.limit_test, seed=a.seed, **config_sets(a.set))
     r = run(cfg, Path(a.out), Path(a.run_dir) if a.run_dir else None)
     print(f"EP test accuracy {r['ep']['test_accuracy']:.4f} (backprop {r['backprop']['test_accuracy']:.4f}); "
           f"EP/backprop epoch time {r['ep_over_backprop_epoch_time']:.2f}; mean steps per sample: free "

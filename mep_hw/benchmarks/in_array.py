@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mep_hw.errors import ConfigError
-from mep_hw.hw.cards import parse_value
+from mep_hw.benchmarks._baseline import config_sets
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import read_json, write_json
 from mep_hw.train import TrainConfig, train
@@ -79,13 +79,7 @@ def main(argv=None) -> int:
                    help="a training-config field for every run, e.g. --set pulse_sampling=marginal (recorded in the JSON)")
     p.add_argument("--out", default="benchmarks/results/in_array.json")
     a = p.parse_args(argv)
-    extra = {}
-    for item in a.sets:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
-        extra[key] = parse_value(value)
-    TrainConfig.from_dict({**extra}, source="--set")  # an unknown field or a bad value fails here, before any run
+    extra = config_sets(a.sets)
     lrs = dict(LR)
     for item in a.lr:
         key, _, value = item.partition("=")

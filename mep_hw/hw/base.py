@@ -221,7 +221,8 @@ class Tile:
             raise DeviceError(f"{name}: a tile holds a matrix, got shape {tuple(W.shape)}")
         self.device, self.periphery, self.name = device, periphery, name
         self.shape = tuple(W.shape)
-        self.gen = torch.Generator().manual_seed(int(seed))
+        # on the tile's own device: CPU streams as before; on CUDA drawn there, no host copy
+        self.gen = torch.Generator(device=W.device).manual_seed(int(seed))
         self.noise = noise
         self.in_scale = float(in_scale)
         self.w_scale = device.mapping_scale(W.detach(), periphery.w_headroom)
@@ -417,7 +418,7 @@ class Tile:
         if self.read_model == "per_cell" and var is not None:
             # the reference read: every cell of every read draws its own noise, then the product
             std = var.sqrt() if isinstance(var, Tensor) else math.sqrt(var)
-            cells = torch.randn((x.shape[0], *Wk.shape), generator=self.gen, dtype=torch.float64).to(Wk.dtype).to(Wk.device)
+            cells = torch.randn((x.shape[0], *Wk.shape), generator=self.gen, dtype=torch.float64, device=Wk.device).to(Wk.dtype)
             y = torch.einsum("bi,bio->bo", xs, Wk + cells * (std * k))
             var = None
         else:
@@ -445,7 +446,7 @@ class Tile:
                     value = 1.0
                 else:
                     entry[3] = (u, value)
-            noise = self.noise.normal(y.shape) if self.noise is not None else torch.randn(y.shape, generator=self.gen, dtype=y.dtype)
+            noise = self.noise.normal(y.shape) if self.noise is not None else torch.randn(y.shape, generator=self.gen, dtype=y.dtype, device=y.device)
             y = y.addcmul_(u, noise, value=value)  # y is the fresh product: in place, no new buffer
         b = self._adc_b
         if b:
@@ -542,7 +543,7 @@ class Tile:
                     u2 = u2 + extra * (k / step) ** 2
             if bool((u2 > 0).any()):
                 noise = self.noise.normal(y.shape) if self.noise is not None else \
-                    torch.randn(y.shape, generator=self.gen, dtype=torch.float64).to(y.dtype)
+                    torch.randn(y.shape, generator=self.gen, dtype=torch.float64, device=y.device).to(y.dtype)
                 y = y + u2.sqrt() * noise
             if b:
                 y = y.clamp_(-b, b).round_()

@@ -74,7 +74,13 @@ class Card(NamedTuple):
 
 
 def _cards_dir():
-    return resources.files("mep_hw.cards")
+    try:
+        return resources.files("mep_hw.cards")
+    except ModuleNotFoundError:  # a source checkout on PYTHONPATH, not installed: the folder itself
+        src = Path(__file__).resolve().parents[2] / "devices"
+        if src.is_dir():
+            return src
+        raise
 
 
 def card_names() -> list[str]:

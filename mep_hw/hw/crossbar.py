@@ -417,12 +417,13 @@ class CrossbarDevice(Device):
 
     # ------------------------------------------------------------------ state
     def init_state(self, shape, generator, dtype, device) -> CrossbarState:
+        dev = generator.device  # drawn where the generator lives (the tile's device)
         def randn():
-            return torch.randn(shape, generator=generator, dtype=F64).to(dtype)
+            return torch.randn(shape, generator=generator, dtype=F64, device=dev).to(dtype)
 
         def stuck():
-            u = torch.rand(shape, generator=generator, dtype=F64)
-            out = torch.zeros(shape, dtype=torch.int8)
+            u = torch.rand(shape, generator=generator, dtype=F64, device=dev)
+            out = torch.zeros(shape, dtype=torch.int8, device=dev)
             out[u < self.stuck_on_rate] = 1
             out[(u >= self.stuck_on_rate) & (u < self.stuck_on_rate + self.stuck_off_rate)] = -1
             return out
@@ -435,7 +436,7 @@ class CrossbarDevice(Device):
 
         def nu():
             if self.drift_model == "pcm":  # drawn at every write, at the write's target conductance
-                return torch.zeros(shape, dtype=dtype)
+                return torch.zeros(shape, dtype=dtype, device=dev)
             return (self.drift_nu_mean + self.drift_nu_std * randn()).clamp(min=0.0)
 
         def ud():
@@ -443,10 +444,10 @@ class CrossbarDevice(Device):
 
         def curve():
             n = self.table.curves if self.table is not None else 1
-            return torch.randint(0, n, shape, generator=generator, dtype=torch.int64)
+            return torch.randint(0, n, shape, generator=generator, dtype=torch.int64, device=dev)
 
-        gmin = torch.full(shape, self.g_min_uS, dtype=dtype)
-        zeros = torch.zeros(shape, dtype=dtype)
+        gmin = torch.full(shape, self.g_min_uS, dtype=dtype, device=dev)
+        zeros = torch.zeros(shape, dtype=dtype, device=dev)
         st = CrossbarState(gmin.clone(), gmin.clone(), gmax(), gmax(), dw(), dw(), stuck(), stuck(), nu(), nu(),
                            zeros.clone(), zeros.clone(), 0.0, ud(), ud(), curve(), curve())
         st = st._replace(gp=self._pin(st.gp, st.stuck_p, st.gmax_p), gm=self._pin(st.gm, st.stuck_m, st.gmax_m))
@@ -500,7 +501,7 @@ class CrossbarDevice(Device):
         g = aim
         sig = self.prog_sigma(aim)
         if not (isinstance(sig, float) and sig == 0.0):
-            g = g + sig * torch.randn(g.shape, generator=gen, dtype=F64).to(g.dtype).to(g.device)
+            g = g + sig * torch.randn(g.shape, generator=gen, dtype=F64, device=gen.device).to(g.dtype)
         g = g.clamp(min=self.g_min_uS)
         if self.prog_noise_model != "pcm":  # a device cannot be programmed past its own maximum
             g = torch.minimum(g, gmax)
@@ -514,7 +515,7 @@ class CrossbarDevice(Device):
         if self.drift_model != "pcm":
             return old
         mu, sd = pcm_drift_nu(g / self.g_max_uS)
-        xi = torch.randn(g.shape, generator=gen, dtype=F64).to(g.dtype).to(g.device)
+        xi = torch.randn(g.shape, generator=gen, dtype=F64, device=gen.device).to(g.dtype)
         return torch.where(written, (mu + sd * xi).abs(), old)
 
     def program(self, state: CrossbarState, w: Tensor, generator) -> CrossbarState:
@@ -702,7 +703,7 @@ class CrossbarDevice(Device):
             step = torch.where(up, s_up, s_dn)
             sig = torch.where(up, self._sigma(s_up, q, True), self._sigma(s_dn, q, False)) if self.dw_ctoc else None
         if sig is not None:
-            step = step.addcmul_(sig, torch.randn(g.shape, generator=gen, dtype=F64).to(g.dtype).to(g.device))
+            step = step.addcmul_(sig, torch.randn(g.shape, generator=gen, dtype=F64, device=gen.device).to(g.dtype))
         return torch.minimum((g + step).clamp_(min=self.g_min_uS), q.gmax)
 
     # ------------------------------------------------------------------ pulses on the array

@@ -48,7 +48,8 @@ def _round(v: Tensor, mode: str, generator: torch.Generator | None) -> Tensor:
         return torch.round(v)  # ties to even
     if mode == "truncate":
         return torch.floor(v)
-    u = torch.rand(v.shape, generator=generator, dtype=torch.float64).to(v.device)
+    u = torch.rand(v.shape, generator=generator, dtype=torch.float64,
+                   device=generator.device if generator is not None else v.device).to(v.device)
     return torch.floor(v + u)
 
 

@@ -225,7 +225,8 @@ class OpticalMZI(Device):
             q = TWO_PI / 2**self.phase_bits
             two_theta, phi, out = (torch.round(v / q) * q for v in (two_theta, phi, out))
         if self.phase_noise_rad:
-            two_theta, phi, out = (v + self.phase_noise_rad * torch.randn(v.shape, generator=generator, dtype=torch.float64)
+            two_theta, phi, out = (v + self.phase_noise_rad * torch.randn(v.shape, generator=generator, dtype=torch.float64,
+                                                                  device=generator.device).to(v.device)
                                    for v in (two_theta, phi, out))
         c = self.crosstalk * self.crosstalk_residual
         if c and two_theta.shape[1]:

@@ -13,7 +13,11 @@ def one_hot(labels, n_classes: int, dtype=None):
     """One-hot targets of shape (batch, n_classes) from integer labels."""
     import torch
 
-    return torch.nn.functional.one_hot(labels.long(), n_classes).to(dtype or torch.get_default_dtype())
+    # scatter rather than F.one_hot, which reads min and max of the labels back to the host (two
+    # synchronisations per batch on CUDA); an out-of-range label still fails in the scatter
+    labels = labels.long()
+    out = torch.zeros((*labels.shape, int(n_classes)), dtype=dtype or torch.get_default_dtype(), device=labels.device)
+    return out.scatter_(-1, labels.unsqueeze(-1), 1.0)
 
 
 __all__ = ["ACTIVATIONS", "Activation", "COSTS", "ComplexReads", "ConvCoupling", "ConvDynamics", "ConvHopfield",

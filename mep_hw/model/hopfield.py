@@ -250,7 +250,11 @@ def _mse_output_map(beta: float | Tensor, target: Tensor):
     ok = beta > -1.0
     a = torch.where(ok, 1.0 / (1.0 + beta.clamp_min(-0.5)), 1.0)  # clamp only guards unused rows
     c = target * (beta * a)
-    concave = None if bool(ok.all()) else torch.where(ok, 0.0, beta)
+    # the host reads whether any row is concave only on the CPU (free there); elsewhere that read
+    # is a synchronisation, and the term, zero for every convex row, is kept instead
+    if beta.device.type == "cpu" and bool(ok.all()):
+        return a, c, None
+    concave = torch.where(ok, 0.0, beta)
     return a, c, concave
 
 

@@ -343,7 +343,14 @@ def settle(
     adaptive = tab is not None and tab.adaptive
     per_step = evals_per_step(cfg.solver)
     row_work = float(getattr(dynamics, "row_work", 10.0 * N)) * per_step
-    work_min = COMPACT_WORK if compact_work is None else float(compact_work)
+    # on an accelerator a compaction costs two host synchronisations (the nonzero of the finished
+    # and of the running rows): measured on an H200 (benchmarks/results/cuda_check_sites.json) they
+    # were half of the synchronisations of an EP step of 784-500-500-10, so there finished rows
+    # stay in the batch, frozen by the mask, unless compact_work is given
+    if compact_work is None:
+        work_min = COMPACT_WORK if dev.type == "cpu" else math.inf
+    else:
+        work_min = float(compact_work)
     if adaptive:
         h: float | Tensor = torch.full((B, 1), float(cfg.dt), dtype=dtype, device=dev)
         t_now = torch.zeros(B, dtype=dtype, device=dev)

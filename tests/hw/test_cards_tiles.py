@@ -175,3 +175,28 @@ def test_a_measured_table_card_ships_and_loads(tmp_path):
     (tmp_path / "bad.toml").write_text((tmp_path / "two.toml").read_text().replace("two.csv", "bad.csv"))
     with pytest.raises(ConfigError, match="curve 0 has no 'down' ramp"):
         load_card(str(tmp_path / "bad.toml"))
+
+
+def test_a_tile_draws_its_random_numbers_on_its_own_device():
+    """The tile's generator lives on the device of the weights it holds (no host draw and copy on
+    an accelerator); on the CPU the stream is the one a CPU generator of the same seed gives."""
+    card = load_card("pcm", {"levels": 16})
+    W = torch.randn(8, 5, generator=torch.Generator().manual_seed(0)) * 0.1
+    t = Tile(card.device, card.periphery, W, seed=7)
+    assert t.gen.device == W.device
+    ref = torch.Generator().manual_seed(7)
+    t2 = Tile(card.device, card.periphery, W, seed=7)
+    x = torch.rand(4, 5, generator=ref)
+    torch.testing.assert_close(t.mvm(x), t2.mvm(x))  # same seed, same reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_tile_reads_and_writes_on_cuda():
+    card = load_card("pcm", {"levels": 16})
+    W = (torch.randn(8, 5) * 0.1).cuda()
+    t = Tile(card.device, card.periphery, W, seed=7)
+    assert t.gen.device.type == "cuda"
+    y = t.mvm(torch.rand(4, 5, device="cuda"))
+    assert y.device.type == "cuda"
+    t.write(torch.full_like(W, 0.01))
+    assert all(v.device.type == "cuda" for v in t.state if isinstance(v, torch.Tensor))

@@ -161,3 +161,17 @@ def test_bad_shapes_and_values_raise_typed_errors():
         LayeredHopfield((3, 2), cost="ce")
     with pytest.raises(ConfigError, match="layers=.*invalid"):
         LayeredHopfield((3,))
+
+
+def test_one_hot_is_torch_one_hot_without_its_host_reads():
+    """one_hot scatters (F.one_hot reads the labels' min and max on the host: two synchronisations
+    on CUDA); same values, and an out-of-range label still fails."""
+    import torch.nn.functional as F
+
+    from mep_hw.model import one_hot as oh
+
+    y = torch.tensor([3, 0, 9, 9, 1])
+    assert torch.equal(oh(y, 10), F.one_hot(y, 10).float())
+    assert oh(y, 10, torch.float64).dtype == torch.float64
+    with pytest.raises((RuntimeError, IndexError)):
+        oh(torch.tensor([10]), 10)
