@@ -285,7 +285,10 @@ class SMEPOptimizer(torch.optim.Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
+        joint = self._fused_adam_joint()  # the groups Adam updated in place, all in one kernel per setting
         for group in self.param_groups:
+            if id(group) in joint:
+                continue
             st = self._strategies(group)
             lr = group["lr"]
             other_lr = group["adam_lr"] if group["adam_lr"] is not None else lr * group["other_lr_scale"]
@@ -351,6 +354,49 @@ class SMEPOptimizer(torch.optim.Optimizer):
         return (group["matrix_update"] == "adam" and group["other_update"] == "adam"
                 and not group["use_natural_gradient"] and not group["use_spectral_constraint"])
 
+    def _adam_state(self, p) -> dict:
+        """Adam's state of ``p`` for torch's fused kernel (made at the first step; ``step`` moved
+        beside ``p``, where torch's ``load_state_dict`` leaves it on the CPU)."""
+        st = self.state[p]
+        if "exp_avg" not in st:
+            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif st["step"].device != p.device:
+            st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+        return st
+
+    def _fused_adam_joint(self) -> set[int]:
+        """Adam, in place, on every group that takes it with the exact writer and no error
+        feedback: the tensors of all such groups that share a learning rate and Adam's other
+        settings go to torch's fused kernel in one call (one call per group and kind cost
+        ≈ 0.3 ms each on a CPU, as much as the kernel itself). Returns the ids of those groups."""
+        from torch.optim.adam import adam as adam_fn
+
+        if self.writer is not _exact_writer:
+            return set()
+        buckets: dict[tuple, list] = {}
+        done: set[int] = set()
+        for group in self.param_groups:
+            if group["use_error_feedback"] or not self._fused_adam_applies(group):
+                continue
+            done.add(id(group))
+            lr = group["lr"]
+            other_lr = group["adam_lr"] if group["adam_lr"] is not None else lr * group["other_lr_scale"]
+            b1, b2 = group["adam_betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self._adam_state(p)
+                key = (lr if p.ndim >= 2 else other_lr, b1, b2, group["eps"], group["weight_decay"],
+                       group["weight_decay_mode"] == "decoupled", p.device, p.dtype)
+                buckets.setdefault(key, []).append((p, st))
+        for (lr_p, b1, b2, eps, wd, dec, dev, _), items in buckets.items():
+            ps, sts = [p for p, _ in items], [st for _, st in items]
+            adam_fn(ps, [p.grad for p in ps], [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], [],
+                    [st["step"] for st in sts], fused=dev.type in ("cpu", "cuda"), amsgrad=False, beta1=b1, beta2=b2,
+                    lr=lr_p, weight_decay=wd, eps=eps, maximize=False, decoupled_weight_decay=dec)
+        return done
+
     def _fused_adam(self, group: dict, lr: float, other_lr: float):
         """Adam on the whole group with torch's fused kernel (torch.optim.adam's functional API;
         the per-parameter path costs several times more). With the exact writer and no error
@@ -366,11 +412,7 @@ class SMEPOptimizer(torch.optim.Optimizer):
         for lr_p, sel in ((lr, [p for p in ps if p.ndim >= 2]), (other_lr, [p for p in ps if p.ndim < 2])):
             if not sel:
                 continue
-            states = [self.state[p] for p in sel]
-            for p, st in zip(sel, states):
-                if "exp_avg" not in st:
-                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            states = [self._adam_state(p) for p in sel]
             targets = sel if in_place else [p.detach().clone() for p in sel]
             adam_fn(targets, [p.grad for p in sel], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
                     [st["step"] for st in states], fused=sel[0].device.type in ("cpu", "cuda"), amsgrad=False,

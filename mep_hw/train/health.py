@@ -75,7 +75,7 @@ def settle_health(
     parts, remedies, status = [], [], "ok"
     for phase, frac, res, atol, limit in (
         ("free", free_limit_frac, free_residual_max, cfg.free_tolerance()[0], cfg.max_steps),
-        ("nudged", nudged_limit_frac, nudged_residual_max, cfg.nudged_atol, cfg.nudged_max_steps),
+        ("nudged", nudged_limit_frac, nudged_residual_max, cfg.nudged_tolerance(), cfg.nudged_max_steps),
     ):
         if not (isinstance(frac, (int, float)) and math.isfinite(frac) and 0.0 <= frac <= 1.0):
             raise ConfigError(f"{phase}_limit_frac={frac!r} must be a share in [0, 1]")

@@ -61,9 +61,15 @@ def test_one_sided_with_the_loose_free_tolerance_is_not_close(beta):
 
 
 def test_free_tolerance_is_tied_to_estimator_and_beta():
-    one = TrainConfig(estimator="one-sided", beta=0.5)
-    assert one.free_tolerance() == (one.nudged_atol, one.nudged_rtol)
-    assert TrainConfig(estimator="one-sided", beta=0.1).free_tolerance() == (pytest.approx(2e-6), 0.0)
+    one = TrainConfig(estimator="one-sided", beta=0.5)  # the block solver: both phases at 2e-4·β
+    assert one.settle_solver == "block"
+    assert one.free_tolerance() == (one.nudged_tolerance(), one.nudged_rtol) == (pytest.approx(1e-4), 0.0)
+    assert TrainConfig(estimator="one-sided", beta=0.1).free_tolerance() == (pytest.approx(2e-5), 0.0)
+    # an ODE solver: nudged 1e-5, the free phase min(1e-5, 2e-5·β)
+    ode = TrainConfig(estimator="one-sided", beta=0.1, solver="euler")
+    assert ode.nudged_tolerance() == 1e-5 and ode.free_tolerance() == (pytest.approx(2e-6), 0.0)
+    assert TrainConfig(estimator="symmetric").nudged_tolerance() == 1e-5
+    assert TrainConfig(estimator="one-sided", nudged_atol=3e-5).free_tolerance() == (3e-5, 0.0)  # a given value wins
     assert TrainConfig(estimator="symmetric").free_tolerance() == (1e-4, 1e-2)
     assert TrainConfig(estimator="holomorphic", activation="sigmoid").free_tolerance() == (1e-4, 1e-2)
     given = TrainConfig(estimator="one-sided", atol=3e-4, rtol=0.1)

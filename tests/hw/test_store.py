@@ -137,3 +137,20 @@ def test_the_noise_floor_is_zero_on_exact_weights_and_positive_on_a_noisy_card()
     m2 = net()
     m2.use_store(build_store(load_card("ideal"), list(m2.weights), seed=0))
     assert m2.noise_floor() == 0.0  # the ideal card's tiles: exact reads
+
+
+@pytest.mark.parametrize("n_out,batch", [(10, 100), (3, 40), (32, 64), (33, 64), (10, 5)])
+def test_exact_read_of_a_narrow_matrix_is_the_product(n_out, batch):
+    """ExactOp.mvm computes a read with few outputs as (W·xᵀ)ᵀ on the CPU (faster there): the same
+    product as x·Wᵀ (+ the added term) up to float32 summation order."""
+    from mep_hw.hw.store import ExactOp
+
+    g = torch.Generator().manual_seed(n_out)
+    W, x = torch.randn(n_out, 300, generator=g), torch.rand(batch, 300, generator=g)
+    b, d = torch.randn(n_out, generator=g), torch.randn(batch, n_out, generator=g)
+    op = ExactOp(W)
+    torch.testing.assert_close(op.mvm(x), x @ W.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(op.mvm(x, b), x @ W.T + b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(op.mvm(x, d), x @ W.T + d, rtol=1e-5, atol=1e-5)
+    xd = x.double()
+    torch.testing.assert_close(ExactOp(W.double()).mvm(xd, b.double()), xd @ W.double().T + b.double(), rtol=1e-12, atol=1e-12)

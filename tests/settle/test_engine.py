@@ -136,3 +136,38 @@ def test_wrong_initial_shapes_are_rejected():
     dyn, _ = linear_problem()
     with pytest.raises(ConfigError, match="layer widths"):
         settle(dyn, [torch.zeros(6, 5, dtype=torch.float64)])
+
+
+def test_small_cpu_settles_run_on_one_thread_and_restore_the_count(monkeypatch):
+    """A settle whose sweep is small work runs on one intra-op thread (faster there, measured) and
+    gives the same result; the caller's thread count is restored, also when the settle raises;
+    a large one keeps the caller's threads."""
+    import importlib
+
+    eng = importlib.import_module("mep_hw.settle.engine")
+    seen = []
+    real = eng._settle
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(eng, "_settle", spy)
+    dyn, init = linear_problem()
+    dyn.row_work = 40.0  # 6 rows × 40: small (a dynamics that does not say counts as large)
+    cfg = SettleConfig(solver="euler", dt=0.5, atol=1e-10, rtol=0, max_steps=2000)
+    n0 = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = eng.settle(dyn, init, cfg)
+        assert seen[-1] == 1 and torch.get_num_threads() == 2
+        monkeypatch.setattr(eng, "ONE_THREAD_WORK", 0.0)  # everything is "large"
+        b = eng.settle(dyn, init, cfg)
+        assert seen[-1] == 2
+        assert torch.equal(a.states[0], b.states[0])
+        monkeypatch.setattr(eng, "ONE_THREAD_WORK", math.inf)
+        with pytest.raises(SettleError):
+            eng.settle(dyn, init, SettleConfig(solver="euler", dt=0.5, atol=1e-10, rtol=0, max_steps=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n0)

@@ -109,10 +109,10 @@ def test_settle_health_thresholds_and_messages():
     assert ns.status == "not_settling" and ns.message.startswith("settles do not reach their fixed points")
     # nudged phases at their cap warn: a residual near the tolerance (slow) or far above it
     hs = TrainConfig()
-    slow = settle_health(hs, 0.0, 1.0, nudged_residual_max=2 * hs.nudged_atol)
+    slow = settle_health(hs, 0.0, 1.0, nudged_residual_max=2 * hs.nudged_tolerance())
     assert slow.status == "warning" and "raise --nudged-max-steps" in slow.message
     assert "lower --dt to" not in slow.message  # the hard sigmoid is at its stable step already
-    far = settle_health(hs, 0.0, 0.9, nudged_residual_max=2 * FAR_FACTOR * hs.nudged_atol)
+    far = settle_health(hs, 0.0, 0.9, nudged_residual_max=2 * FAR_FACTOR * hs.nudged_tolerance())
     assert far.status == "warning" and "far above it: cycling or much too slow" in far.message  # nudged hits only warn
     with pytest.raises(ConfigError, match="free_limit_frac=1.5 must be a share in"):
         settle_health(hs, 1.5, 0.0)
