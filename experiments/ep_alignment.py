@@ -51,12 +51,12 @@ def default_variants(betas=(0.05, 0.1, 0.2, 0.5, 1.0)) -> list[dict]:
     the settle knobs one at a time (free tolerance tight, nudged step limit raised)."""
     d = TrainConfig()
     free_d = (d.atol, d.rtol, d.max_steps)
-    nud_d = (d.nudged_tolerance(), d.nudged_rtol, d.nudged_max_steps)
     tight_free = (1e-6, 0.0, 2000)
     out = []
     for est in ("symmetric", "one-sided"):
         for b in betas:
             tag = f"{est[:3]}-b{b:g}"
+            nud_d = (TrainConfig(estimator=est, beta=b).nudged_tolerance(), d.nudged_rtol, d.nudged_max_steps)
             out.append(variant(f"{tag}-exact", est, b, exact=True))
             out.append(variant(f"{tag}-today", est, b, free_d, nud_d))
             out.append(variant(f"{tag}-free_tight", est, b, tight_free, nud_d))

@@ -25,6 +25,15 @@ from tests.settle.reference_engine import reference_settle
 from tests.settle.test_engine import linear_problem
 
 
+@pytest.fixture(autouse=True)
+def callers_threads(monkeypatch):
+    """Both engines at the caller's thread count: the new one would run a settle this small on
+    one thread (ONE_THREAD_WORK), which orders multi-threaded sums differently from the old one."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mep_hw.settle.engine"), "ONE_THREAD_WORK", 0.0)
+
+
 def hopfield_problem(dtype, nudged):
     m = LayeredHopfield((40, 30, 20, 10), generator=torch.Generator().manual_seed(0), dtype=dtype)
     g = torch.Generator().manual_seed(1)
