@@ -128,7 +128,10 @@ class SettleConfig:
     no sample stops before ``min_steps`` (on noisy hardware the test can hold at step 0 although
     a nudge has not yet reached the hidden layers).
     ``err_atol``/``err_rtol`` control the local error of adaptive solvers; ``dt_max`` caps their
-    step.
+    step. ``omega`` is the block solver's relaxation: each half-sweep moves a layer to
+    clip(s_l + ω·f_l) instead of its block target s_l + f_l (ω = 1: exact block coordinate
+    descent; 1 < ω < 2: projected over-relaxation, the same fixed points in fewer sweeps on
+    strongly coupled nets, see :func:`settle`); other solvers take only ω = 1.
     """
 
     solver: str = "euler"
@@ -140,6 +143,7 @@ class SettleConfig:
     err_rtol: float = 1e-3
     dt_max: float = 1.0
     min_steps: int = 0
+    omega: float = 1.0
 
     def __post_init__(self):
         get_backend(self.solver)  # validates the name against every solver and backend
@@ -156,6 +160,10 @@ class SettleConfig:
             raise ConfigError(f"max_steps={self.max_steps!r} must be an integer ≥ 1")
         if isinstance(self.min_steps, bool) or not (isinstance(self.min_steps, int) and 0 <= self.min_steps <= self.max_steps):
             raise ConfigError(f"min_steps={self.min_steps!r} must be an integer in [0, max_steps={self.max_steps}]")
+        if isinstance(self.omega, bool) or not (isinstance(self.omega, (int, float)) and 0.0 < self.omega < 2.0):
+            raise ConfigError(f"omega={self.omega!r} must be a relaxation factor in (0, 2) (1: exact block descent)")
+        if self.omega != 1.0 and get_sweep(self.solver) is None:
+            raise ConfigError(f"omega={self.omega:g} relaxes the block solver's sweeps; solver={self.solver!r} takes omega=1")
 
     def get_tableau(self) -> Tableau:
         return get_solver(self.solver)
@@ -387,6 +395,9 @@ def _settle(
     euler = tab is not None and tab.name == "euler"
     pbox = None if (euler and cfg.dt <= 1.0) else box
     adaptive = tab is not None and tab.adaptive
+    omega = float(cfg.omega)
+    relax = sweep is not None and omega != 1.0
+    lo_b, hi_b = box if box is not None else (None, None)
     per_step = evals_per_step(cfg.solver)
     row_work = float(getattr(dynamics, "row_work", 10.0 * N)) * per_step
     # on an accelerator a compaction costs two host synchronisations (the nonzero of the finished
@@ -490,6 +501,25 @@ def _settle(
 
         # Frozen rows take no step: their update is multiplied by 0 (a non-finite row, already
         # labelled NONFINITE, may turn NaN)
+        if sweep is not None and relax:  # red-black block descent, over-relaxed (omega ≠ 1)
+            # each parity moves to clip(s + ω f); the second parity's residual after its move is
+            # its block target (s + f, unchanged by its own move) minus the new state: exact, so
+            # k stays the full field at the current state for the steady-state test
+            if every:
+                s1.add_(k1, alpha=omega).clamp_(lo_b, hi_b)
+                dyn.block_field(sv, 1 - first, kv)
+                t2 = s2 + k2
+                s2.add_(k2, alpha=omega).clamp_(lo_b, hi_b)
+            else:  # frozen rows keep their state and their residual
+                s1.addcmul_(k1, mask, value=omega).clamp_(lo_b, hi_b)
+                dyn.block_field(sv, 1 - first, kv)
+                t2 = s2 + k2
+                s2.addcmul_(k2, mask, value=omega).clamp_(lo_b, hi_b)
+            torch.sub(t2, s2, out=k2)
+            k2_zero = False
+            dyn.block_field(sv, first, kv)
+            nfev += 1
+            continue
         if sweep is not None:  # red-black block coordinate descent
             if every:
                 s1.add_(k1)  # the first parity to its block target, computed with the last residual
