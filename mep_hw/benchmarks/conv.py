@@ -29,7 +29,7 @@ from mep_hw.io import load_dataset
 from mep_hw.io.runs import write_json
 from mep_hw.model import ConvHopfield, build_network
 from mep_hw.train import TrainConfig, train
-from mep_hw.benchmarks._baseline import baseline_optimizer, config_sets
+from mep_hw.benchmarks._baseline import baseline_optimizer, config_sets, ep_vs_backprop
 from mep_hw.train.fit import epoch_generator, iterate_batches
 
 __all__ = ["feedforward_cnn", "run", "main"]
@@ -75,14 +75,7 @@ def feedforward_cnn(model: ConvHopfield) -> nn.Sequential:
     return nn.Sequential(nn.Unflatten(1, model.input_shape) if len(model.input_shape) == 3 else nn.Identity(), *mods)
 
 
-def _median(v):
-    v = sorted(v)
-    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
-
-
 def _report(cfg: TrainConfig, model0, ep_hist, bp_hist) -> dict:
-    ep_times = [h.epoch_seconds for h in ep_hist]
-    bp_times = [h["epoch_seconds"] for h in bp_hist]
     return {
         "benchmark": "conv",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -93,25 +86,8 @@ def _report(cfg: TrainConfig, model0, ep_hist, bp_hist) -> dict:
         "layers": list(model0.layers),
         "reads_per_sample": {"positions_per_weight": list(model0.positions())},
         "epochs_done": len(ep_hist),
-        "ep": {
-            "test_accuracy": ep_hist[-1].test_accuracy,
-            "best_test_accuracy": max(h.test_accuracy for h in ep_hist),
-            "test_accuracy_history": [h.test_accuracy for h in ep_hist],
-            "train_accuracy_history": [h.train_accuracy for h in ep_hist],
-            "epoch_seconds": ep_times,
-            "epoch_seconds_median": _median(ep_times),
-            "free_steps_mean": [h.free_steps_mean for h in ep_hist],
-            "nudged_steps_mean": [h.nudged_steps_mean for h in ep_hist],
-            "nudged_step_limit_frac": [h.nudged_step_limit_frac for h in ep_hist],
-        },
-        "backprop": {
-            "test_accuracy": bp_hist[-1]["test_accuracy"],
-            "test_accuracy_history": [h["test_accuracy"] for h in bp_hist],
-            "epoch_seconds": bp_times,
-            "epoch_seconds_median": _median(bp_times),
-        },
-        "ep_over_backprop_epoch_time": _median(ep_times) / _median(bp_times),
-        "ep_over_backprop_epoch_time_per_epoch": [a / b for a, b in zip(ep_times, bp_times)],
+        **ep_vs_backprop(ep_hist, [h.epoch_seconds for h in ep_hist], [h["test_accuracy"] for h in bp_hist],
+                         [h["epoch_seconds"] for h in bp_hist]),
     }
 
 

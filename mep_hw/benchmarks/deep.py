@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mep_hw.benchmarks._baseline import config_sets
-from mep_hw.benchmarks.foundation import _Clip01, _median
+from mep_hw.benchmarks._baseline import config_sets, ep_vs_backprop
+from mep_hw.benchmarks.foundation import _Clip01
 from mep_hw.errors import ConfigError
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import write_json
@@ -114,30 +114,14 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "config": cfg.to_dict(),
         "ep_config": repr(cfg.ep_config()),
-        "ep": {
-            "test_accuracy": res.test_accuracy,
-            "best_test_accuracy": max(h.test_accuracy for h in hist),
-            "test_accuracy_history": [h.test_accuracy for h in hist],
-            "train_accuracy_history": [h.train_accuracy for h in hist],
-            "epoch_seconds": ep_times,
-            "epoch_seconds_median": _median(ep_times),
-            "free_steps_mean": [h.free_steps_mean for h in hist],
-            "nudged_steps_mean": [h.nudged_steps_mean for h in hist],  # per sample and nudged phase
-            "nudged_phases": n_nudged,
-            "free_steps_mean_all": sum(h.free_steps_mean for h in hist) / len(hist),
-            "nudged_steps_mean_all": sum(h.nudged_steps_mean for h in hist) / len(hist),
-            "free_step_limit_frac": [h.free_step_limit_frac for h in hist],
-            "nudged_step_limit_frac": [h.nudged_step_limit_frac for h in hist],
-        },
-        "backprop": {
-            "test_accuracy": bp.test_accuracy[cfg.epochs],
-            "test_accuracy_history": [bp.test_accuracy[h.epoch] for h in hist],
-            "epoch_seconds": bp_times,
-            "epoch_seconds_median": _median(bp_times),
-        },
-        "ep_over_backprop_epoch_time": _median(ep_times) / _median(bp_times),
-        "ep_over_backprop_epoch_time_per_epoch": [a / b for a, b in zip(ep_times, bp_times)],
+        **ep_vs_backprop(hist, ep_times, [bp.test_accuracy[h.epoch] for h in hist], bp_times),
     }
+    report["ep"].update({
+        "nudged_phases": n_nudged,
+        "free_steps_mean_all": sum(h.free_steps_mean for h in hist) / len(hist),
+        "nudged_steps_mean_all": sum(h.nudged_steps_mean for h in hist) / len(hist),
+        "free_step_limit_frac": [h.free_step_limit_frac for h in hist],
+    })
     write_json(out, report)
     return report
 

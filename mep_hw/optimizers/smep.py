@@ -294,8 +294,6 @@ class SMEPOptimizer(torch.optim.Optimizer):
             other_lr = group["adam_lr"] if group["adam_lr"] is not None else lr * group["other_lr_scale"]
             wd, decoupled = group["weight_decay"], group["weight_decay_mode"] == "decoupled"
             fused = self._fused_adam(group, lr, other_lr) if self._fused_adam_applies(group) else None
-            if fused is True:  # written in place: the exact write
-                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -365,16 +363,27 @@ class SMEPOptimizer(torch.optim.Optimizer):
             st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
         return st
 
+    @staticmethod
+    def _adam_kernel(targets, params, states, lr: float, group: dict) -> None:
+        """torch's fused Adam kernel (torch.optim.adam's functional API) on ``targets`` (the
+        parameters themselves, or copies), with the gradients of ``params`` and the settings of
+        ``group``."""
+        from torch.optim.adam import adam as adam_fn
+
+        b1, b2 = group["adam_betas"]
+        adam_fn(targets, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+                [st["step"] for st in states], fused=targets[0].device.type in ("cpu", "cuda"), amsgrad=False,
+                beta1=b1, beta2=b2, lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                decoupled_weight_decay=group["weight_decay_mode"] == "decoupled")
+
     def _fused_adam_joint(self) -> set[int]:
         """Adam, in place, on every group that takes it with the exact writer and no error
         feedback: the tensors of all such groups that share a learning rate and Adam's other
         settings go to torch's fused kernel in one call (one call per group and kind cost
         ≈ 0.3 ms each on a CPU, as much as the kernel itself). Returns the ids of those groups."""
-        from torch.optim.adam import adam as adam_fn
-
         if self.writer is not _exact_writer:
             return set()
-        buckets: dict[tuple, list] = {}
+        buckets: dict[tuple, tuple[dict, list]] = {}
         done: set[int] = set()
         for group in self.param_groups:
             if group["use_error_feedback"] or not self._fused_adam_applies(group):
@@ -382,46 +391,32 @@ class SMEPOptimizer(torch.optim.Optimizer):
             done.add(id(group))
             lr = group["lr"]
             other_lr = group["adam_lr"] if group["adam_lr"] is not None else lr * group["other_lr_scale"]
-            b1, b2 = group["adam_betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self._adam_state(p)
-                key = (lr if p.ndim >= 2 else other_lr, b1, b2, group["eps"], group["weight_decay"],
-                       group["weight_decay_mode"] == "decoupled", p.device, p.dtype)
-                buckets.setdefault(key, []).append((p, st))
-        for (lr_p, b1, b2, eps, wd, dec, dev, _), items in buckets.items():
-            ps, sts = [p for p, _ in items], [st for _, st in items]
-            adam_fn(ps, [p.grad for p in ps], [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], [],
-                    [st["step"] for st in sts], fused=dev.type in ("cpu", "cuda"), amsgrad=False, beta1=b1, beta2=b2,
-                    lr=lr_p, weight_decay=wd, eps=eps, maximize=False, decoupled_weight_decay=dec)
+                lr_p = lr if p.ndim >= 2 else other_lr
+                key = (lr_p, tuple(group["adam_betas"]), group["eps"], group["weight_decay"], group["weight_decay_mode"],
+                       p.device, p.dtype)
+                buckets.setdefault(key, (group, []))[1].append(p)
+        for key, (group, ps) in buckets.items():
+            self._adam_kernel(ps, ps, [self._adam_state(p) for p in ps], key[0], group)
         return done
 
-    def _fused_adam(self, group: dict, lr: float, other_lr: float):
-        """Adam on the whole group with torch's fused kernel (torch.optim.adam's functional API;
-        the per-parameter path costs several times more). With the exact writer and no error
-        feedback the parameters are updated in place (returns True: that is the exact write);
-        otherwise the kernel runs on copies and the changes are returned by ``id(param)``, to be
-        written through the writer."""
-        from torch.optim.adam import adam as adam_fn
-
-        in_place = self.writer is _exact_writer and not group["use_error_feedback"]
-        b1, b2 = group["adam_betas"]
+    def _fused_adam(self, group: dict, lr: float, other_lr: float) -> dict:
+        """Adam on the whole group with torch's fused kernel (the per-parameter path costs
+        several times more), run on copies: the changes are returned by ``id(param)``, to be
+        written through the writer (a group Adam updates in place, with the exact writer and no
+        error feedback, went through :meth:`_fused_adam_joint`)."""
         out = {}
         ps = [p for p in group["params"] if p.grad is not None]
         for lr_p, sel in ((lr, [p for p in ps if p.ndim >= 2]), (other_lr, [p for p in ps if p.ndim < 2])):
             if not sel:
                 continue
-            states = [self._adam_state(p) for p in sel]
-            targets = sel if in_place else [p.detach().clone() for p in sel]
-            adam_fn(targets, [p.grad for p in sel], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
-                    [st["step"] for st in states], fused=sel[0].device.type in ("cpu", "cuda"), amsgrad=False,
-                    beta1=b1, beta2=b2, lr=lr_p, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-                    decoupled_weight_decay=group["weight_decay_mode"] == "decoupled")
-            if not in_place:
-                for p, t in zip(sel, targets):
-                    out[id(p)] = t.sub_(p)
-        return True if in_place else out
+            targets = [p.detach().clone() for p in sel]
+            self._adam_kernel(targets, sel, [self._adam_state(p) for p in sel], lr_p, group)
+            for p, t in zip(sel, targets):
+                out[id(p)] = t.sub_(p)
+        return out
 
     def __del__(self):
         for h in getattr(self, "_hooks", []):

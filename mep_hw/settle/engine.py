@@ -35,6 +35,7 @@ layer's target may depend on its own state.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import IntEnum
@@ -275,31 +276,23 @@ class _OneThread:
         return False
 
 
+def _small_on_one_thread(fn):
+    """``fn(dynamics, init, …)`` on one intra-op thread when it is a CPU settle whose sweep is
+    small work (batch × the dynamics' ``row_work`` below :data:`ONE_THREAD_WORK`)."""
+
+    @functools.wraps(fn)
+    def run(dynamics, init, *args, **kw):
+        first = init[0] if len(init) and isinstance(init[0], Tensor) and init[0].ndim == 2 else None
+        small = (first is not None and first.device.type == "cpu" and torch.get_num_threads() > 1
+                 and first.shape[0] * float(getattr(dynamics, "row_work", math.inf)) < ONE_THREAD_WORK)
+        with _OneThread(small):
+            return fn(dynamics, init, *args, **kw)
+
+    return run
+
+
+@_small_on_one_thread
 def settle(
-    dynamics: Dynamics,
-    init: Sequence[Tensor],
-    config: SettleConfig | None = None,
-    *,
-    throw: bool = True,
-    compact_frac: float = 0.0,
-    compact_min: int = 0,
-    compact_work: float | None = None,
-    check_every: int | None = None,
-) -> SettleResult:
-    """Settle ``dynamics`` from ``init`` (one (batch, n_l) tensor per layer); see :func:`_settle`.
-
-    On the CPU a settle whose sweep is small work (batch × the dynamics' ``row_work`` below
-    :data:`ONE_THREAD_WORK`) runs on one intra-op thread: its element operations and narrow
-    products are slower split over threads (measured, 2 threads: see the constant)."""
-    first = init[0] if len(init) and isinstance(init[0], Tensor) and init[0].ndim == 2 else None
-    small = (first is not None and first.device.type == "cpu" and torch.get_num_threads() > 1
-             and first.shape[0] * float(getattr(dynamics, "row_work", math.inf)) < ONE_THREAD_WORK)
-    with _OneThread(small):
-        return _settle(dynamics, init, config, throw=throw, compact_frac=compact_frac, compact_min=compact_min,
-                       compact_work=compact_work, check_every=check_every)
-
-
-def _settle(
     dynamics: Dynamics,
     init: Sequence[Tensor],
     config: SettleConfig | None = None,
@@ -342,6 +335,10 @@ def _settle(
 
     A solver registered as a backend (``solver="brian2"``, see :data:`BACKENDS`) hands the
     settle to that backend, which has the same contract.
+
+    On the CPU a settle whose sweep is small work (batch × the dynamics' ``row_work`` below
+    :data:`ONE_THREAD_WORK`) runs on one intra-op thread: its element operations and narrow
+    products are slower split over threads (measured, 2 threads: see the constant).
 
     Raises :class:`SettleError` (with the result attached) if any sample ends at the step limit
     or non-finite, unless ``throw=False``, in which case the status is in the result.
