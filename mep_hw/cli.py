@@ -58,7 +58,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 _INT = {"epochs", "batch_size", "max_steps", "nudged_max_steps", "lr_width", "seed", "limit_train", "limit_test", "eval_batch_size"}
-_FLOAT = {"lr", "momentum", "weight_decay", "beta", "dt", "atol", "rtol", "nudged_atol", "nudged_rtol", "spectral_gamma", "omega"}
+_FLOAT = {"lr", "momentum", "weight_decay", "beta", "dt", "atol", "rtol", "nudged_atol", "nudged_rtol", "spectral_gamma", "omega", "omega_first"}
 _TYPES = {**{n: int for n in _INT}, **{n: float for n in _FLOAT}}
 
 

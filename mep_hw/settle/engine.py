@@ -132,7 +132,10 @@ class SettleConfig:
     step. ``omega`` is the block solver's relaxation: each half-sweep moves a layer to
     clip(s_l + ω·f_l) instead of its block target s_l + f_l (ω = 1: exact block coordinate
     descent; 1 < ω < 2: projected over-relaxation, the same fixed points in fewer sweeps on
-    strongly coupled nets, see :func:`settle`); other solvers take only ω = 1.
+    strongly coupled nets, see :func:`settle`); ``omega_first``, when given, is the factor of
+    the first parity's half-sweep (the last layer's parity), ``omega`` then that of the second
+    only (``omega_first=1.3, omega=1``: the output layer over-relaxed, the other parity set
+    exactly); other solvers take only ω = 1.
     """
 
     solver: str = "euler"
@@ -145,6 +148,7 @@ class SettleConfig:
     dt_max: float = 1.0
     min_steps: int = 0
     omega: float = 1.0
+    omega_first: float | None = None
 
     def __post_init__(self):
         get_backend(self.solver)  # validates the name against every solver and backend
@@ -161,10 +165,19 @@ class SettleConfig:
             raise ConfigError(f"max_steps={self.max_steps!r} must be an integer ≥ 1")
         if isinstance(self.min_steps, bool) or not (isinstance(self.min_steps, int) and 0 <= self.min_steps <= self.max_steps):
             raise ConfigError(f"min_steps={self.min_steps!r} must be an integer in [0, max_steps={self.max_steps}]")
-        if isinstance(self.omega, bool) or not (isinstance(self.omega, (int, float)) and 0.0 < self.omega < 2.0):
-            raise ConfigError(f"omega={self.omega!r} must be a relaxation factor in (0, 2) (1: exact block descent)")
-        if self.omega != 1.0 and get_sweep(self.solver) is None:
-            raise ConfigError(f"omega={self.omega:g} relaxes the block solver's sweeps; solver={self.solver!r} takes omega=1")
+        for name in ("omega", "omega_first"):
+            om = getattr(self, name)
+            if om is None and name == "omega_first":
+                continue
+            if isinstance(om, bool) or not (isinstance(om, (int, float)) and 0.0 < om < 2.0):
+                raise ConfigError(f"{name}={om!r} must be a relaxation factor in (0, 2) (1: exact block descent)")
+            if om != 1.0 and get_sweep(self.solver) is None:
+                raise ConfigError(f"{name}={om:g} relaxes the block solver's sweeps; solver={self.solver!r} takes {name}=1")
+
+    @property
+    def omegas(self) -> tuple[float, float]:
+        """(first parity's, second parity's) relaxation factors of the block solver."""
+        return (float(self.omega if self.omega_first is None else self.omega_first), float(self.omega))
 
     def get_tableau(self) -> Tableau:
         return get_solver(self.solver)
@@ -392,8 +405,9 @@ def settle(
     euler = tab is not None and tab.name == "euler"
     pbox = None if (euler and cfg.dt <= 1.0) else box
     adaptive = tab is not None and tab.adaptive
-    omega = float(cfg.omega)
-    relax = sweep is not None and omega != 1.0
+    omega1, omega = cfg.omegas  # first parity's, second parity's
+    relax = sweep is not None and omega != 1.0  # the second parity over-relaxed (and the first by omega1)
+    relax1 = sweep is not None and omega1 != 1.0  # the first parity over-relaxed
     lo_b, hi_b = box if box is not None else (None, None)
     per_step = evals_per_step(cfg.solver)
     row_work = float(getattr(dynamics, "row_work", 10.0 * N)) * per_step
@@ -433,7 +447,8 @@ def settle(
 
     n = 0
     for n in range(cfg.max_steps + 1):
-        rn = torch.linalg.vector_norm(k, dim=1)
+        # after an unmasked block sweep the second parity's residual is zero: the norm is the first's
+        rn = torch.linalg.vector_norm(k1 if (sweep is not None and k2_zero) else k, dim=1)
         tested = n >= cfg.min_steps  # before min_steps no sample may stop
         if tested:
             if use_rtol:
@@ -445,7 +460,7 @@ def settle(
         if eager:
             if tested:
                 new = running.logical_and(pending)
-                n_new = int(new.sum())  # a host read (free on the CPU, where eager is the default)
+                n_new = int(torch.count_nonzero(new))  # a host read (free on the CPU, where eager is the default)
                 if n_new != n_run:
                     if lag:
                         steps.add_(running, alpha=lag)
@@ -498,17 +513,17 @@ def settle(
 
         # Frozen rows take no step: their update is multiplied by 0 (a non-finite row, already
         # labelled NONFINITE, may turn NaN)
-        if sweep is not None and relax:  # red-black block descent, over-relaxed (omega ≠ 1)
+        if sweep is not None and relax:  # red-black block descent, the second parity over-relaxed (omega ≠ 1)
             # each parity moves to clip(s + ω f); the second parity's residual after its move is
             # its block target (s + f, unchanged by its own move) minus the new state: exact, so
             # k stays the full field at the current state for the steady-state test
             if every:
-                s1.add_(k1, alpha=omega).clamp_(lo_b, hi_b)
+                s1.add_(k1, alpha=omega1).clamp_(lo_b, hi_b)
                 dyn.block_field(sv, 1 - first, kv)
                 t2 = s2 + k2
                 s2.add_(k2, alpha=omega).clamp_(lo_b, hi_b)
             else:  # frozen rows keep their state and their residual
-                s1.addcmul_(k1, mask, value=omega).clamp_(lo_b, hi_b)
+                s1.addcmul_(k1, mask, value=omega1).clamp_(lo_b, hi_b)
                 dyn.block_field(sv, 1 - first, kv)
                 t2 = s2 + k2
                 s2.addcmul_(k2, mask, value=omega).clamp_(lo_b, hi_b)
@@ -518,14 +533,22 @@ def settle(
             nfev += 1
             continue
         if sweep is not None:  # red-black block coordinate descent
+            # the first parity to its block target, computed with the last residual (or, over-relaxed,
+            # to clip(s + omega1·f)); then the second parity exactly: its residual is zero
             if every:
-                s1.add_(k1)  # the first parity to its block target, computed with the last residual
+                if relax1:
+                    s1.add_(k1, alpha=omega1).clamp_(lo_b, hi_b)
+                else:
+                    s1.add_(k1)
                 dyn.block_update(sv, 1 - first)  # the second parity to its exact target: residual 0
                 if not k2_zero:
                     k2.zero_()
                     k2_zero = True
             else:  # frozen rows keep their state and their residual, both parities
-                s1.addcmul_(k1, mask)
+                if relax1:
+                    s1.addcmul_(k1, mask, value=omega1).clamp_(lo_b, hi_b)
+                else:
+                    s1.addcmul_(k1, mask)
                 dyn.block_field(sv, 1 - first, kv)
                 s2.addcmul_(k2, mask)
                 k2.addcmul_(k2, mask, value=-1.0)  # running rows: at their block target, residual 0
@@ -572,7 +595,8 @@ def settle(
             out[3].index_copy_(0, active, t_now)
             t_now = out[3]
         s, rn, steps, running = out[0], out[1], out[2], run_all
-    status = torch.where(rn.isfinite(), running.to(torch.int8), int(SettleStatus.NONFINITE))
+    # rn ≥ 0: rn < inf is its finiteness test in one operation (NaN compares false)
+    status = torch.where(rn < math.inf, running.to(torch.int8), int(SettleStatus.NONFINITE))
     if adaptive:
         time = t_now
     else:

@@ -124,7 +124,10 @@ class TrainConfig:
         "else euler", choices=(*SOLVERS, "auto"))
     omega: float | None = _opt(
         None, "block solver: relaxation of each half-sweep, in (0, 2) (default: 1.4 for one-sided EP with two or more hidden "
-        "layers, else 1; see block_omega)", metavar="F")
+        "layers; with one hidden layer 1, the output layer's half-sweep 1.3; else 1; see block_omegas)", metavar="F")
+    omega_first: float | None = _opt(
+        None, "block solver: relaxation of the output layer's parity only, in (0, 2) (default: --omega, or as above)",
+        metavar="F")
     dt: float | None = _opt(
         None, "solver step (first step of adaptive solvers), in units of τ; default per activation: "
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_DT.items()) + " (recorded in config.toml)", metavar="F")
@@ -249,13 +252,16 @@ class TrainConfig:
                 _int(name, getattr(self, name), lo=1)
         for name in ("lr", "beta", "dt"):
             _float(name, getattr(self, name), positive=True)
-        if self.omega is not None:
-            _float("omega", self.omega, positive=True)
-            if not 0.0 < self.omega < 2.0:
-                raise ConfigError(f"omega={self.omega} must be a relaxation factor in (0, 2) (1: exact block descent)")
-            if self.omega != 1.0 and self.settle_solver != "block":
-                raise ConfigError(f"omega={self.omega:g} relaxes the block solver's sweeps, but the settles use "
-                                  f"{self.settle_solver!r}: leave omega unset, or use --solver block (a layered "
+        for name in ("omega", "omega_first"):
+            om = getattr(self, name)
+            if om is None:
+                continue
+            _float(name, om, positive=True)
+            if not 0.0 < om < 2.0:
+                raise ConfigError(f"{name}={om} must be a relaxation factor in (0, 2) (1: exact block descent)")
+            if om != 1.0 and self.settle_solver != "block":
+                raise ConfigError(f"{name}={om:g} relaxes the block solver's sweeps, but the settles use "
+                                  f"{self.settle_solver!r}: leave {name} unset, or use --solver block (a layered "
                                   "hard-sigmoid net)")
         for name in ("momentum", "weight_decay", "atol", "rtol", "nudged_atol", "nudged_rtol", "transfer_lr", "tt_gamma"):
             if getattr(self, name) is not None or name not in ("atol", "rtol", "nudged_atol"):
@@ -323,27 +329,34 @@ class TrainConfig:
             parse_trace_every(self.trace_every)
 
     # ------------------------------------------------------------------ derived configs
-    def block_omega(self) -> float:
-        """The block solver's relaxation ω: the field where given; else 1.4 for the one-sided
-        estimator on a layered net with two or more hidden layers settled by the block solver, 1
-        otherwise (ODE solvers take 1; a −β phase, whose F may have several minimisers, is not
-        over-relaxed by default: at ω = 1.6 a test net's −β rows settled in another fixed point).
+    def block_omegas(self) -> tuple[float, float]:
+        """The block solver's relaxation factors (first parity's, second parity's): the fields
+        where given (``omega`` for both, ``omega_first`` for the output layer's parity); else, for
+        the one-sided estimator settled by the block solver on a layered net, 1.4 for both with
+        two or more hidden layers and (1.3, 1) with one hidden layer and the MSE output (the output
+        layer over-relaxed, the hidden layer set exactly); (1, 1) otherwise (ODE solvers take 1; a −β
+        phase, whose F may have several minimisers, is not over-relaxed by default: at ω = 1.6 a
+        test net's −β rows settled in another fixed point).
 
         Over-relaxed red-black sweeps, clip(s_l + ω f_l), have the same fixed points and the same
-        steady-state test; on deeper nets they cut the sweeps the slowest sample of a batch
-        needs. Measured (one-sided EP, nets trained one epoch on 10k MNIST images, 20 batches of
-        100, one thread, ω interleaved; benchmarks/results/block_omega.json, docs/settle.md
-        "Over-relaxation"): 784-500-500-10 48.9 → 23.6 sweeps per batch, 56 → 36 ms per EP
-        gradient, cosine with the exactly settled estimate 0.99937 → 0.99984 at ω = 1.4 (1.6:
-        26.6 sweeps, 48 ms); 784-500-500-500-10 64.8 → 36.5 sweeps, 137 → 97 ms, 0.9946 →
-        0.9994; 784-500-10 12.3 → 9.8 sweeps at ω = 1.2
-        but 7.4 → 7.1 ms, within noise, so one hidden layer keeps ω = 1 (exact block descent)."""
-        if self.omega is not None:
-            return float(self.omega)
-        if (self.settle_solver == "block" and self.estimator == "one-sided" and self.arch is None
-                and len(self.layers or ()) >= 4):
-            return 1.4
-        return 1.0
+        steady-state test; they cut the sweeps the slowest sample of a batch needs. Measured
+        (one-sided EP, nets trained one epoch on 10k MNIST images, 20 batches of 100, one thread,
+        ω interleaved; benchmarks/results/block_omega.json, docs/settle.md "Over-relaxation"):
+        784-500-500-10 48.9 → 23.6 sweeps per batch, 56 → 36 ms per EP gradient, cosine with the
+        exactly settled estimate 0.99937 → 0.99984 at ω = 1.4 for both parities (the output
+        parity alone: 40.9 sweeps at 1.5); 784-500-500-500-10 64.8 → 36.5 sweeps, 137 → 97 ms,
+        0.9946 → 0.9994; 784-500-10 12.3 → 9.4 sweeps with the output layer alone at 1.3, whose
+        sweeps stay as cheap as exact ones (both parities at 1.4: 15.0 sweeps)."""
+        if self.omega is not None or self.omega_first is not None:
+            second = 1.0 if self.omega is None else float(self.omega)
+            return (second if self.omega_first is None else float(self.omega_first), second)
+        if self.settle_solver == "block" and self.estimator == "one-sided" and self.arch is None:
+            depth = len(self.layers or ())
+            if depth >= 4:
+                return (1.4, 1.4)
+            if depth == 3 and self.cost == "mse":  # (a CE net of one hidden layer has one state layer)
+                return (1.3, 1.0)
+        return (1.0, 1.0)
 
     def nudged_tolerance(self) -> float:
         """Absolute tolerance of the nudged phases: the field where given; else 2e-4·β (1e-4 at
@@ -383,11 +396,12 @@ class TrainConfig:
 
     def ep_config(self) -> EPConfig:
         atol, rtol = self.free_tolerance()
-        om = self.block_omega()
-        free = SettleConfig(solver=self.settle_solver, dt=self.dt, atol=atol, rtol=rtol, max_steps=self.max_steps, omega=om)
+        om1, om = self.block_omegas()
+        free = SettleConfig(solver=self.settle_solver, dt=self.dt, atol=atol, rtol=rtol, max_steps=self.max_steps, omega=om,
+                            omega_first=om1)
         nudged = SettleConfig(
             solver=self.settle_solver, dt=self.dt, atol=self.nudged_tolerance(), rtol=self.nudged_rtol,
-            max_steps=self.nudged_max_steps, omega=om
+            max_steps=self.nudged_max_steps, omega=om, omega_first=om1
         )
         return EPConfig(
             beta=self.beta, estimator=self.estimator, random_sign=self.random_sign, init=self.init, free=free, nudged=nudged

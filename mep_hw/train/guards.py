@@ -55,6 +55,7 @@ from mep_hw.errors import ConfigError, DataError, DivergedError
 from mep_hw.io.runs import load_checkpoint, read_json, read_toml
 from mep_hw.train.config import TrainConfig, parse_layers
 from mep_hw.train.fit import Observer
+from mep_hw.train.tracing import BatchSums, StepTotals
 
 __all__ = [
     "STATUSES", "REMEDIES", "ResumePlan", "plan_resume", "resume_config", "cosine_cycle", "restart_schedule",
@@ -312,13 +313,16 @@ def _name(i: int, params: Sequence[torch.Tensor], names: Sequence[str] | None) -
     return f"parameter {i}"
 
 
+_GUARD_KEYS = ("n", "free_limit", "n_nudged", "nudged_limit")  # the step sums the guard watches
+
+
 class RunGuard:
     """Watches a training run and stops it when it diverges or stops settling (module docstring).
 
     ``start_epoch(epoch, n_samples)`` at the start of every epoch; ``after_step(step, epoch,
     sums, params)`` after every optimizer step, with ``sums`` the batch's
-    :func:`~mep_hw.train.tracing.batch_sums` (floats or 0-d tensors: they are added without a
-    sync and read every ``check_every`` steps); ``end_epoch(step, epoch, params)`` after the
+    :func:`~mep_hw.train.tracing.batch_sums` (or a mapping of floats or 0-d tensors): they are
+    collected without a host read and read every ``check_every`` steps; ``end_epoch(step, epoch, params)`` after the
     epoch's last step. Each raises :class:`~mep_hw.errors.DivergedError` to stop the run.
     ``warnings`` lists the warnings issued (epoch, step, phase, share, message).
     """
@@ -333,15 +337,12 @@ class RunGuard:
 
     def start_epoch(self, epoch: int, n_samples: int) -> None:
         self.epoch, self.n_epoch = epoch, n_samples
-        self._n = self._free_limit = self._n_nudged = self._nudged_limit = 0.0
+        self._totals = StepTotals()  # this epoch's step sums, read at each check
         self._since = 0
         self._warned: set[str] = set()
 
-    def after_step(self, step: int, epoch: int, sums: Mapping[str, Any], params: Sequence[torch.Tensor]) -> None:
-        self._n = self._n + sums["n"]
-        self._free_limit = self._free_limit + sums["free_limit"]
-        self._n_nudged = self._n_nudged + sums["n_nudged"]
-        self._nudged_limit = self._nudged_limit + sums["nudged_limit"]
+    def after_step(self, step: int, epoch: int, sums: BatchSums | Mapping[str, Any], params: Sequence[torch.Tensor]) -> None:
+        self._totals.add(sums if isinstance(sums, BatchSums) else {k: sums[k] for k in _GUARD_KEYS})
         self._since += 1
         if self._since >= self.config.check_every:
             self._check(step, epoch, params, end=False)
@@ -376,8 +377,9 @@ class RunGuard:
 
     def check_settles(self, step: int, epoch: int, end: bool) -> None:
         c = self.config
-        n, lim = float(self._n), float(self._free_limit)
-        nn, nlim = float(self._n_nudged), float(self._nudged_limit)
+        s = self._totals.sums  # one host read per check
+        n, lim = float(s["n"]), float(s["free_limit"])
+        nn, nlim = float(s["n_nudged"]), float(s["nudged_limit"])
         if n <= 0:
             return
         frac = lim / n

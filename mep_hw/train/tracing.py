@@ -68,13 +68,26 @@ SUM_KEYS = ("n", "free_steps", "free_time", "free_residual", "free_limit", "free
 
 
 class BatchSums:
-    """The sums over one training batch, as one float64 tensor ``values`` on the batch's device
-    in the order of :data:`SUM_KEYS`: nothing is read on the host until a value is asked for."""
+    """The sums over one training batch in the order of :data:`SUM_KEYS`, as one float64 tensor
+    ``values`` on the batch's device: nothing is read on the host until a value is asked for.
 
-    __slots__ = ("values",)
+    Made by :func:`batch_sums` from a step's results, it keeps the per-sample tensors the sums
+    are made of and reduces them only when ``values`` is asked for; a :class:`StepTotals` reduces
+    the batches it collects together, a few operations per many steps instead of some thirty
+    per step."""
 
-    def __init__(self, values: torch.Tensor):
-        self.values = values
+    __slots__ = ("_values", "_parts")
+
+    def __init__(self, values: torch.Tensor | None = None, *, parts: tuple | None = None):
+        if (values is None) == (parts is None):
+            raise ValueError("BatchSums takes values or parts")
+        self._values, self._parts = values, parts
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self._values is None:
+            self._values = _reduce([self])
+        return self._values
 
     def __getitem__(self, key: str) -> float:  # a host read: for occasional use (accumulate the sums instead)
         return float(self.values[SUM_KEYS.index(key)])
@@ -83,41 +96,73 @@ class BatchSums:
         return dict(zip(SUM_KEYS, self.values.tolist()))
 
 
-def _phase_sums(r, dtype) -> torch.Tensor:
-    """(steps, time, residual, step-limit count, non-finite count) summed over a settle's samples."""
-    st = r.status
-    return torch.stack([r.steps.to(dtype), r.time.to(dtype), r.residual.to(dtype),
-                        (st == SettleStatus.STEP_LIMIT).to(dtype), (st == SettleStatus.NONFINITE).to(dtype)]).sum(1)
+def _phase_sums(rs, dtype) -> torch.Tensor:
+    """(steps, time, residual, step-limit count, non-finite count) summed over the samples of
+    the settles ``rs`` (zeros for none)."""
+    if not rs:
+        return torch.zeros(5, dtype=dtype)
+    steps = torch.cat([r.steps for r in rs]) if len(rs) > 1 else rs[0].steps
+    status = torch.cat([r.status for r in rs]) if len(rs) > 1 else rs[0].status
+    tr = torch.stack([torch.cat([r.time for r in rs]), torch.cat([r.residual for r in rs])]).to(dtype).sum(1)
+    counts = torch.bincount(status.to(torch.int64), minlength=3)[1:3].to(dtype)  # STEP_LIMIT, NONFINITE
+    return torch.cat([steps.sum().to(dtype).reshape(1), tr, counts])
+
+
+def _reduce(batches: list["BatchSums"]) -> torch.Tensor:
+    """The summed :data:`SUM_KEYS` vector of ``batches`` (float64, on their device)."""
+    dt = torch.float64
+    free = [b._parts[0] for b in batches]
+    nudged = [r for b in batches for r in b._parts[1]]
+    n = sum(b._parts[4].shape[0] for b in batches)
+    n_nudged = sum(r.steps.numel() for r in nudged)
+    f = _phase_sums(free, dt).to(free[0].steps.device)
+    g = _phase_sums(nudged, dt).to(f.device)
+    loss = torch.cat([b._parts[2].reshape(-1) for b in batches]).sum().to(dt)
+    correct = torch.cat([(b._parts[3].argmax(1) == b._parts[4]) for b in batches]).sum().to(dt)
+    head = f.new_full((1,), float(n))  # filled on the device: no host-to-device copy
+    nn = f.new_full((1,), float(n_nudged))
+    return torch.cat([head, f, nn, g, torch.stack([loss, correct])])
 
 
 def batch_sums(res, y: torch.Tensor) -> BatchSums:
     """The sums over one training batch that epoch statistics and trace intervals are made of
     (settle steps, times, residuals, step-limit hits and non-finite samples per phase, loss,
     correct predictions), computed on the device without reading anything on the host: read
-    them once per epoch or trace interval (:class:`StepTotals`)."""
-    dt = torch.float64
-    free = _phase_sums(res.free, dt)
-    nudged = sum(_phase_sums(r, dt) for r in res.nudged) if res.nudged else free.new_zeros(5)
-    n_nudged = sum(r.steps.numel() for r in res.nudged)
-    head = free.new_full((1,), float(y.shape[0]))  # filled on the device: no host-to-device copy
-    nn = free.new_full((1,), float(n_nudged))
-    tail = torch.stack([res.loss.sum().to(dt), (res.logits.argmax(1) == y).sum().to(dt)])
-    return BatchSums(torch.cat([head, free, nn, nudged, tail]))
+    them once per epoch or trace interval (:class:`StepTotals`). Nothing is computed here: the
+    batch's per-sample results are kept until they are reduced."""
+    return BatchSums(parts=(res.free, tuple(res.nudged), res.loss, res.logits, y))
 
 
 class StepTotals:
     """Running sums of :func:`batch_sums` over training steps: an epoch, or a trace interval.
-    The sums stay on the device (one addition per step); ``sums`` reads them on the host (one
-    synchronisation)."""
+    The batches are collected and reduced together on the device every :attr:`FOLD_EVERY` steps
+    (no operation per step); ``sums`` reduces what is pending and reads the totals on the host
+    (one synchronisation)."""
 
     KEYS = SUM_KEYS
 
     def __init__(self):
         self.reset()
 
+    # pending batches are reduced together once this many have been collected (bounds the memory
+    # they hold: per batch a few per-sample vectors)
+    FOLD_EVERY = 64
+
     def reset(self):
         self._acc: torch.Tensor | None = None
+        self._pending: list[BatchSums] = []
         self._host = dict.fromkeys(self.KEYS, 0.0)
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        lazy = [b for b in self._pending if b._values is None]
+        total = _reduce(lazy) if lazy else None
+        for b in self._pending:
+            if b._values is not None:
+                total = b._values.clone() if total is None else total.add_(b._values)
+        self._pending = []
+        self._acc = total if self._acc is None else self._acc.add_(total)
 
     def state_dict(self) -> dict[str, float]:
         """The running sums as plain floats (for the checkpoint; one host read)."""
@@ -134,7 +179,9 @@ class StepTotals:
         """Add one batch's sums (a :class:`BatchSums` stays on the device; a dict of floats is
         added on the host)."""
         if isinstance(sums, BatchSums):
-            self._acc = sums.values.clone() if self._acc is None else self._acc.add_(sums.values)
+            self._pending.append(sums)
+            if len(self._pending) >= self.FOLD_EVERY:
+                self._fold()
         else:
             for k, v in sums.items():
                 self._host[k] += v
@@ -143,6 +190,7 @@ class StepTotals:
     def sums(self) -> dict[str, float]:
         """The totals as host floats (reads the device sums once)."""
         out = dict(self._host)
+        self._fold()
         if self._acc is not None:
             for k, v in zip(SUM_KEYS, self._acc.tolist()):
                 out[k] += v

@@ -175,3 +175,41 @@ def test_one_hot_is_torch_one_hot_without_its_host_reads():
     assert oh(y, 10, torch.float64).dtype == torch.float64
     with pytest.raises((RuntimeError, IndexError)):
         oh(torch.tensor([10]), 10)
+
+
+def test_the_input_contrast_skips_unmoved_samples_and_keeps_the_sum():
+    """Δᵀx over the rows of Δ that moved equals the dense product (another summation order), with
+    no row, a few, or most moved; a NaN row is kept (it must reach the gradient)."""
+    from mep_hw.model.hopfield import _moving_rows_product
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 30, generator=g)
+    for moved in (0, 1, 5, 40, 64):
+        d = torch.zeros(64, 20)
+        rows = torch.randperm(64, generator=g)[:moved]
+        d[rows] = torch.randn(moved, 20, generator=g)
+        d[rows[: moved // 2], :7] = 0.0  # partly unmoved rows still count
+        torch.testing.assert_close(_moving_rows_product(d, x), d.T @ x, rtol=1e-5, atol=1e-5)
+    d = torch.zeros(64, 20)
+    d[3, 4] = float("nan")
+    assert torch.isnan(_moving_rows_product(d, x)[4]).all()
+
+
+def test_one_sided_ep_gradients_do_not_depend_on_skipping_unmoved_samples(monkeypatch):
+    """The EP estimate with the sparse input contrast equals the dense one (float64, 1e-12)."""
+    import mep_hw.model.hopfield as H
+    from mep_hw.ep import EPConfig, ep_gradients
+
+    m = LayeredHopfield((12, 16, 4), generator=torch.Generator().manual_seed(2), dtype=F64)
+    x, y = batch(m, B=32)
+    cfg = EPConfig(beta=0.5, estimator="one-sided", free=SettleConfig(solver="block", atol=1e-8, max_steps=500),
+                   nudged=SettleConfig(solver="block", atol=1e-4, max_steps=500))
+    free = settle(m.dynamics(x), m.forward_init(m.dynamics(x)), cfg.free)
+    y = y.clone()
+    y[:20] = free.states[-1][:20]  # these samples' outputs are at their target: the nudge does not move them
+    sparse = ep_gradients(m, x, y, cfg)
+    assert int((sparse.nudged[0].steps == 0).sum()) >= 20  # the sparse path runs
+    monkeypatch.setattr(H, "SPARSE_CONTRAST_FRAC", 1.1)  # never skip
+    dense = ep_gradients(m, x, y, cfg)
+    for a, b in zip(sparse.grads, dense.grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -133,3 +133,33 @@ def test_a_run_killed_with_sigkill_leaves_a_readable_trace_and_resumes(tmp_path)
 def test_bad_trace_every_is_a_config_error(value):
     with pytest.raises(ConfigError, match="trace_every"):
         TrainConfig(**SMALL, trace_every=value)
+
+
+def test_batch_sums_reduced_together_equal_the_sum_of_each_batch():
+    """StepTotals collects the batches and reduces them together (every FOLD_EVERY steps and when
+    read): the totals equal the sum of each batch's own sums; a guard reads the same."""
+    from mep_hw.ep import EPConfig, ep_gradients
+    from mep_hw.model import LayeredHopfield, one_hot
+    from mep_hw.settle import SettleConfig
+    from mep_hw.train.guards import RunGuard
+    from mep_hw.train.tracing import StepTotals, batch_sums
+
+    m = LayeredHopfield((8, 12, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    cfg = EPConfig(beta=0.5, estimator="symmetric", free=SettleConfig(solver="block", atol=1e-6, max_steps=3),
+                   nudged=SettleConfig(solver="block", atol=1e-6, max_steps=2))
+    tot, guard, each = StepTotals(), RunGuard(), []
+    tot.FOLD_EVERY = 3  # fold several times over the 7 batches
+    guard.start_epoch(1, 70)
+    for i in range(7):
+        x = torch.rand(10, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (10,), generator=g)
+        res = ep_gradients(m, x, one_hot(y, 3, torch.float64), cfg)
+        tot.add(batch_sums(res, y))
+        guard.after_step(i + 1, 1, batch_sums(res, y), [])
+        each.append(batch_sums(res, y).as_dict())  # reduced alone
+    got = tot.sums
+    for k in got:
+        assert got[k] == pytest.approx(sum(e[k] for e in each), rel=1e-12, abs=1e-12), k
+    assert got["n"] == 70 and got["n_nudged"] == 140 and got["free_limit"] > 0  # 3 sweeps are too few for some
+    assert guard._totals.sums["free_limit"] == got["free_limit"]
