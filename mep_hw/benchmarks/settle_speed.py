@@ -19,7 +19,6 @@ under ``torch.compile`` (dynamic shapes), at 200 and 20 rows.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import statistics
@@ -74,8 +73,7 @@ def measure(cfg: TrainConfig, ds, *, warmup: int, batches: int, rounds: int, sol
     steps = {}
     for _ in range(rounds):
         for solver, cw in variants:
-            free_cfg = dataclasses.replace(ep.free, solver=solver)
-            nudged_cfg = dataclasses.replace(ep.nudged, solver=solver)
+            free_cfg, nudged_cfg = ep.free.with_solver(solver), ep.nudged.with_solver(solver)
             t0 = time.perf_counter()
             out = [(settle(d, i, free_cfg, throw=False, compact_work=cw), settle(nd, ni, nudged_cfg, throw=False, compact_work=cw))
                    for d, i, nd, ni in probs]

@@ -35,6 +35,7 @@ layer's target may depend on its own state.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -173,6 +174,12 @@ class SettleConfig:
                 raise ConfigError(f"{name}={om!r} must be a relaxation factor in (0, 2) (1: exact block descent)")
             if om != 1.0 and get_sweep(self.solver) is None:
                 raise ConfigError(f"{name}={om:g} relaxes the block solver's sweeps; solver={self.solver!r} takes {name}=1")
+
+    def with_solver(self, solver: str) -> "SettleConfig":
+        """This config with another solver; the block solver's relaxation is dropped (ω = 1) for a
+        solver that takes none."""
+        relax = {} if get_sweep(solver) is not None else dict(omega=1.0, omega_first=None)
+        return dataclasses.replace(self, solver=solver, **relax)
 
     @property
     def omegas(self) -> tuple[float, float]:

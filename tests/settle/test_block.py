@@ -318,3 +318,6 @@ def test_omega_is_refused_outside_its_range_and_for_other_solvers():
     assert TrainConfig(layers="784,500,500,10", omega=1.2).ep_config().nudged.omegas == (1.2, 1.2)
     assert TrainConfig(layers="784,500,10", omega=1.0).ep_config().free.omegas == (1.0, 1.0)
     assert TrainConfig(layers="784,500,10", omega_first=1.5).ep_config().free.omegas == (1.5, 1.0)
+    relaxed = TrainConfig(layers="784,500,10").ep_config().free
+    assert relaxed.with_solver("euler").omegas == (1.0, 1.0)  # an ODE solver takes no relaxation
+    assert relaxed.with_solver("block").omegas == (1.3, 1.0)
