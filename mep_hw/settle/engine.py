@@ -520,42 +520,30 @@ def settle(
 
         # Frozen rows take no step: their update is multiplied by 0 (a non-finite row, already
         # labelled NONFINITE, may turn NaN)
-        if sweep is not None and relax:  # red-black block descent, the second parity over-relaxed (omega ≠ 1)
-            # each parity moves to clip(s + ω f); the second parity's residual after its move is
-            # its block target (s + f, unchanged by its own move) minus the new state: exact, so
-            # k stays the full field at the current state for the steady-state test
-            if every:
-                s1.add_(k1, alpha=omega1).clamp_(lo_b, hi_b)
-                dyn.block_field(sv, 1 - first, kv)
-                t2 = s2 + k2
-                s2.add_(k2, alpha=omega).clamp_(lo_b, hi_b)
-            else:  # frozen rows keep their state and their residual
-                s1.addcmul_(k1, mask, value=omega1).clamp_(lo_b, hi_b)
-                dyn.block_field(sv, 1 - first, kv)
-                t2 = s2 + k2
-                s2.addcmul_(k2, mask, value=omega).clamp_(lo_b, hi_b)
-            torch.sub(t2, s2, out=k2)
-            k2_zero = False
-            dyn.block_field(sv, first, kv)
-            nfev += 1
-            continue
         if sweep is not None:  # red-black block coordinate descent
-            # the first parity to its block target, computed with the last residual (or, over-relaxed,
-            # to clip(s + omega1·f)); then the second parity exactly: its residual is zero
+            # the first parity to its block target, computed with the last residual (over-relaxed:
+            # to clip(s + omega1·f)); frozen rows keep their state and their residual
             if every:
-                if relax1:
-                    s1.add_(k1, alpha=omega1).clamp_(lo_b, hi_b)
-                else:
-                    s1.add_(k1)
-                dyn.block_update(sv, 1 - first)  # the second parity to its exact target: residual 0
+                s1.add_(k1, alpha=omega1)
+            else:
+                s1.addcmul_(k1, mask, value=omega1)
+            if relax or relax1:
+                s1.clamp_(lo_b, hi_b)
+            if relax:  # the second parity over-relaxed too (omega ≠ 1)
+                # it moves to clip(s + ω f); its residual after the move is its block target (s + f,
+                # unchanged by its own move) minus the new state: exact, so k stays the full field
+                # at the current state for the steady-state test
+                dyn.block_field(sv, 1 - first, kv)
+                t2 = s2 + k2
+                (s2.add_(k2, alpha=omega) if every else s2.addcmul_(k2, mask, value=omega)).clamp_(lo_b, hi_b)
+                torch.sub(t2, s2, out=k2)
+                k2_zero = False
+            elif every:  # the second parity exactly to its target: residual 0
+                dyn.block_update(sv, 1 - first)
                 if not k2_zero:
                     k2.zero_()
                     k2_zero = True
-            else:  # frozen rows keep their state and their residual, both parities
-                if relax1:
-                    s1.addcmul_(k1, mask, value=omega1).clamp_(lo_b, hi_b)
-                else:
-                    s1.addcmul_(k1, mask)
+            else:
                 dyn.block_field(sv, 1 - first, kv)
                 s2.addcmul_(k2, mask)
                 k2.addcmul_(k2, mask, value=-1.0)  # running rows: at their block target, residual 0

@@ -67,6 +67,16 @@ SUM_KEYS = ("n", "free_steps", "free_time", "free_residual", "free_limit", "free
             "nudged_steps", "nudged_time", "nudged_residual", "nudged_limit", "nudged_nonfinite", "loss", "correct")
 
 
+class _BatchParts(NamedTuple):
+    """The per-sample results of one step that its sums are made of."""
+
+    free: object  # SettleResult of the free phase
+    nudged: tuple  # SettleResults of the nudged phases
+    loss: torch.Tensor
+    logits: torch.Tensor
+    y: torch.Tensor
+
+
 class BatchSums:
     """The sums over one training batch in the order of :data:`SUM_KEYS`, as one float64 tensor
     ``values`` on the batch's device: nothing is read on the host until a value is asked for.
@@ -78,7 +88,7 @@ class BatchSums:
 
     __slots__ = ("_values", "_parts")
 
-    def __init__(self, values: torch.Tensor | None = None, *, parts: tuple | None = None):
+    def __init__(self, values: torch.Tensor | None = None, *, parts: _BatchParts | None = None):
         if (values is None) == (parts is None):
             raise ValueError("BatchSums takes values or parts")
         self._values, self._parts = values, parts
@@ -101,24 +111,25 @@ def _phase_sums(rs, dtype) -> torch.Tensor:
     the settles ``rs`` (zeros for none)."""
     if not rs:
         return torch.zeros(5, dtype=dtype)
-    steps = torch.cat([r.steps for r in rs]) if len(rs) > 1 else rs[0].steps
-    status = torch.cat([r.status for r in rs]) if len(rs) > 1 else rs[0].status
+    steps = torch.cat([r.steps for r in rs]).sum().to(dtype).reshape(1)
     tr = torch.stack([torch.cat([r.time for r in rs]), torch.cat([r.residual for r in rs])]).to(dtype).sum(1)
-    counts = torch.bincount(status.to(torch.int64), minlength=3)[1:3].to(dtype)  # STEP_LIMIT, NONFINITE
-    return torch.cat([steps.sum().to(dtype).reshape(1), tr, counts])
+    status = torch.cat([r.status for r in rs]).to(torch.int64)
+    counts = torch.bincount(status, minlength=len(SettleStatus))[SettleStatus.STEP_LIMIT:SettleStatus.NONFINITE + 1].to(dtype)
+    return torch.cat([steps, tr, counts])
 
 
 def _reduce(batches: list["BatchSums"]) -> torch.Tensor:
     """The summed :data:`SUM_KEYS` vector of ``batches`` (float64, on their device)."""
     dt = torch.float64
-    free = [b._parts[0] for b in batches]
-    nudged = [r for b in batches for r in b._parts[1]]
-    n = sum(b._parts[4].shape[0] for b in batches)
+    parts = [b._parts for b in batches]
+    free = [p.free for p in parts]
+    nudged = [r for p in parts for r in p.nudged]
+    n = sum(p.y.shape[0] for p in parts)
     n_nudged = sum(r.steps.numel() for r in nudged)
     f = _phase_sums(free, dt).to(free[0].steps.device)
     g = _phase_sums(nudged, dt).to(f.device)
-    loss = torch.cat([b._parts[2].reshape(-1) for b in batches]).sum().to(dt)
-    correct = torch.cat([(b._parts[3].argmax(1) == b._parts[4]) for b in batches]).sum().to(dt)
+    loss = torch.cat([p.loss.reshape(-1) for p in parts]).sum().to(dt)
+    correct = torch.cat([p.logits.argmax(1) == p.y for p in parts]).sum().to(dt)
     head = f.new_full((1,), float(n))  # filled on the device: no host-to-device copy
     nn = f.new_full((1,), float(n_nudged))
     return torch.cat([head, f, nn, g, torch.stack([loss, correct])])
@@ -130,7 +141,7 @@ def batch_sums(res, y: torch.Tensor) -> BatchSums:
     correct predictions), computed on the device without reading anything on the host: read
     them once per epoch or trace interval (:class:`StepTotals`). Nothing is computed here: the
     batch's per-sample results are kept until they are reduced."""
-    return BatchSums(parts=(res.free, tuple(res.nudged), res.loss, res.logits, y))
+    return BatchSums(parts=_BatchParts(res.free, tuple(res.nudged), res.loss, res.logits, y))
 
 
 class StepTotals:
