@@ -148,7 +148,8 @@ def test_cuda_check_skips_without_cuda_and_runs_on_the_cpu(tmp_path, capsys):
     cuda_check.main(["--device", "cpu", "--layers", "784,20,10", "--batch", "8", "--check-every", "1", "3",
                      "--warmup", "2", "--batches", "2", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and {r["solver"] for r in rows} == {"euler", "block"}
+    assert len(rows) == 8 and {r["solver"] for r in rows} == {"euler", "block"}
+    assert {r["poll"] for r in rows} == {"sync", "async"}
     for r in rows:
         assert r["settle_loop_iterations"] > 0 and r["settle_ms_per_iteration"] > 0 and r["ep_step_ms"] > 0
         assert r["settle_syncs_per_iteration"] is None  # counted on CUDA only

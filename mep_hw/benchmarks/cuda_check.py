@@ -4,13 +4,16 @@
     python -m mep_hw.benchmarks.cuda_check --data-dir ../shared/data/mnist   # MNIST batches instead
 
 For 784-500-10 and 784-500-500-10, at batch 100 and 1000, with the ``euler`` and ``block``
-solvers and host checks every 1, 4 and 16 steps: a network is first trained for ``--warmup``
+solvers and host checks every 1, 4 and 16 steps, each read synchronously (``--poll sync``: the
+host waits for the count) and asynchronously (``async``, the CUDA default: the count is copied
+without waiting and read once its copy has completed; see ``mep_hw.settle.engine._CountPoll``):
+a network is first trained for ``--warmup``
 EP steps (so the settles take the steps a training run's do), then
 
 * *settle*: the free phase and the symmetric nudged phase of ``--batches`` batches are settled
   again, timed (CUDA synchronised before and after) and their host synchronisations counted;
   per settle step = per loop iteration (field evaluations, ``SettleResult.nfev``);
-* *EP step*: ``ep_gradients`` (with ``check=False``: no per-batch host reads) plus the Adam step,
+* *EP step*: ``ep_gradients`` (the settle's default, asynchronous, count) (with ``check=False``: no per-batch host reads) plus the Adam step,
   timed and counted per step;
 * *device step* (``--card``, default ``pcm`` with 16 levels; ``none`` skips it): the training
   step of :class:`mep_hw.train.loop.EPTrainer` on the weights held by device tiles of that card
@@ -146,7 +149,7 @@ def measure_device_step(cfg: TrainConfig, card_name: str, xs, ys, *, device: str
 
 
 def measure(layers: str, batch: int, solver: str, check_every: int, *, device: str, data_dir: str | None,
-            warmup: int, batches: int, card: str | None = None) -> dict:
+            warmup: int, batches: int, card: str | None = None, poll: str = "async") -> dict:
     """Settle and EP-step figures for one configuration (see the module docstring)."""
     cfg = TrainConfig(layers=layers, batch_size=batch, solver=solver, torch_device=device)
     n = batch * (warmup + batches)
@@ -155,7 +158,7 @@ def measure(layers: str, batch: int, solver: str, check_every: int, *, device: s
     params = model.param_list()
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # the training run's host optimizer
     ep = cfg.ep_config()
-    kw = dict(throw=False, check_every=check_every)
+    kw = dict(throw=False, check_every=check_every, poll=poll == "async")
     xs = [x[i * batch : (i + 1) * batch] for i in range(warmup + batches)]
     ys = [one_hot(y[i * batch : (i + 1) * batch], 10, x.dtype) for i in range(warmup + batches)]
     for i in range(warmup):
@@ -206,7 +209,7 @@ def measure(layers: str, batch: int, solver: str, check_every: int, *, device: s
                                                              for i in range(warmup, warmup + batches)], device=device)
     return {
         **dev_row,
-        "layers": layers, "batch": batch, "solver": solver, "check_every": check_every,
+        "layers": layers, "batch": batch, "solver": solver, "check_every": check_every, "poll": poll,
         "settle_loop_iterations": evals,
         "settle_ms_per_iteration": 1e3 * t_settle / evals,
         "settle_syncs_per_iteration": sc.count / evals if on_cuda else None,
@@ -227,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--solver", nargs="+", default=["euler", "block"])
     p.add_argument("--check-every", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--poll", nargs="+", default=["sync", "async"], choices=["sync", "async"],
+                   help="how the settle reads its running count: waiting for it, or not")
     p.add_argument("--warmup", type=int, default=20, help="EP training steps before measuring")
     p.add_argument("--batches", type=int, default=10, help="batches measured")
     p.add_argument("--card", default="pcm", help="device card of the device step (pcm: 16 levels), or none")
@@ -239,12 +244,13 @@ def main(argv=None) -> int:
     for layers in a.layers:
         for batch in a.batch:
             for solver in a.solver:
-                for k in a.check_every:
-                    card = a.card if (a.card != "none" and k == a.check_every[0]) else None  # once per net, batch, solver
+                for k, poll in ((k, poll) for k in a.check_every for poll in a.poll):
+                    first = (k, poll) == (a.check_every[0], a.poll[0])
+                    card = a.card if (a.card != "none" and first) else None  # once per net, batch, solver
                     r = measure(layers, batch, solver, k, device=a.device, data_dir=a.data_dir,
-                                warmup=a.warmup, batches=a.batches, card=card)
+                                warmup=a.warmup, batches=a.batches, card=card, poll=poll)
                     rows.append(r)
-                    print(f"{layers} batch {batch} {solver} check_every {k}: settle {r['settle_ms_per_iteration']:.3f} ms "
+                    print(f"{layers} batch {batch} {solver} check_every {k} {poll}: settle {r['settle_ms_per_iteration']:.3f} ms "
                           f"and {r['settle_syncs_per_iteration']} syncs per iteration; EP step {r['ep_step_ms']:.2f} ms, "
                           f"{r['ep_step_syncs']} syncs"
                           + (f"; device step {r['device_step_ms']} ms, {r['device_step_syncs']} syncs, error {r['device_error']}"

@@ -56,13 +56,74 @@ __all__ = ["remedy", "BlockDynamics", "COMPACT_WORK", "CUDA_CHECK_EVERY", "ONE_T
 # (multiply-accumulates and element operations; see settle). Set by measurement:
 # mep_hw/benchmarks/settle_speed.py --compaction (docs/settle.md).
 COMPACT_WORK = 2.0e6
-# On an accelerator the host reads the running count (a synchronisation) every this many steps.
+# On an accelerator the running count is sent to the host every this many steps (without waiting
+# for it: see _CountPoll).
 CUDA_CHECK_EVERY = 4
+# Most running counts on their way to the host at once; one more and the host waits for the oldest
+# (a synchronisation, only when the host runs this far ahead of the device).
+POLL_PENDING = 8
 # Below this work per sweep (batch × row_work, multiply-accumulates and element operations) a CPU
 # settle runs on one intra-op thread. Measured interleaved at 2 threads, EP gradient per batch of
 # 100 after 2 epochs on 10k MNIST images: 784-500-10 (1.4e6) 10.3 → 8.7 ms with one thread;
 # 784-2000-10 (5.6e6) 21.4 → 23.0 ms and 784-500-500-10 (5.2e7) 60 → 76 ms (two threads better).
 ONE_THREAD_WORK = 3.0e6
+
+
+class _DoneEvent:
+    """A completed event: the copy it marks was synchronous (a CPU tensor)."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _poll_event(dev: torch.device):
+    """An event recorded on ``dev``'s current stream after the copy it marks (tests replace this
+    to delay the completion)."""
+    if dev.type == "cuda":
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+    return _DoneEvent()
+
+
+class _CountPoll:
+    """The number of running samples, sent to the host without a synchronisation.
+
+    ``push(running)`` counts on the device and copies the count to a pinned host buffer
+    asynchronously, marking it with an event; ``poll()`` returns the newest count whose copy has
+    completed (``event.query()``, which does not wait), or None. Counts arrive late, never
+    wrong: the running set only shrinks, so a count of 0 read several steps after it was taken
+    still means that every sample has finished (and frozen samples do not change). When more than
+    :data:`POLL_PENDING` counts are in flight the host waits for the oldest: a synchronisation,
+    but only when the host has run that far ahead of the device.
+    """
+
+    def __init__(self, dev: torch.device, slots: int = POLL_PENDING):
+        pin = dev.type == "cuda"
+        self.dev = dev
+        self.slots = slots
+        self.bufs = [torch.zeros((), dtype=torch.int64, pin_memory=pin) for _ in range(slots + 1)]
+        self.pending: list[tuple[object, Tensor]] = []
+        self.next = 0
+
+    def push(self, running: Tensor) -> None:
+        buf = self.bufs[self.next]
+        self.next = (self.next + 1) % len(self.bufs)
+        buf.copy_(torch.count_nonzero(running), non_blocking=True)
+        self.pending.append((_poll_event(self.dev), buf))
+
+    def poll(self) -> int | None:
+        n = None
+        while self.pending and self.pending[0][0].query():
+            n = int(self.pending.pop(0)[1])
+        if len(self.pending) > self.slots:  # too far ahead: wait for the oldest
+            ev, buf = self.pending.pop(0)
+            ev.synchronize()
+            n = int(buf)
+        return n
 
 
 class Dynamics(Protocol):
@@ -322,6 +383,7 @@ def settle(
     compact_min: int = 0,
     compact_work: float | None = None,
     check_every: int | None = None,
+    poll: bool | None = None,
 ) -> SettleResult:
     """Settle ``dynamics`` from ``init`` (one (batch, n_l) tensor per layer) until each sample
     is steady (see the module docstring).
@@ -340,7 +402,11 @@ def settle(
     tensors' device; the host reads the number of running samples only every ``check_every``
     steps (default: 1 on the CPU, where reading it costs nothing, :data:`CUDA_CHECK_EVERY` on
     other devices, where it is a host synchronisation), to stop the loop and decide compaction.
-    Between checks finished samples stay frozen in the batch.
+    Between checks finished samples stay frozen in the batch. With ``poll`` (default: on CUDA
+    when compaction is off, as it is there by default) the count is not waited for: it is copied
+    to the host asynchronously and read when its copy has completed (a CUDA event's ``query``),
+    so the step loop has no synchronisation at all; the loop then stops a few masked steps after
+    the last sample finished, with the same result (see :class:`_CountPoll`).
 
     ``solver="block"`` (:data:`mep_hw.settle.SWEEPS`) is red-black block coordinate descent on
     a layered dynamics (one with ``block_field``): each sweep sets every layer of the last
@@ -426,6 +492,9 @@ def settle(
         work_min = COMPACT_WORK if dev.type == "cpu" else math.inf
     else:
         work_min = float(compact_work)
+    if poll is None:
+        poll = dev.type == "cuda" and work_min == math.inf
+    counts = _CountPoll(dev) if poll else None  # late counts: no compaction, which needs the running set now
     if adaptive:
         h: float | Tensor = torch.full((B, 1), float(cfg.dt), dtype=dtype, device=dev)
         t_now = torch.zeros(B, dtype=dtype, device=dev)
@@ -444,7 +513,7 @@ def settle(
     nfev = 1
     rows = B  # rows in the working batch
     n_run: int | None = B  # running rows as of the last host check (None: not known now)
-    eager = check_every == 1  # the host knows the running set after every test
+    eager = check_every == 1 and counts is None  # the host knows the running set after every test
     # eager: the steps taken while the running set stays the same are counted on the host (lag)
     # and added to the running rows when the set changes; otherwise they are added every step
     lag = 0
@@ -476,8 +545,15 @@ def settle(
         else:
             if tested:
                 running.logical_and_(pending)
-            n_run = int(running.sum()) if (last or n % check_every == 0) else None  # a synchronisation
             mask = None
+            if counts is not None:  # a late count; 0 means done, any other says nothing about now
+                if n % check_every == 0:
+                    counts.push(running)
+                if last or counts.poll() == 0:
+                    break
+                n_run = None
+            else:
+                n_run = int(running.sum()) if (last or n % check_every == 0) else None  # a synchronisation
         if n_run is not None:
             if n_run == 0 or last:
                 break

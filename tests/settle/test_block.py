@@ -181,6 +181,54 @@ def test_results_do_not_depend_on_check_interval_or_compaction(warm):
             torch.testing.assert_close(res.time, ref.time, rtol=1e-12, atol=0)
 
 
+class _LateEvent:
+    """A copy that completes once ``delay`` later counts have been sent (the device that many
+    checks behind the host; math.inf: only when waited for)."""
+
+    syncs = 0
+    sent = 0
+
+    def __init__(self, delay):
+        type(self).sent += 1
+        self.due = type(self).sent + delay
+
+    def query(self):
+        return type(self).sent >= self.due
+
+    def synchronize(self):
+        type(self).syncs += 1
+        self.due = 0
+
+
+@pytest.mark.parametrize("delay", [0, 2, 8, 9, math.inf])
+def test_late_running_counts_give_the_same_result(monkeypatch, delay):
+    """The asynchronous running count (CUDA's default: no host synchronisation in the step loop)
+    arrives steps late; the loop then stops later, with the same states, steps and statuses as
+    the synchronous check. A copy that never completes on its own is waited for once more than
+    POLL_PENDING counts are in flight."""
+    from mep_hw.settle import engine
+
+    monkeypatch.setattr(engine, "_poll_event", lambda dev: _LateEvent(delay))
+    _LateEvent.syncs = 0
+    m = LayeredHopfield((12, 20, 16, 5), generator=torch.Generator().manual_seed(0), dtype=F64)
+    x = torch.rand(64, 12, generator=torch.Generator().manual_seed(1), dtype=F64)
+    dyn = m.dynamics(x)
+    init = m.forward_init(dyn)
+    for solver in ("block", "euler", "dopri5"):
+        for cfg in (SettleConfig(solver=solver, dt=0.5, atol=1e-7, rtol=1e-3, max_steps=500),
+                    SettleConfig(solver=solver, dt=0.5, atol=1e-12, rtol=0, max_steps=6)):  # every sample hits the limit
+            ref = settle(dyn, init, cfg, compact_work=math.inf, throw=False)
+            for k in (1, 4):
+                res = settle(dyn, init, cfg, check_every=k, poll=True, throw=False)
+                assert torch.equal(res.steps, ref.steps) and torch.equal(res.status, ref.status)
+                for a, b in zip(res.states, ref.states):
+                    assert torch.equal(a, b)
+                torch.testing.assert_close(res.residual, ref.residual, rtol=1e-9, atol=1e-14)
+                if delay and cfg.max_steps == 500:  # the late count: masked steps after the last sample finished
+                    assert res.nfev > ref.nfev
+    assert (_LateEvent.syncs > 0) == (delay > engine.POLL_PENDING)
+
+
 def test_statuses_and_errors_follow_the_contract():
     m = net(layers=(6, 9, 7, 4), activation="hard_sigmoid", seed=1)
     x, y = batch(m, B=5)
