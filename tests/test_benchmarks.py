@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny problems and write what they promise."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,8 @@ def test_brian2_benchmark_writes_agreement_times_and_accuracy(tmp_path):
     s = r["settle"]["64-32-10@50"]
     assert s["train_defaults"]["max_abs_diff_states_vs_torch"]["brian2"] < 1e-5
     assert s["float64_tight"]["max_abs_diff_states"] < 1e-12 and s["float64_tight"]["steps_equal"]
-    assert s["per_step_ms"]["brian2"] > 0 and s["train_defaults"]["seconds_median"]["euler"] > 0
+    # per step = (100-step run − 1-step run) / 99: one round on a loaded machine may make it negative
+    assert math.isfinite(s["per_step_ms"]["brian2"]) and s["train_defaults"]["seconds_median"]["euler"] > 0
     acc = r["accuracy"]["runs"]["0"]
     assert abs(acc["brian2"]["test_accuracy"] - acc["euler"]["test_accuracy"]) <= 0.02
 
