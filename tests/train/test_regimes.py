@@ -150,6 +150,11 @@ def test_layer_lr_scales_follow_the_wider_side_above_lr_width():
     # a ce readout is read one way only: its fan-in counts
     assert layer_lr_scales((784, 1000, 1000, 10), "ce", 500) == (1.0, 0.5, 0.5)
     assert layer_lr_scales((784, 2000, 2000, 10), "mse", 0) == (1.0, 1.0, 1.0)
+    # the default base width (docs/ep.md, "Width and depth"): the readout of a 500-wide net at lr/4
+    from mep_hw.train import TrainConfig
+
+    cfg = TrainConfig(layers="784,500,500,10")
+    assert cfg.lr_width == 125 and layer_lr_scales(cfg.layers, cfg.cost, cfg.lr_width) == (1.0, 0.25, 0.25)
 
 
 def test_the_host_regime_steps_each_matrix_at_its_layer_lr():
