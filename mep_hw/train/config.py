@@ -495,7 +495,7 @@ def layer_lr_scales(layers, cost: str, lr_width: int | None) -> tuple[float, ...
     width 125 (lr 1e-3 is the rate of a matrix 125 wide) was chosen on full MNIST, 15 epochs,
     MSE, one-sided EP (benchmarks/results/lr_width_study.json, docs/ep.md): test accuracy with
     ``lr_width`` 500 / 250 / 125 — 784-500-10 98.20 / 98.23 / 98.44 %, 784-500-500-10 97.90 /
-    98.26 / 98.44 %, 784-500-500-500-10 96.80 / 98.22 / see the docs; at 500 the deep nets' early
+    98.26 / 98.44 %, 784-500-500-500-10 96.80 / 98.22 / 98.17 %; at 500 the deep nets' early
     epochs were unstable (84 % after three epochs with three hidden layers).
     """
     layers = tuple(int(n) for n in layers)
