@@ -13,8 +13,9 @@ EP steps (so the settles take the steps a training run's do), then
 * *settle*: the free phase and the symmetric nudged phase of ``--batches`` batches are settled
   again, timed (CUDA synchronised before and after) and their host synchronisations counted;
   per settle step = per loop iteration (field evaluations, ``SettleResult.nfev``);
-* *EP step*: ``ep_gradients`` (the settle's default, asynchronous, count) (with ``check=False``: no per-batch host reads) plus the Adam step,
-  timed and counted per step;
+* *EP step*: ``ep_gradients`` (with ``check=False``: no per-batch host reads; its settles read
+  the count as the settle's default does, asynchronously on CUDA) plus the Adam step, timed and
+  counted per step;
 * *device step* (``--card``, default ``pcm`` with 16 levels; ``none`` skips it): the training
   step of :class:`mep_hw.train.loop.EPTrainer` on the weights held by device tiles of that card
   (reads with DAC, read noise and ADC; the host Adam writing through the device), timed and
@@ -33,6 +34,7 @@ brightest of ten stripes (no download: the device machine may have no network).
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import time
 import warnings
@@ -244,9 +246,8 @@ def main(argv=None) -> int:
     for layers in a.layers:
         for batch in a.batch:
             for solver in a.solver:
-                for k, poll in ((k, poll) for k in a.check_every for poll in a.poll):
-                    first = (k, poll) == (a.check_every[0], a.poll[0])
-                    card = a.card if (a.card != "none" and first) else None  # once per net, batch, solver
+                for i, (k, poll) in enumerate(itertools.product(a.check_every, a.poll)):
+                    card = a.card if (a.card != "none" and i == 0) else None  # once per net, batch, solver
                     r = measure(layers, batch, solver, k, device=a.device, data_dir=a.data_dir,
                                 warmup=a.warmup, batches=a.batches, card=card, poll=poll)
                     rows.append(r)
