@@ -27,14 +27,22 @@ asymmetry). Cheap; no data needed.
 
 ``figures``: the pulse-response figure of every crossbar card (docs/img/device_<card>.png).
 
+``pulses``: one ``apply_pulses`` call on a 784×500 array of each card whose response is affine
+(ECRAM, PCM), pulses one at a time (``per_pulse``, the reference) against the whole sequence by
+its moments (``moments``), interleaved call by call in one process: the median time of each and
+their ratio, and the mean and spread of the weight change of both, for weight-up and weight-down
+counts drawn Poisson with means λ (1, 10, 100: an in-array step's counts at low and high rates).
+
     python -m mep_hw.benchmarks.devices update --out benchmarks/results/device_update_ratio.json
     python -m mep_hw.benchmarks.devices figures --out-dir docs/img
+    python -m mep_hw.benchmarks.devices pulses --out benchmarks/results/pulse_application.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -183,6 +191,44 @@ def accuracy(data_dir, cards: list[str], epochs: int, out: Path, runs_dir: Path 
     return report
 
 
+def pulse_application(out: Path, shape=(500, 784), lams=(1.0, 10.0, 100.0), rounds: int = 5,
+                      cards=("ecram", "pcm"), seed: int = 0) -> dict:
+    """Per-pulse vs moments pulse application: time and weight-change statistics (module docstring)."""
+    report = {"benchmark": "pulse_application", "shape": list(shape), "rounds": rounds, "threads": torch.get_num_threads(),
+              "counts": "n_up, n_down ~ Poisson(lambda) per weight, independent", "cards": {}}
+    for name in cards:
+        ref = load_card(name).device
+        mom = dataclasses.replace(ref, pulse_application="moments")
+        gen = torch.Generator().manual_seed(seed)
+        st = ref.program(ref.init_state(shape, gen, torch.float64, "cpu"), torch.zeros(shape, dtype=torch.float64), gen)
+        w0 = ref.mean(st)
+        rows = {}
+        for lam in lams:
+            rate = torch.full(shape, lam, dtype=torch.float64)
+            n_up, n_dn = torch.poisson(rate, generator=gen), torch.poisson(rate, generator=gen)
+            times = {"per_pulse": [], "moments": []}
+            dw = {}
+            for r in range(rounds):
+                for label, dev in (("per_pulse", ref), ("moments", mom)):
+                    g = torch.Generator().manual_seed(seed + 1 + r)
+                    t0 = time.perf_counter()
+                    new, _ = dev.apply_pulses(st, n_up, n_dn, g)
+                    times[label].append(time.perf_counter() - t0)
+                    dw[label] = dev.mean(new) - w0
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows[f"lambda_{lam:g}"] = {
+                "lambda": lam, "seconds_median": med, "speedup": med["per_pulse"] / med["moments"],
+                "dw_mean": {k: float(v.mean()) for k, v in dw.items()}, "dw_std": {k: float(v.std()) for k, v in dw.items()},
+            }
+            print(f"{name:<6} lambda {lam:>5g}: per pulse {med['per_pulse'] * 1e3:8.1f} ms, moments {med['moments'] * 1e3:6.1f} ms "
+                  f"({med['per_pulse'] / med['moments']:.1f}x); dw mean {float(dw['per_pulse'].mean()):+.3e} / "
+                  f"{float(dw['moments'].mean()):+.3e}, std {float(dw['per_pulse'].std()):.3e} / {float(dw['moments'].std()):.3e}",
+                  flush=True)
+        report["cards"][name] = {"response": ref.response, "update_mode": ref.update_mode, "rows": rows}
+    write_json(out, report)
+    return report
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -206,7 +252,13 @@ def main(argv=None) -> int:
     f = sub.add_parser("figures")
     f.add_argument("--out-dir", default="docs/img")
     f.add_argument("--devices", type=int, default=1000)
+    q = sub.add_parser("pulses")
+    q.add_argument("--rounds", type=int, default=5)
+    q.add_argument("--out", default="benchmarks/results/pulse_application.json")
     args = p.parse_args(argv)
+    if args.what == "pulses":
+        pulse_application(Path(args.out), rounds=args.rounds)
+        return 0
     if args.what == "update":
         update_ratio(Path(args.out), n=args.weights)
         return 0

@@ -140,6 +140,14 @@ class Device(ABC):
     def physical(self, state) -> dict[str, tuple[Tensor, str]]:
         return {"weight": (self.mean(state), "1")}
 
+    remappable: ClassVar[bool] = False  # w_scale is a free periphery scale (the tile may be re-programmed with another)
+
+    @property
+    def weight_limit(self) -> float | None:
+        """The largest |w̃| the device can hold (normalised units), None when unbounded or not a
+        hard bound. Error feedback carries only the part of a residual the device can reach."""
+        return None
+
     def scale_of(self, W: Tensor) -> float:
         """The magnitude that maps to w̃ = 1 (times the periphery's headroom): max |W|."""
         return float(W.abs().max())
@@ -232,6 +240,7 @@ class Tile:
         # every write (pulse counts: ints or tensors, summed lazily); see mep_hw.hw.cost
         self._reads = [0, 0, 0]
         self._writes = [0, 0, 0, 0]
+        self.remaps = 0  # re-programs with a larger mapping scale (remap_if_saturating)
         # energies from what the array holds (read: V²·Σ f(x̃)·ΣG·t; write: the device's pulses),
         # accumulated as tensors without a host sync; see energy_totals()
         self.energy: dict = {"read_J": 0.0, "write_J": 0.0}
@@ -317,7 +326,7 @@ class Tile:
 
     def state_dict(self) -> dict:
         return {"state": dict(self.state._asdict()), "gen": self.gen.get_state(),
-                "counts": self.op_counts()._asdict(), "w_scale": self.w_scale}
+                "counts": self.op_counts()._asdict(), "w_scale": self.w_scale, "remaps": self.remaps}
 
     def load_state_dict(self, d: dict) -> None:
         self.state = type(self.state)(**d["state"])
@@ -327,6 +336,7 @@ class Tile:
         self._writes = [c["pulses_up"], c["pulses_down"], c["refreshes"], c["programmed"]]
         self.energy = {"read_J": float(c.get("read_J", 0.0)), "write_J": float(c.get("write_J", 0.0))}
         self.w_scale = float(d["w_scale"])
+        self.remaps = int(d.get("remaps", 0))
         self._changed()
 
     def program(self, W: Tensor, cells: Tensor | None = None) -> Tensor:
@@ -358,7 +368,26 @@ class Tile:
             self.state = self.device.advance(self.state, seconds)
         self._count(counts)
         self._changed()
+        self.remap_if_saturating()
         return self.held() - before
+
+    def remap_if_saturating(self) -> bool:
+        """Re-program the tile with a larger mapping scale when its largest |w̃| has reached the
+        periphery's ``w_remap`` fraction of the range (aihwkit's weight remapping): w_scale =
+        w_headroom × max|w|, every cell written again (write-verify, with programming noise,
+        counted as programmed cells). Only on devices whose scale is a free periphery factor."""
+        frac = self.periphery.w_remap
+        if not frac or not self.device.remappable:
+            return False
+        held = self.held()
+        top = float(held.abs().max())
+        if top < frac * self.device.weight_limit * self.w_scale:
+            return False
+        W = held.clone()
+        self.w_scale = self.device.mapping_scale(W, self.periphery.w_headroom)
+        self.program(W)
+        self.remaps += 1
+        return True
 
     def apply_pulses(self, n_up: Tensor, n_down: Tensor, seconds: float = 0.0) -> None:
         """Apply per-cell pulse counts (an in-array update: coincidences of row and column pulse
@@ -368,6 +397,12 @@ class Tile:
             self.state = self.device.advance(self.state, seconds)
         self._count(counts)
         self._changed()
+
+    @property
+    def weight_bound(self) -> float | None:
+        """The largest |w| (logical units) the tile can hold, None when the device has no hard bound."""
+        lim = self.device.weight_limit
+        return None if lim is None else lim * self.w_scale
 
     @property
     def dw_pulse(self) -> float:

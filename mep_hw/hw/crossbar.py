@@ -49,6 +49,20 @@ while the smaller is above ``refresh_lower`` is re-programmed to its present wei
 ``OneSidedUnitCell``'s refresh criterion). Pulses are applied one by one (n pulses at once are
 exactly n single pulses; up and down pulses of one call are interleaved, up first).
 
+**Pulse application** (``pulse_application``, a simulation choice, not physics): ``per_pulse``
+(the default, the reference) applies the pulses one at a time as above. ``moments`` applies a
+device's whole sequence of k pulses at once where its step is affine in G (``linear_step``,
+``soft_bounds``): one pulse is y' = a + b·y + (α + γ·y)·ξ (y = G − G₀; ξ ~ N(0, 1); α, γ from the
+c2c model), so (1, E[y], E[y²]) evolves by a 3×3 lower-triangular matrix; the interleaved sequence
+(alternating pairs, then the majority direction) is a product of matrix powers, taken by
+repeated squaring, and the result is drawn as N(E[y], Var[y]) and clipped to the device's range
+once. Mean and variance are exactly those of the per-pulse model while no pulse reaches a bound
+(exact in distribution for one pulse); the higher moments are a normal's, and a sequence that
+crosses a bound and turns back is clipped only at its end. Write energy, where G-dependent, uses
+the mean of the start and end conductances for every pulse. Sequences of at most
+``MOMENTS_MIN_PULSES`` (16) pulses are still pulsed one at a time (as cheap, and exact); other
+responses are pulsed one at a time whatever this field says.
+
 **Programming** (write-verify): the target is rounded to the device's programmable states when
 ``levels`` > 0 (pulse positions G_up(k) for the position models — uniform in pulse number, not in
 G; a uniform grid in G otherwise), then programming noise is added: ``relative`` σ = prog_noise·R,
@@ -98,6 +112,11 @@ PROG_NOISE_MODELS = ("none", "relative", "pcm")
 READ_NOISE_MODELS = ("constant", "pcm")
 DRIFT_MODELS = ("constant", "pcm")
 C2C_MODELS = ("multiplicative", "additive", "range")
+PULSE_APPLICATIONS = ("per_pulse", "moments")
+AFFINE_RESPONSES = ("linear_step", "soft_bounds")  # ΔG affine in G: k pulses have closed-form moments
+# pulse_application = "moments": sequences longer than this go by their moments; shorter ones are
+# pulsed one at a time (as cheap or cheaper there: benchmarks.devices pulses)
+MOMENTS_MIN_PULSES = 16
 _US = 1e-6  # siemens per µS
 F64 = torch.float64
 
@@ -269,6 +288,54 @@ class _Pre(NamedTuple):
         return _Pre(*(x[:m] if isinstance(x, Tensor) else x for x in self))
 
 
+class _Moments(NamedTuple):
+    """The moment map of one pulse (or of a sequence of them) on y = G − G₀:
+    E[y'] = A + B·E[y],  E[y'²] = C0 + C1·E[y] + R·E[y²] (a lower-triangular 3×3 matrix on
+    (1, E[y], E[y²]); tensors per device)."""
+
+    A: Tensor
+    B: Tensor
+    C0: Tensor
+    C1: Tensor
+    R: Tensor
+
+    def then(self, nxt: "_Moments") -> "_Moments":
+        """This map, then ``nxt`` (the matrix product nxt · self)."""
+        return _Moments(nxt.A + nxt.B * self.A, nxt.B * self.B, nxt.C0 + nxt.C1 * self.A + nxt.R * self.C0,
+                        nxt.C1 * self.B + nxt.R * self.C1, nxt.R * self.R)
+
+    @staticmethod
+    def where(cond: Tensor, x: "_Moments", y: "_Moments") -> "_Moments":
+        return _Moments(*(torch.where(cond, a, b) for a, b in zip(x, y)))
+
+    def head(self, m: int) -> "_Moments":
+        return _Moments(*(x[:m] for x in self))
+
+    def put(self, m: int, new: "_Moments", sel: Tensor | None = None) -> None:
+        """Write ``new`` into the first m entries (where ``sel``, if given)."""
+        for x, y in zip(self, new):
+            x[:m] = y if sel is None else torch.where(sel, y, x[:m])
+
+    @staticmethod
+    def powers(maps: "list[_Moments]", exps: list[Tensor], key: Tensor) -> "list[_Moments]":
+        """Each map raised to its per-device exponent by repeated squaring. The devices are sorted by
+        ``key`` ≥ every exponent, descending, so bit j only touches the prefix with key ≥ 2^j."""
+        one, zero = torch.ones_like(key, dtype=F64), torch.zeros_like(key, dtype=F64)
+        outs = [_Moments(zero.clone(), one.clone(), zero.clone(), zero.clone(), one.clone()) for _ in maps]
+        bases = [_Moments(*(x.clone() for x in mp)) for mp in maps]
+        top = int(key[0]) if key.numel() else 0
+        prefix = [int((key >= (1 << j)).sum()) for j in range(top.bit_length() + 1)]
+        for j in range(top.bit_length()):
+            m, m_next = prefix[j], prefix[j + 1]
+            for out, base, e in zip(outs, bases, exps):
+                b = base.head(m)
+                out.put(m, out.head(m).then(b), ((e[:m] >> j) & 1).bool())
+                if m_next:
+                    bn = base.head(m_next)
+                    base.put(m_next, bn.then(bn))
+        return outs
+
+
 @dataclass(frozen=True, kw_only=True)
 class CrossbarDevice(Device):
     """A resistive crossbar with a differential pair per weight (see the module docstring)."""
@@ -323,6 +390,8 @@ class CrossbarDevice(Device):
     t_write_down_s: float = 0.0
     c_write_F: float = 0.0
     t_step_s: float = 1e-3  # device time per training step (drift clock)
+    # simulation (not physics): pulses one at a time, or k pulses at once by their exact moments
+    pulse_application: str = "per_pulse"
 
     def __post_init__(self):
         check_range("g_min_uS", self.g_min_uS, lo=0.0)
@@ -333,7 +402,8 @@ class CrossbarDevice(Device):
                 raise ConfigError(f"{name}=1 is out of range: a device needs 0 (continuous) or at least 2 levels")
         for name, valid in (("prog_noise_model", PROG_NOISE_MODELS), ("response", RESPONSES), ("update_mode", UPDATE_MODES),
                             ("read_noise_model", READ_NOISE_MODELS), ("drift_model", DRIFT_MODELS),
-                            ("c2c_model", C2C_MODELS), ("input_coding", INPUT_CODINGS)):
+                            ("c2c_model", C2C_MODELS), ("input_coding", INPUT_CODINGS),
+                            ("pulse_application", PULSE_APPLICATIONS)):
             if getattr(self, name) not in valid:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(valid)}")
         for name in ("prog_noise", "read_noise", "drift_nu_mean", "drift_nu_std", "g_dtod", "dw_dtod", "dw_ctoc", "ir_drop",
@@ -777,7 +847,12 @@ class CrossbarDevice(Device):
         energy = torch.zeros((), dtype=F64, device=g.device)
         # three groups sorted by pulse count: only up, only down, both (interleaved)
         only_up, only_dn = (dev_up > 0) & (dev_dn == 0), (dev_dn > 0) & (dev_up == 0)
-        for mask, direction in ((only_up, True), (only_dn, False), ((dev_up > 0) & (dev_dn > 0), None)):
+        both = (dev_up > 0) & (dev_dn > 0)
+        if self.applies_moments:  # long sequences by their moments, short ones pulse by pulse
+            many = (dev_up + dev_dn) > MOMENTS_MIN_PULSES
+            g, energy = self._apply_moments(g, p, free, dev_up, dev_dn, many, n, generator)
+            only_up, only_dn, both = only_up & ~many, only_dn & ~many, both & ~many
+        for mask, direction in ((only_up, True), (only_dn, False), (both, None)):
             idx = mask.nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
@@ -805,6 +880,75 @@ class CrossbarDevice(Device):
         if not bi:
             new, refreshes = self._refresh(new, generator)
         return new, UpdateCounts(dev_up.sum(), dev_dn.sum(), refreshes, 0, energy)
+
+    remappable: ClassVar[bool] = True
+
+    @property
+    def weight_limit(self) -> float:
+        """A pair holds w̃ ∈ [−1, 1] (one device at g_max, the other at g_min)."""
+        return 1.0
+
+    @property
+    def applies_moments(self) -> bool:
+        """Whether :meth:`apply_pulses` takes each device's k pulses at once by their moments
+        (``pulse_application = "moments"`` on a response whose step is affine in G inside the
+        range: soft bounds, or a linear step whose slopes γ ≤ 1 keep it positive there)."""
+        if self.pulse_application != "moments" or self.response not in AFFINE_RESPONSES:
+            return False
+        return self.response == "soft_bounds" or (self.gamma_up <= 1.0 and self.gamma_down <= 1.0)
+
+    def _pulse_moments(self, q: _Pre, g0: Tensor, up: bool) -> _Moments:
+        """One pulse as the moment map on y = G − g0: y' = a + b·y + (α + γ·y)·ξ."""
+        if up:
+            a, b, s = q.cu - q.ku * g0, 1.0 - q.ku, q.su
+        else:
+            a, b, s = -(q.cd + q.kd * g0), 1.0 - q.kd, q.sd
+        a, b = a.to(F64), torch.as_tensor(b, dtype=F64, device=g0.device).expand_as(a)
+        sig = self.dw_ctoc
+        zero = torch.zeros_like(a)
+        if sig == 0.0:
+            al, ga = zero, zero
+        elif self.c2c_model == "multiplicative":  # σ·|ΔG|, ΔG = a + (b − 1)·y
+            al, ga = sig * a, sig * (b - 1.0)
+        elif self.c2c_model == "range":
+            al, ga = (sig * q.rng).to(F64).expand_as(a), zero
+        else:  # additive: σ·s
+            al, ga = (sig * s).to(F64).expand_as(a), zero
+        return _Moments(a, b, a * a + al * al, 2.0 * (a * b + al * ga), b * b + ga * ga)
+
+    def _apply_moments(self, g: Tensor, p: _Dev, free: Tensor, dev_up: Tensor, dev_dn: Tensor, sel: Tensor, n: int,
+                       gen) -> tuple[Tensor, Tensor]:
+        """The whole sequence of every device in ``sel`` at once (see the module docstring, "Pulse
+        application"): G⁺ cells take their pulses up first, G⁻ cells down first, as the
+        per-pulse path interleaves them. Returns (G, write energy J)."""
+        idx = (sel & ((dev_up + dev_dn) > 0)).nonzero().squeeze(1)
+        energy = torch.zeros((), dtype=F64, device=g.device)
+        if idx.numel() == 0:
+            return g, energy
+        u, d = dev_up[idx].long(), dev_dn[idx].long()
+        k, r = torch.minimum(u, d), (u - d).abs()  # alternating pairs, then the majority direction
+        key = torch.maximum(k, r)
+        if bool((key > 1).any()):
+            order = torch.argsort(key, descending=True)
+            idx, u, d, k, r, key = idx[order], u[order], d[order], k[order], r[order], key[order]
+        q = self._prep(_Dev(p.gmax[idx], p.dwf[idx], p.ud[idx], p.curve[idx]))
+        g0 = g[idx].to(F64)
+        first_up = idx < n  # G⁺ cells: up first
+        U, D = self._pulse_moments(q, g0, True), self._pulse_moments(q, g0, False)
+        pair = _Moments.where(first_up, U.then(D), D.then(U))
+        rest = _Moments.where(u > d, U, D)
+        pair_k, rest_r = _Moments.powers([pair, rest], [k, r], key)
+        T = pair_k.then(rest_r)
+        sd = (T.C0 - T.A * T.A).clamp(min=0.0).sqrt()  # y starts at 0: E[y] = A, E[y²] = C0
+        xi = torch.randn(g0.shape, generator=gen, dtype=F64, device=gen.device).to(g0.device)
+        g1 = torch.minimum((g0 + T.A + sd * xi).clamp(min=self.g_min_uS), q.gmax.to(F64))
+        g1 = torch.where(free[idx], g1, g0)
+        if self.models_write_energy:  # every pulse at the mean of the start and end conductances
+            mid = (g0 + g1).mul_(0.5)
+            e_up = (self.v_write_up_V**2 * self.t_write_up_s * _US, self.v_write_up_V**2 * self.c_write_F)
+            e_dn = (self.v_write_down_V**2 * self.t_write_down_s * _US, self.v_write_down_V**2 * self.c_write_F)
+            energy = (u * (mid * e_up[0] + e_up[1]) + d * (mid * e_dn[0] + e_dn[1])).sum()
+        return g.index_copy(0, idx, g1.to(g.dtype)), energy
 
     def _refresh(self, st: CrossbarState, generator) -> tuple[CrossbarState, Tensor]:
         """Re-program pairs whose larger device is above ``refresh_upper`` of its range while the

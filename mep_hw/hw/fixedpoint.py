@@ -88,6 +88,13 @@ class FixedPointDevice(Device):
         if not (isinstance(self.clock_hz, (int, float)) and self.clock_hz > 0):
             raise ConfigError(f"clock_hz={self.clock_hz!r} must be a number > 0 (Hz)")
 
+    @property
+    def weight_limit(self) -> float | None:
+        """The largest Q(weight_bits, weight_frac) value when overflow saturates (None when it wraps)."""
+        if self.overflow != "saturate":
+            return None
+        return (2.0 ** (self.weight_bits - 1) - 1) * 2.0 ** (-self.weight_frac)
+
     def mapping_scale(self, W: Tensor, headroom: float) -> float:
         return 1.0  # weights are held in absolute units; the Q format bounds them
 

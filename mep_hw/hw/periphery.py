@@ -53,6 +53,9 @@ class Periphery:
     adc_bound: float = 12.0
     out_noise: float = 0.0
     w_headroom: float = 2.0  # mapping: w_scale = w_headroom × (largest weight magnitude at the first program)
+    # remapping: when a host write leaves the largest |w̃| of a tile at or above this fraction of its range,
+    # the tile is re-programmed with w_scale = w_headroom × its largest |w| (0: never; crossbar devices only)
+    w_remap: float = 0.95
     noise_management: str = "none"  # "abs_max": inputs scaled by max|x̃| per vector (aihwkit's default)
     nm_thres: float = 0.0  # cap of the abs_max scale (0: none)
     bound_management: str = "none"  # "iterative": re-read with halved inputs while the ADC saturates
@@ -68,6 +71,13 @@ class Periphery:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{name}={v!r} must be a finite number > 0")
+        v = self.w_remap
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v <= 1.0):
+            raise ConfigError(f"w_remap={v!r} must be in [0, 1] (0: never remap; e.g. 0.95: remap a tile whose largest "
+                              "weight reaches 95 % of its range)")
+        if self.w_remap and self.w_remap * self.w_headroom <= 1.0:
+            raise ConfigError(f"w_remap={self.w_remap} with w_headroom={self.w_headroom}: a remapped tile would be at "
+                              "its threshold at once; w_remap × w_headroom must exceed 1: raise w_headroom, or set w_remap=0 (never remap)")
         v = self.out_noise
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"out_noise={v!r} must be a finite number ≥ 0 (std in normalised output units)")

@@ -143,6 +143,11 @@ class WeightStore(ABC):
         """Operation counts of matrix ``k``, or summed over all."""
         return OpCounts()
 
+    def weight_bound(self, p: Tensor) -> float | None:
+        """The largest |w| the store can hold for the parameter ``p`` (None: unbounded, or not
+        held by the store). Error feedback clips its residual's target to it."""
+        return None
+
     def layer_info(self) -> list[dict]:
         """Per matrix: name, shape, mapping scale and counts (for metrics.json)."""
         return [{"layer": f"W{k}", "shape": list(p.shape), "w_scale": 1.0, **self.counts(k)._asdict()} for k, p in enumerate(self.params)]
@@ -294,6 +299,10 @@ class TileStore(WeightStore):
             full[:, :-1] = delta.reshape(t.shape[0], -1)
         return full
 
+    def weight_bound(self, p: Tensor) -> float | None:
+        k = self.index(p)
+        return None if k is None else self.tiles[k].weight_bound
+
     @torch.no_grad()
     def apply(self, k: int, delta: Tensor) -> Tensor:
         achieved = self.tiles[k].write(self._full(k, delta, False), seconds=self.t_step_s)
@@ -334,7 +343,8 @@ class TileStore(WeightStore):
         return total
 
     def layer_info(self) -> list[dict]:
-        return [{"layer": t.name, "shape": list(t.shape), "w_scale": t.w_scale, **t.op_counts()._asdict()} for t in self.tiles]
+        return [{"layer": t.name, "shape": list(t.shape), "w_scale": t.w_scale, "remaps": t.remaps, **t.op_counts()._asdict()}
+                for t in self.tiles]
 
     def noise_rms(self, k: int, x_rms: float, transpose: bool = False) -> float:
         t = self.tiles[k]

@@ -33,13 +33,15 @@ def host_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     writer: Callable[[Tensor, Tensor], Tensor] | None = None,
+    weight_bound: Callable[[Tensor], float | None] | None = None,
     error_feedback: bool = False,
     coupled: Sequence[Tensor] | None = None,
     coupled_gamma: float | None = None,
 ) -> SMEPOptimizer:
     """The optimizer ``name`` (see the module docstring) over ``params``; the EP (or backprop)
     gradient arrives in ``.grad``."""
-    common = dict(mode="backprop", lr=lr, weight_decay=weight_decay, writer=writer, use_error_feedback=error_feedback,
+    common = dict(mode="backprop", lr=lr, weight_decay=weight_decay, writer=writer, weight_bound=weight_bound,
+                  use_error_feedback=error_feedback,
                   coupled=coupled, coupled_gamma=coupled_gamma)
     if name == "adam":
         return SMEPOptimizer(params, matrix_update="adam", other_update="adam", other_lr_scale=1.0,

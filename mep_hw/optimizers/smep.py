@@ -79,7 +79,8 @@ class SMEPOptimizer(torch.optim.Optimizer):
     ``other_update`` ('adam' or 'momentum') for the rest; ``weight_decay`` with
     ``weight_decay_mode`` ('decoupled': −lr·λ·p added to the step; 'l2': λ·p added to the
     gradient); ``writer(param, delta) -> applied`` to apply updates through a lossy store
-    (default: exact); ``coupled`` (a sequence of matrix parameters forming the chain of a
+    (default: exact), with ``weight_bound(param) -> float | None``, the largest |w| that store
+    holds (error feedback keeps only the reachable part of its residual); ``coupled`` (a sequence of matrix parameters forming the chain of a
     layered Hopfield network) with ``coupled_gamma``: after every step ‖𝒲‖ ≤ γ for the coupling
     operator of the chain (DESIGN §3), measured on the parameters as written.
     """
@@ -116,6 +117,7 @@ class SMEPOptimizer(torch.optim.Optimizer):
         other_lr_scale: float = 0.1,
         weight_decay_mode: str = "decoupled",
         writer: Callable[[Tensor, Tensor], Tensor] | None = None,
+        weight_bound: Callable[[Tensor], float | None] | None = None,
         coupled: Sequence[Tensor] | None = None,
         coupled_gamma: float | None = None,
         settle: str = "newton",
@@ -150,6 +152,7 @@ class SMEPOptimizer(torch.optim.Optimizer):
         )
         self.gradient_source.config()  # validate now, not at the first step
         self.writer = writer or _exact_writer
+        self.weight_bound = weight_bound
         self.coupled = list(coupled) if coupled else []
         if self.coupled:
             if coupled_gamma is None:
@@ -321,7 +324,7 @@ class SMEPOptimizer(torch.optim.Optimizer):
                 if group["use_error_feedback"]:
                     intended = st["feedback"].intended(delta, state)
                     applied = self.writer(p, intended)
-                    st["feedback"].record(intended, applied, state)
+                    st["feedback"].record(intended, applied, state, p, self.weight_bound(p) if self.weight_bound else None)
                 else:
                     applied = self.writer(p, delta)
                 if is_matrix and group["use_spectral_constraint"]:

@@ -392,11 +392,21 @@ class ErrorFeedback:
     """Carries what was intended but not applied into the next step: the optimizer asks
     :meth:`intended` for (update + residual), writes it through its writer (exact on a float
     host; lossy on a quantised or analog store), and :meth:`record` keeps
-    residual = intended − applied (Seide et al. 2014; Karimireddy et al. 2019)."""
+    residual = intended − applied (Seide et al. 2014; Karimireddy et al. 2019).
+
+    Given the weight after the write ``p`` and the largest |w| the store can hold ``bound``, the
+    residual keeps only what the device can still reach: residual = clip(p + intended − applied,
+    ±bound) − p. Without it a saturated weight (a device pair at its conductance limit) winds the
+    residual up step after step, and when the gradient turns the weight stays pinned until the
+    wound-up residual has been paid back (integrator windup)."""
 
     def intended(self, delta: Tensor, state: dict) -> Tensor:
         r = state.get("ef_residual")
         return delta if r is None else delta + r
 
-    def record(self, intended: Tensor, applied: Tensor, state: dict) -> None:
-        state["ef_residual"] = intended - applied
+    def record(self, intended: Tensor, applied: Tensor, state: dict, p: Tensor | None = None,
+               bound: float | None = None) -> None:
+        r = intended - applied
+        if bound is not None and p is not None:
+            r = (p + r).clamp_(-bound, bound).sub_(p)
+        state["ef_residual"] = r

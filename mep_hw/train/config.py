@@ -19,6 +19,7 @@ from mep_hw.ep import ESTIMATORS, INITS, EPConfig
 from mep_hw.errors import ConfigError
 from mep_hw.io import DATASETS
 from mep_hw.model import ACTIVATIONS, COSTS, HOLOMORPHIC_ACTIVATIONS, ConvLayer, format_arch, parse_arch
+from mep_hw.hw.crossbar import PULSE_APPLICATIONS, CrossbarDevice
 from mep_hw.hw.pulses import SAMPLINGS
 from mep_hw.optimizers.host import HOST_OPTIMIZERS
 from mep_hw.settle import SOLVER_NAMES as SOLVERS, SWEEPS, SettleConfig  # tableaus, sweeps and backends (brian2)
@@ -184,6 +185,11 @@ class TrainConfig:
         "exact", "analog / tiki-taka: exact (draw the row and column pulse trains and count coincidences) or "
         "marginal (each cell's count from its exact mean and variance, no correlation between cells; ~10x faster)",
         choices=SAMPLINGS)
+    pulse_application: str = _opt(
+        "per_pulse", "crossbar cards: per_pulse (every device pulse applied one at a time, the reference) or moments "
+        "(each device's k pulses of a step at once, drawn from their exact mean and variance, where the step is affine "
+        "in G: linear_step and soft_bounds cards such as ecram and pcm; others stay per pulse; docs/devices.md)",
+        choices=PULSE_APPLICATIONS)
     transfer_every: int = _opt(1, "tiki-taka: steps between transfers", metavar="N")
     transfer_columns: int = _opt(
         64, "tiki-taka: columns of the fast array read and transferred per transfer (cycling)", metavar="N")
@@ -231,7 +237,8 @@ class TrainConfig:
                     f"(arch={self.arch!r}); drop --spectral-gamma or use fc layers only"
                 )
         object.__setattr__(self, "cosine_cycles", parse_cycles(self.cosine_cycles))  # [rel11]
-        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method", "pulse_sampling"):
+        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method", "pulse_sampling",
+                     "pulse_application"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(choices)}")
@@ -425,7 +432,10 @@ class TrainConfig:
             return None
         from mep_hw.hw import load_card
 
-        return load_card(self.device, self.set)
+        card = load_card(self.device, self.set)
+        if self.pulse_application != "per_pulse" and isinstance(card.device, CrossbarDevice):
+            card = card._replace(device=dataclasses.replace(card.device, pulse_application=self.pulse_application))
+        return card
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -79,7 +79,8 @@ class HostUpdate:
             coupled = list(model.weights)[1 : model.n_states]
         self.optimizer = host_optimizer(
             cfg.optimizer, cfg.param_groups(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            writer=None if store.exact else store.writer, error_feedback=not store.exact, coupled=coupled,
+            writer=None if store.exact else store.writer, weight_bound=None if store.exact else store.weight_bound,
+            error_feedback=not store.exact, coupled=coupled,
             coupled_gamma=cfg.spectral_gamma,
         )
         self.scheduler = None

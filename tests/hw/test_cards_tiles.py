@@ -200,3 +200,39 @@ def test_a_cuda_tile_reads_and_writes_on_cuda():
     assert y.device.type == "cuda"
     t.write(torch.full_like(W, 0.01))
     assert all(v.device.type == "cuda" for v in t.state if isinstance(v, torch.Tensor))
+
+
+def test_a_saturating_tile_is_remapped_with_a_larger_scale():
+    """With w_remap = 0.95, writes that push weights to the edge of the mapped range re-program
+    the tile at w_scale = w_headroom × max|w|: the weights keep growing past the first range
+    (without remapping they stop at it), the remap is counted, and the achieved change a write
+    returns includes the re-programming. Devices with a fixed scale are never remapped."""
+    import dataclasses
+
+    card = load_card("ecram")
+    W = torch.randn(16, 24, generator=torch.Generator().manual_seed(3), dtype=F64) * 0.1
+    push = torch.zeros_like(W)
+    push[0, 0] = 0.05  # one weight pushed up, well past the first range (2 × max|W|)
+    tops, tiles = {}, {}
+    for remap in (0.0, 0.95):
+        per = dataclasses.replace(card.periphery, w_remap=remap)
+        t = Tile(card.device, per, W, seed=5, noise=NoiseBank(6))
+        first_scale = t.w_scale
+        for _ in range(40):
+            before = t.held().clone()
+            achieved = t.write(push)
+            torch.testing.assert_close(achieved, t.held() - before)
+        tops[remap], tiles[remap] = float(t.held()[0, 0]), t
+        assert (t.remaps > 0) == (remap > 0)
+        assert (t.w_scale > first_scale) == (remap > 0)
+    assert tops[0.0] <= tiles[0.0].w_scale * 1.1  # stuck at the first range (+ the devices' g_max spread)
+    assert tops[0.95] > 1.5 * tiles[0.0].w_scale  # kept growing
+    assert tiles[0.95].state_dict()["remaps"] == tiles[0.95].remaps
+    fx = load_card("fpga_q16")
+    t = Tile(fx.device, dataclasses.replace(fx.periphery, w_remap=0.95), W, seed=5)
+    t.write(torch.full_like(W, 5.0))
+    assert t.remaps == 0 and t.w_scale == 1.0
+    with pytest.raises(ConfigError, match="w_remap"):
+        Periphery(w_remap=1.5)
+    with pytest.raises(ConfigError, match="w_remap"):
+        Periphery(w_remap=0.4, w_headroom=2.0)

@@ -361,6 +361,103 @@ def test_n_pulses_at_once_equal_n_single_pulses_in_distribution(card):
     assert abs(float(a.mean() - b.mean())) < 5 * float(b.std()) / math.sqrt(cells) + 1e-9
 
 
+SEQUENCES = ((1, 0), (0, 1), (7, 0), (0, 25), (4, 4), (12, 5), (3, 40))  # (weight-up, weight-down) pulses
+
+
+def _moment_devices():
+    import dataclasses
+
+    from mep_hw.hw import load_card
+
+    return {
+        "ecram": load_card("ecram").device,  # linear step, multiplicative noise, bidirectional
+        # soft bounds, multiplicative σ = 1, unidirectional (refresh off: it re-programs on the tails)
+        "pcm": dataclasses.replace(load_card("pcm").device, refresh_upper=1.0),
+        "soft_bounds_additive": CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, dw_min_uS=0.2, response="soft_bounds",
+                                               c2c_model="additive", dw_ctoc=0.5, dw_dtod=0.2, update_mode="bidirectional"),
+    }
+
+
+@pytest.mark.parametrize("name,fracs", [("ecram", (0.1, 0.5, 0.9)), ("pcm", (0.1, 0.5, 0.9)), ("soft_bounds_additive", (0.3, 0.5, 0.7))])
+def test_k_pulses_by_their_moments_match_the_per_pulse_reference(name, fracs, monkeypatch):
+    """``pulse_application = "moments"`` against pulses one at a time, at three operating points
+    and seven (up, down) sequences (one pulse, runs of one direction, interleaved): mean within
+    5 standard errors (+ 1 % near a bound, where a sequence that reaches it is clipped only at
+    its end) and standard deviation within 3 %, for both cells of the pair. Every sequence goes by
+    its moments here (``MOMENTS_MIN_PULSES`` = 0)."""
+    import dataclasses
+
+    from mep_hw.hw import crossbar
+
+    monkeypatch.setattr(crossbar, "MOMENTS_MIN_PULSES", 0)
+    dev = _moment_devices()[name]
+    mom = dataclasses.replace(dev, pulse_application="moments")
+    assert mom.applies_moments and not dev.applies_moments
+    n = 50_000
+    for frac in fracs:
+        st = state_of(dev, (n,), seed=30)
+        g = torch.full((n,), dev.g_min_uS + frac * dev.g_range, dtype=F64)
+        st = st._replace(gp=torch.minimum(g, st.gmax_p), gm=torch.minimum(g, st.gmax_m))  # inside each device's range
+        for k, (u, d) in enumerate(SEQUENCES):
+            nu, nd = torch.full((n,), float(u), dtype=F64), torch.full((n,), float(d), dtype=F64)
+            ref, c_ref = dev.apply_pulses(st, nu, nd, gen(31 + k))
+            got, c_got = mom.apply_pulses(st, nu, nd, gen(61 + k))
+            assert int(c_got.pulses_up) == int(c_ref.pulses_up) and int(c_got.pulses_down) == int(c_ref.pulses_down)
+            for cell in ("gp", "gm"):
+                g0 = getattr(st, cell)
+                a, b = getattr(ref, cell) - g0, getattr(got, cell) - g0
+                se = float(a.std()) / math.sqrt(n)
+                where = f"{name} at {frac} of the range, {u} up / {d} down, {cell}"
+                assert abs(float(b.mean() - a.mean())) <= 5 * se + 0.01 * abs(float(a.mean())) + 1e-12, where
+                assert close(float(b.std()), float(a.std()), 0.03) or float(a.std()) == float(b.std()) == 0.0, where
+
+
+def test_moments_take_long_sequences_and_short_ones_stay_per_pulse(monkeypatch):
+    """With the default threshold (16) one call mixes both paths: the moments path gets exactly the
+    devices with more than 16 pulses, and both halves keep the per-pulse statistics."""
+    import dataclasses
+
+    from mep_hw.hw import crossbar, load_card
+
+    dev = load_card("ecram").device
+    mom = dataclasses.replace(dev, pulse_application="moments")
+    n = 20_000
+    st = dev.program(state_of(dev, (n,), seed=40), torch.zeros(n, dtype=F64), gen(41))
+    long_ = torch.arange(n) >= n // 2
+    nu = torch.where(long_, 30.0, 3.0).to(F64)  # 3 + 2 = 5 pulses per device, or 30 + 2
+    nd = torch.full((n,), 2.0, dtype=F64)
+    seen = []
+    orig = crossbar.CrossbarDevice._apply_moments
+
+    def spy(self, g, p, free, up, dn, sel, *rest):
+        seen.append(sel.clone())
+        return orig(self, g, p, free, up, dn, sel, *rest)
+
+    monkeypatch.setattr(crossbar.CrossbarDevice, "_apply_moments", spy)
+    ref, _ = dev.apply_pulses(st, nu, nd, gen(42))
+    got, _ = mom.apply_pulses(st, nu, nd, gen(43))
+    assert crossbar.MOMENTS_MIN_PULSES == 16 and len(seen) == 1
+    assert torch.equal(seen[0], torch.cat([long_, long_]))  # G⁺ and G⁻ cells of the long weights only
+    for half in (long_, ~long_):
+        d_ref, d_got = ref.gp[half] - st.gp[half], got.gp[half] - st.gp[half]
+        assert abs(float(d_got.mean() - d_ref.mean())) < 5 * float(d_ref.std()) / math.sqrt(n // 2)
+        assert close(float(d_got.std()), float(d_ref.std()), 0.05)
+
+
+def test_pulse_application_moments_falls_back_for_nonaffine_responses():
+    """Responses whose step is not affine in G are pulsed one at a time whatever the field says;
+    an unknown value is refused."""
+    import dataclasses
+
+    from mep_hw.hw import load_card
+
+    for card in ("reram_taox", "fefet", "reram_agsi_measured"):
+        assert not dataclasses.replace(load_card(card).device, pulse_application="moments").applies_moments
+    assert not CrossbarDevice(response="linear_step", gamma_up=1.5, pulse_application="moments").applies_moments
+    with pytest.raises(ConfigError, match="pulse_application"):
+        CrossbarDevice(pulse_application="closed_form")
+
+
 # ----------------------------------------------------------------------------- symmetry, dw_pulse
 def test_symmetry_point_of_linear_step_pairs_matches_the_closed_form():
     """aihwkit's symmetry point w* = (α₊ − α₋)/(α₊γ₊/U + α₋γ₋/D) per device; alternating pulses

@@ -228,6 +228,35 @@ def test_error_feedback_carries_what_a_lossy_store_drops():
     assert state.intended(torch.ones(2), {"ef_residual": torch.ones(2)}).tolist() == [2.0, 2.0]
 
 
+def test_error_feedback_does_not_wind_up_at_the_store_bound():
+    """A store that holds |w| ≤ 0.05: 50 steps pushing up saturate the weight; with the bound the
+    residual keeps only what is reachable (0), so the first steps pushing down move the weight at
+    once; without it the wound-up residual pins the weight at the bound for ~45 more steps."""
+    b = 0.05
+
+    def clipping_writer(p, delta):
+        target = (p + delta).clamp(-b, b)
+        applied = target - p
+        p.copy_(target)
+        return applied
+
+    moved = {}
+    for bound in (None, lambda p: b):
+        p = nn.Parameter(torch.zeros(3))
+        opt = SMEPOptimizer([p], mode="backprop", matrix_update="momentum", other_update="momentum", momentum=0.0,
+                            other_lr_scale=1.0, lr=1e-2, use_error_feedback=True, writer=clipping_writer, weight_bound=bound)
+        for _ in range(50):
+            p.grad = -torch.ones(3)  # +0.01 per step: saturated after 5
+            opt.step()
+        assert torch.all(p.detach() == b)
+        for _ in range(3):
+            p.grad = torch.ones(3)
+            opt.step()
+        moved[bound is not None] = float(b - p.detach()[0])
+    assert moved[True] == pytest.approx(0.03)  # three steps down
+    assert moved[False] == 0.0  # the 0.45 wound up above the bound first
+
+
 def test_natural_gradient_whitens_with_the_damped_input_covariance():
     x, y = data(128)
     m = net()
