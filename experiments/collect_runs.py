@@ -4,8 +4,9 @@
 
 Per run: its label (the folder name), the options that differ from the ``TrainConfig`` defaults,
 status, final and best test accuracy, and per epoch the test and train accuracy, the mean settle
-steps per sample of the free and nudged phases and the epoch time, all read from the run's
-``metrics.json`` (nothing is recomputed).
+steps per sample of the free and nudged phases and the epoch time, and for hardware runs the
+training energy, pulses and host FLOPs per sample and the remaps per layer, all read from the
+run's ``metrics.json`` (nothing is recomputed).
 """
 
 from __future__ import annotations
@@ -32,7 +33,19 @@ def collect(run_dir: Path) -> dict:
         "test_accuracy_history": per("test_accuracy"), "train_accuracy_history": per("train_accuracy"),
         "free_steps_mean": per("free_steps_mean", 3), "nudged_steps_mean": per("nudged_steps_mean", 3),
         "epoch_seconds": per("epoch_seconds", 1),
+        **_hardware(m),
     }
+
+
+def _hardware(m: dict) -> dict:
+    train = (m.get("cost") or {}).get("train") or {}
+    if not train:
+        return {}
+    per = train.get("per_sample", {})
+    energy = train.get("energy_J_per_sample") or {}
+    return {"energy_J_per_sample": energy.get("total"), "energy_split_J_per_sample": energy or None,
+            "pulses_per_sample": per.get("pulses"), "host_flops_per_sample": per.get("host_flops"),
+            "remaps": {l["layer"]: l.get("remaps", 0) for l in m.get("pulses", [])} or None}
 
 
 def main(argv=None) -> int:
