@@ -518,6 +518,23 @@ class Tile:
         self._read_energy(x if self.in_scale == 1.0 else x / self.in_scale, False)
         return self._mvm(x, self._cached("norm_k_t"), self._cached("var_t"), add, x_in_bound, "fwd")
 
+    def mvm_ref(self, x: Tensor, ref: Tensor) -> Tensor:
+        """x (W − ref)ᵀ read against a reference array ``ref`` (logical units, the tile's shape):
+        the reference columns' currents are subtracted from the tile's before the ADC (the
+        zero-shifting reference of Tiki-Taka, Kim et al. 2019 / Gokmen 2021; aihwkit's reference
+        devices with ``subtract_symmetry_point``). The reference is taken as exact (its own
+        programming error and read noise are not modelled); the tile's read noise, DAC and ADC
+        apply, and the ADC quantises the difference."""
+        self._ops(x.shape[0], self.shape[1], self.shape[0])
+        if self._is_digital or self._managed:
+            raise DeviceError(f"{self.name}: a read against a reference needs an analog tile without noise or bound management")
+        if self._is_exact:
+            self._read_energy(x if self.in_scale == 1.0 else x / self.in_scale, False)
+            return x @ (self.held() - ref).T
+        self._read_energy(x if self.in_scale == 1.0 else x / self.in_scale, False)
+        Wk = (self._cached("norm") - ref / self.w_scale).mul_(self._k).T
+        return self._mvm(x, Wk, self._cached("var_t"), None, False, "ref")
+
     def mvm_t(self, u: Tensor, add: Tensor | None = None, *, x_in_bound: bool = False) -> Tensor:
         """add + u W: the transpose read from the same cells."""
         self._ops(u.shape[0], self.shape[0], self.shape[1])

@@ -7,13 +7,18 @@ symmetry point, the reference against which it is read, so that an asymmetric de
 towards its symmetry point acts on A as a leak instead of a bias):
 
     A ← A + (pulsed outer products of the update)                       every step
-    v = read(A e_j) − A_sym e_j        for columns j of the transfer     every ``every`` steps
+    v = read((A − A_sym) e_j)          for columns j of the transfer     every ``every`` steps
     H[:, j] ← H[:, j] + lr_T · v / Δw_C                                  (H in units of C's pulse)
     n = trunc(H[:, j]) clipped to ±max_pulses;  C[:, j] ← n pulses
     H[:, j] ← momentum·n where n ≠ 0 (``forget``, aihwkit's default), else H[:, j] − (1 − momentum)·n
 
 The columns are visited in order, wrapping around. The read of A goes through the periphery
-(DAC, read noise, ADC) like any read; H is the only digital state (the transfer's FLOPs are
+(DAC, read noise, ADC) like any read, against a reference array holding A's symmetry point whose
+currents are subtracted before the ADC (zero shifting, Kim et al. 2019; aihwkit's
+``subtract_symmetry_point``; the reference is taken as exact). Subtracting the symmetry point
+after the ADC instead leaves each cell's rounding error of its symmetry point, up to half an ADC
+step (≈ 23 ECRAM pulses), as a constant input to H that every visit transfers to C. H is the only
+digital state (the transfer's FLOPs are
 counted). aihwkit implements the same recursion as its buffered/chopped transfer compounds
 (with chopping off); ``reset_fast`` re-programs the read columns of A to their symmetry point
 after a transfer (aihwkit's ``with_reset_prob = 1``), with which, on an ideal symmetric device,
@@ -59,7 +64,7 @@ def transfer_step(fast, slow, state: TransferState, cfg: TransferConfig, sym: Te
     cols = (torch.arange(k, device=state.H.device) + state.next_col) % n_cols
     E = torch.zeros(k, n_cols, dtype=state.H.dtype, device=state.H.device)
     E[torch.arange(k, device=E.device), cols] = 1.0
-    v = fast.mvm(E).T - sym[:, cols]  # (out, k): the columns as read, against the reference
+    v = fast.mvm_ref(E, sym).T  # (out, k): the columns read against the reference (before the ADC)
     H = state.H.clone()
     h = H[:, cols] + v * (cfg.lr / slow.dw_pulse)
     n = torch.trunc(h).clamp_(-cfg.max_pulses, cfg.max_pulses)

@@ -81,3 +81,39 @@ def test_tiki_taka_buffer_keeps_momentum_times_the_transfer(forget):
     assert float(st.H[0, 1]) == pytest.approx(expected, abs=1e-9)
     assert float(st.H[1, 2]) == pytest.approx(0.4, abs=1e-9)  # below one pulse: kept in the buffer
     assert flops == 5 * 3 * 4 and st.next_col == 0
+
+
+def test_tiki_taka_reads_the_fast_array_against_its_symmetry_point_before_the_adc():
+    """With A exactly at its reference and no read noise, the transfer reads zero: the 8-bit
+    ADC quantises A − A_sym, so nothing accumulates in H and C takes no pulse in 50 transfers.
+    Subtracting the symmetry point after the ADC (the read of A, then − A_sym) leaves each cell's
+    rounding error of A_sym — a constant that H integrates; and a column offset by k ADC steps
+    reads as k steps."""
+    import dataclasses
+
+    from mep_hw.hw import NoiseBank, Tile, load_card
+    from mep_hw.hw.transfer import TransferConfig, TransferState, transfer_step
+
+    card = load_card("ecram", {"read_noise": 0.0})
+    per = dataclasses.replace(card.periphery, out_noise=0.0)
+    g = torch.Generator().manual_seed(0)
+    W = (torch.rand(20, 30, generator=g, dtype=torch.float64) - 0.5) * 0.2
+    fast = Tile(card.device, per, W, seed=1, noise=NoiseBank(2))
+    slow = Tile(card.device, per, W, seed=3, noise=NoiseBank(4))
+    sym = fast.held().clone()  # A exactly at its reference (as if programmed to its symmetry point)
+    E = torch.eye(30, dtype=torch.float64)
+    assert torch.count_nonzero(fast.mvm_ref(E, sym)) == 0
+    after_adc = fast.mvm(E).T - sym  # the old read: rounding errors of the symmetry point
+    assert float(after_adc.abs().max()) > 0.2 * per.adc_step * fast.w_scale * fast.in_scale
+    cfg = TransferConfig(columns=30, lr=1.0, max_pulses=5)
+    st, c0 = TransferState(torch.zeros(20, 30, dtype=torch.float64), 0), slow.held().clone()
+    for _ in range(50):
+        st, _ = transfer_step(fast, slow, st, cfg, sym)
+    assert torch.count_nonzero(st.H) == 0 and torch.equal(slow.held(), c0)
+    # an offset of 3 ADC steps in one column reads back as 3 steps
+    step = fast._alpha  # logical units per ADC code
+    shifted = sym.clone()
+    shifted[:, 4] -= 3 * step
+    v = fast.mvm_ref(E, shifted).T
+    assert torch.allclose(v[:, 4], torch.full((20,), 3 * step, dtype=torch.float64))
+    assert torch.count_nonzero(v[:, :4]) == 0
