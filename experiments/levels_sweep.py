@@ -10,6 +10,15 @@ noise, 0.5 % read noise, 8-bit DAC and ADC). MNIST 784-500-10.
     python experiments/levels_sweep.py --data-dir ../shared/data/mnist --limit-train 3000 \\
         --limit-test 1000 --epochs 2 --out benchmarks/results/levels_sweep.json --plot docs/img/levels_sweep.png
 
+``--family ecram``: the same sweep on the ECRAM card (asymmetric linear-step pulses with their
+cycle-to-cycle and device-to-device spread, the card's read path), its nominal step set to
+dw_min = R/(levels − 1), so Tiki-Taka has the asymmetry it needs; every run applies long pulse
+sequences by their moments, and Tiki-Taka uses the transfer settings of
+docs/learning-in-array.md (:data:`TT_ECRAM`).
+
+    python experiments/levels_sweep.py --family ecram --data-dir ../shared/data/mnist --limit-train 3000 \\
+        --limit-test 1000 --epochs 2 --out benchmarks/results/levels_sweep_ecram.json --plot docs/img/levels_sweep_ecram.png
+
 The JSON is rewritten after every run; runs already in it are skipped (an interrupted sweep
 resumes). The plot is drawn from the JSON (``--plot-only`` redraws it without running).
 """
@@ -25,6 +34,21 @@ from mep_hw.io.runs import read_json, write_json
 
 CARD = "fefet"
 LINEAR = {"nl_ltp": 0.0, "nl_ltd": 0.0, "dw_ctoc": 0.0, "dw_dtod": 0.0, "g_dtod": 0.0}
+# the ECRAM family: Tiki-Taka's transfer settings (fast array at lr 1.5, every column every step)
+TT_ECRAM = {"transfer_fast_lr": 1.5, "transfer_lr": 0.05, "transfer_columns": 784, "transfer_max_pulses": 10, "pulse_bl": 255}
+
+
+def family_setup(family: str, levels: int, update: str) -> tuple[str, dict]:
+    """(card, extra TrainConfig fields) of one sweep point."""
+    if family == "fefet":
+        return CARD, {"set": {**LINEAR, "levels": levels}}
+    from mep_hw.hw import load_card
+
+    dev = load_card("ecram").device
+    extra = {"set": {"dw_min_uS": (dev.g_max_uS - dev.g_min_uS) / (levels - 1)}, "pulse_application": "moments"}
+    if update == "tiki-taka":
+        extra.update(TT_ECRAM)
+    return "ecram", extra
 
 
 def plot(report: dict, path: Path) -> None:
@@ -42,10 +66,10 @@ def plot(report: dict, path: Path) -> None:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("device states (pulse positions across the range)")
+    ax.set_xlabel("device states (nominal steps across the range + 1)")
     ax.set_ylabel("test accuracy (%)")
     n = report.get("limit_train") or 60000
-    ax.set_title(f"MNIST 784-500-10, {n} training images, {report.get('epochs')} epochs", fontsize=10)
+    ax.set_title(f"MNIST 784-500-10, {report.get('card')} pulses, {n} training images, {report.get('epochs')} epochs", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +81,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--family", default="fefet", choices=["fefet", "ecram"],
+                   help="fefet: linear, noiseless, symmetric pulses (no Tiki-Taka); ecram: the ECRAM card's asymmetric pulses")
     p.add_argument("--levels", type=int, nargs="+", default=[4, 16, 64, 256, 1024])
     p.add_argument("--runs", nargs="+", default=["ep:host", "ep:analog", "ep:tiki-taka", "backprop:analog"])
     p.add_argument("--limit-train", type=int, default=3000)
@@ -67,7 +93,11 @@ def main(argv=None) -> int:
     p.add_argument("--plot-only", action="store_true")
     a = p.parse_args(argv)
     out = Path(a.out)
-    report = read_json(out) if out.exists() else {"benchmark": "levels_sweep", "card": CARD, "overrides": LINEAR, "runs": {}}
+    first = {"benchmark": "levels_sweep", "card": CARD, "overrides": LINEAR, "runs": {}}
+    if a.family == "ecram":
+        first = {"benchmark": "levels_sweep", "card": "ecram", "overrides": "dw_min_uS = R/(levels - 1)", "tiki_taka": TT_ECRAM,
+                 "runs": {}}
+    report = read_json(out) if out.exists() else first
     if not a.plot_only:
         report.update(epochs=a.epochs, limit_train=a.limit_train, limit_test=a.limit_test, pulse_sampling=a.pulse_sampling)
         ds = load_dataset("mnist", a.data_dir, limit_train=a.limit_train, limit_test=a.limit_test)
@@ -77,10 +107,12 @@ def main(argv=None) -> int:
                 key = f"{name}/levels={levels}"
                 if key in report["runs"]:
                     continue
-                extra = {"set": {**LINEAR, "levels": levels}}
+                if a.family == "fefet" and update == "tiki-taka":
+                    continue  # a symmetric device gives the fast array no leak (docs/learning-in-array.md)
+                card, extra = family_setup(a.family, levels, update)
                 if update != "host":
                     extra["pulse_sampling"] = a.pulse_sampling
-                r = run_one(CARD, method, update, data_dir=a.data_dir, epochs=a.epochs, lr=LR[(method, update)], ds=ds,
+                r = run_one(card, method, update, data_dir=a.data_dir, epochs=a.epochs, lr=LR[(method, update)], ds=ds,
                             extra=extra)
                 report["runs"][key] = r
                 write_json(out, report)
