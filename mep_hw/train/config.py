@@ -210,6 +210,10 @@ class TrainConfig:
     transfer_reset: bool = _opt(
         False, "tiki-taka: re-program the fast array's read columns to their symmetry point after each transfer "
         "(aihwkit's with_reset_prob = 1)")
+    transfer_scaled: bool = _opt(
+        True, "tiki-taka: the transfer rate follows the learning-rate schedule, --transfer-lr × lr(t)/lr (aihwkit's "
+        "scale_transfer_lr, default); without it a fast array whose rate has decayed keeps its last content, which "
+        "every transfer adds to C again")
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
@@ -275,7 +279,7 @@ class TrainConfig:
                 _float(name, getattr(self, name), positive=False)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
-        for name in ("random_sign", "transfer_forget", "transfer_reset"):
+        for name in ("random_sign", "transfer_forget", "transfer_reset", "transfer_scaled"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.transfer_fast_lr is not None:

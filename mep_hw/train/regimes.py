@@ -214,6 +214,7 @@ class TikiTakaUpdate(AnalogUpdate):
                                   momentum=cfg.transfer_momentum, forget=cfg.transfer_forget)
         if cfg.transfer_fast_lr is not None:
             self.lr_gain = cfg.transfer_fast_lr / cfg.lr
+        self.transfer_scaled = cfg.transfer_scaled
         if self.cfg.gamma != 0.0:
             raise ConfigError("tt_gamma > 0 (reading W = C + γA) is not supported yet: the network reads C; use --tt-gamma 0")
         seed = cfg.seed if seed is None else seed
@@ -241,8 +242,11 @@ class TikiTakaUpdate(AnalogUpdate):
         self.steps += 1
         self._flops = 0
         if self.steps % self.cfg.every == 0:
+            cfg = self.cfg
+            if self.transfer_scaled:  # aihwkit's scale_transfer_lr: the transfer rate follows the schedule
+                cfg = cfg._replace(lr=cfg.lr * self.schedule.lr / self.schedule.base)
             for k, (a, c) in enumerate(zip(self.fast, self.store.tiles)):
-                st, flops = transfer_step(a, c, TransferState(self.H[k], self.next_col[k]), self.cfg, self.sym[k])
+                st, flops = transfer_step(a, c, TransferState(self.H[k], self.next_col[k]), cfg, self.sym[k])
                 self.H[k], self.next_col[k] = st.H, st.next_col
                 self._flops += flops
             self.store._sync()

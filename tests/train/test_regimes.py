@@ -3,6 +3,8 @@ symmetric device reduces to SGD, no host arithmetic for the in-array EP update, 
 same store, and runs of each regime (learning, exact resume, errors)."""
 
 import copy
+import dataclasses
+import math
 
 import pytest
 import torch
@@ -100,6 +102,30 @@ def test_tiki_taka_on_an_ideal_symmetric_device_reduces_to_sgd():
         assert (dc - dw).abs().max() <= pulse * (1 + 1e-9), k
         assert torch.allclose(tt.fast[k].held(), tt.sym[k])  # A back at its reference
         assert dw.abs().max() > 20 * pulse  # the step is many pulses: the check is not trivial
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_the_transfer_rate_follows_the_schedule(monkeypatch, scaled):
+    """aihwkit's scale_transfer_lr: with the cosine schedule the transfer at step t uses
+    transfer_lr × lr(t)/lr; with --no-transfer-scaled it stays transfer_lr."""
+    from mep_hw.train import regimes
+
+    m, cfg, res, est = setup("tiki-taka", transfer_columns=13, transfer_lr=0.4)
+    cfg = dataclasses.replace(cfg, transfer_scaled=scaled, schedule="cosine")
+    tt = TikiTakaUpdate(m, cfg, 4, seed=3)
+    seen = []
+    orig = regimes.transfer_step
+
+    def spy(a, c, st, tcfg, sym):
+        seen.append(tcfg.lr)
+        return orig(a, c, st, tcfg, sym)
+
+    monkeypatch.setattr(regimes, "transfer_step", spy)
+    for _ in range(4):
+        tt.apply(est)
+    per_step = seen[:: len(m.store.tiles)]
+    expected = [0.4 * 0.5 * (1 + math.cos(math.pi * t / 4)) if scaled else 0.4 for t in range(4)]
+    assert per_step == pytest.approx(expected, rel=1e-12)
 
 
 def test_the_in_array_ep_update_does_no_host_arithmetic(tmp_path):
