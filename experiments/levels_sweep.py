@@ -34,8 +34,9 @@ from mep_hw.io.runs import read_json, write_json
 
 CARD = "fefet"
 LINEAR = {"nl_ltp": 0.0, "nl_ltd": 0.0, "dw_ctoc": 0.0, "dw_dtod": 0.0, "g_dtod": 0.0}
-# the ECRAM family: Tiki-Taka's transfer settings (fast array at lr 1.5, every column every step)
-TT_ECRAM = {"transfer_fast_lr": 1.5, "transfer_lr": 0.05, "transfer_columns": 784, "transfer_max_pulses": 10, "pulse_bl": 255}
+# the ECRAM family: Tiki-Taka's transfer settings (fast array at lr 2, every column every step, the
+# transfer rate 0.1 following the schedule: the best of docs/learning-in-array.md's study)
+TT_ECRAM = {"transfer_fast_lr": 2.0, "transfer_lr": 0.1, "transfer_columns": 784, "transfer_max_pulses": 10, "pulse_bl": 255}
 
 
 def family_setup(family: str, levels: int, update: str) -> tuple[str, dict]:
