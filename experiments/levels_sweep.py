@@ -96,8 +96,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     first = {"benchmark": "levels_sweep", "card": CARD, "overrides": LINEAR, "runs": {}}
     if a.family == "ecram":
-        first = {"benchmark": "levels_sweep", "card": "ecram", "overrides": "dw_min_uS = R/(levels - 1)", "tiki_taka": TT_ECRAM,
-                 "runs": {}}
+        first.update(card="ecram", overrides="dw_min_uS = R/(levels - 1)", tiki_taka=TT_ECRAM)
     report = read_json(out) if out.exists() else first
     if not a.plot_only:
         report.update(epochs=a.epochs, limit_train=a.limit_train, limit_test=a.limit_test, pulse_sampling=a.pulse_sampling)

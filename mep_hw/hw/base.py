@@ -380,8 +380,7 @@ class Tile:
         if not frac or not self.device.remappable:
             return False
         held = self.held()
-        top = float(held.abs().max())
-        if top < frac * self.device.weight_limit * self.w_scale:
+        if float(held.abs().max()) < frac * self.weight_bound:
             return False
         W = held.clone()
         self.w_scale = self.device.mapping_scale(W, self.periphery.w_headroom)
@@ -528,10 +527,9 @@ class Tile:
         self._ops(x.shape[0], self.shape[1], self.shape[0])
         if self._is_digital or self._managed:
             raise DeviceError(f"{self.name}: a read against a reference needs an analog tile without noise or bound management")
-        if self._is_exact:
-            self._read_energy(x if self.in_scale == 1.0 else x / self.in_scale, False)
-            return x @ (self.held() - ref).T
         self._read_energy(x if self.in_scale == 1.0 else x / self.in_scale, False)
+        if self._is_exact:
+            return x @ (self.held() - ref).T
         Wk = (self._cached("norm") - ref / self.w_scale).mul_(self._k).T
         return self._mvm(x, Wk, self._cached("var_t"), None, False, "ref")
 

@@ -787,6 +787,12 @@ class CrossbarDevice(Device):
         p = _Dev(cat(st.gmax_p, st.gmax_m), cat(st.dw_p, st.dw_m), cat(st.ud_p, st.ud_m), cat(st.curve_p, st.curve_m, torch.int64))
         return cat(st.gp, st.gm), p, cat(st.stuck_p, st.stuck_m, torch.int8) == 0
 
+    def _pulse_energy(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Per direction (up, down): the write energy per pulse as (J per µS of the mean conductance
+        during the pulse, V²·t: a resistive cell; J per pulse, V²·C: a gate), NeuroSim's writeEnergy."""
+        return ((self.v_write_up_V**2 * self.t_write_up_s * _US, self.v_write_up_V**2 * self.c_write_F),
+                (self.v_write_down_V**2 * self.t_write_down_s * _US, self.v_write_down_V**2 * self.c_write_F))
+
     def _run(self, g: Tensor, q: _Pre, free: Tensor, n_up: Tensor, n_dn: Tensor, first_up: Tensor | None,
              direction: bool | None, gen) -> tuple[Tensor, Tensor]:
         """Pulse a group of devices sorted by their pulse count (descending): pulse k acts on the
@@ -796,8 +802,7 @@ class CrossbarDevice(Device):
         hist = torch.bincount(total.long()).tolist()  # one host sync per group
         energy = torch.zeros((), dtype=F64, device=g.device)
         track = self.models_write_energy
-        e_up = (self.v_write_up_V**2 * self.t_write_up_s * _US, self.v_write_up_V**2 * self.c_write_F)
-        e_dn = (self.v_write_down_V**2 * self.t_write_down_s * _US, self.v_write_down_V**2 * self.c_write_F)
+        e_up, e_dn = self._pulse_energy()
         m = total.numel()
         for k in range(len(hist) - 1):
             m -= hist[k]
@@ -945,8 +950,7 @@ class CrossbarDevice(Device):
         g1 = torch.where(free[idx], g1, g0)
         if self.models_write_energy:  # every pulse at the mean of the start and end conductances
             mid = (g0 + g1).mul_(0.5)
-            e_up = (self.v_write_up_V**2 * self.t_write_up_s * _US, self.v_write_up_V**2 * self.c_write_F)
-            e_dn = (self.v_write_down_V**2 * self.t_write_down_s * _US, self.v_write_down_V**2 * self.c_write_F)
+            e_up, e_dn = self._pulse_energy()
             energy = (u * (mid * e_up[0] + e_up[1]) + d * (mid * e_dn[0] + e_dn[1])).sum()
         return g.index_copy(0, idx, g1.to(g.dtype)), energy
 
