@@ -28,7 +28,7 @@ asymmetry). Cheap; no data needed.
 ``figures``: the pulse-response figure of every crossbar card (docs/img/device_<card>.png).
 
 ``pulses``: one ``apply_pulses`` call on a 784×500 array of each card whose response is affine
-(ECRAM, PCM), pulses one at a time (``per_pulse``, the reference) against the whole sequence by
+(ECRAM, PCM, and NeuroSim's exponential curves: TaOx ReRAM, FeFET), pulses one at a time (``per_pulse``, the reference) against the whole sequence by
 its moments (``moments``), interleaved call by call in one process: the median time of each and
 their ratio, and the mean and spread of the weight change of both, for weight-up and weight-down
 counts drawn Poisson with means λ (1, 10, 100: an in-array step's counts at low and high rates).
@@ -192,7 +192,7 @@ def accuracy(data_dir, cards: list[str], epochs: int, out: Path, runs_dir: Path 
 
 
 def pulse_application(out: Path, shape=(500, 784), lams=(1.0, 10.0, 100.0), rounds: int = 5,
-                      cards=("ecram", "pcm"), seed: int = 0) -> dict:
+                      cards=("ecram", "pcm", "reram_taox", "fefet"), seed: int = 0) -> dict:
     """Per-pulse vs moments pulse application: time and weight-change statistics (module docstring)."""
     report = {"benchmark": "pulse_application", "shape": list(shape), "rounds": rounds, "threads": torch.get_num_threads(),
               "counts": "n_up, n_down ~ Poisson(lambda) per weight, independent", "cards": {}}
@@ -220,7 +220,7 @@ def pulse_application(out: Path, shape=(500, 784), lams=(1.0, 10.0, 100.0), roun
                 "lambda": lam, "seconds_median": med, "speedup": med["per_pulse"] / med["moments"],
                 "dw_mean": {k: float(v.mean()) for k, v in dw.items()}, "dw_std": {k: float(v.std()) for k, v in dw.items()},
             }
-            print(f"{name:<6} lambda {lam:>5g}: per pulse {med['per_pulse'] * 1e3:8.1f} ms, moments {med['moments'] * 1e3:6.1f} ms "
+            print(f"{name:<10} lambda {lam:>5g}: per pulse {med['per_pulse'] * 1e3:8.1f} ms, moments {med['moments'] * 1e3:6.1f} ms "
                   f"({med['per_pulse'] / med['moments']:.1f}x); dw mean {float(dw['per_pulse'].mean()):+.3e} / "
                   f"{float(dw['moments'].mean()):+.3e}, std {float(dw['per_pulse'].std()):.3e} / {float(dw['moments'].std()):.3e}",
                   flush=True)
@@ -254,10 +254,11 @@ def main(argv=None) -> int:
     f.add_argument("--devices", type=int, default=1000)
     q = sub.add_parser("pulses")
     q.add_argument("--rounds", type=int, default=5)
+    q.add_argument("--cards", nargs="+", default=["ecram", "pcm", "reram_taox", "fefet"])
     q.add_argument("--out", default="benchmarks/results/pulse_application.json")
     args = p.parse_args(argv)
     if args.what == "pulses":
-        pulse_application(Path(args.out), rounds=args.rounds)
+        pulse_application(Path(args.out), rounds=args.rounds, cards=tuple(args.cards))
         return 0
     if args.what == "update":
         update_ratio(Path(args.out), n=args.weights)

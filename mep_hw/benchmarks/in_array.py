@@ -77,8 +77,13 @@ def main(argv=None) -> int:
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
                    help="a training-config field for every run, e.g. --set pulse_sampling=marginal (recorded in the JSON)")
+    p.add_argument("--fast-lr-factor", type=float, default=None, metavar="F",
+                   help="tiki-taka runs: drive the fast array at F × the run's learning rate (transfer_fast_lr; "
+                   "e.g. 20: EP 0.1 → 2.0, backprop 0.05 → 1.0)")
     p.add_argument("--out", default="benchmarks/results/in_array.json")
     a = p.parse_args(argv)
+    if a.fast_lr_factor is not None and not a.fast_lr_factor > 0:
+        raise ConfigError(f"--fast-lr-factor {a.fast_lr_factor}: must be > 0")
     extra = config_sets(a.sets)
     lrs = dict(LR)
     for item in a.lr:
@@ -94,8 +99,11 @@ def main(argv=None) -> int:
             key = f"{card}/{method}:{update}"
             if key in report["runs"]:
                 continue
-            r = run_one(card, method, update, data_dir=a.data_dir, epochs=a.epochs, lr=lrs[(method, update)], ds=ds,
-                        extra=extra)
+            lr = lrs[(method, update)]
+            run_extra = dict(extra)
+            if update == "tiki-taka" and a.fast_lr_factor is not None:
+                run_extra["transfer_fast_lr"] = a.fast_lr_factor * lr
+            r = run_one(card, method, update, data_dir=a.data_dir, epochs=a.epochs, lr=lr, ds=ds, extra=run_extra)
             report["runs"][key] = r
             write_json(out, report)
             e = r["energy_J_per_sample"]

@@ -52,16 +52,19 @@ exactly n single pulses; up and down pulses of one call are interleaved, up firs
 **Pulse application** (``pulse_application``, a simulation choice, not physics): ``per_pulse``
 (the default, the reference) applies the pulses one at a time as above. ``moments`` applies a
 device's whole sequence of k pulses at once where its step is affine in G (``linear_step``,
-``soft_bounds``): one pulse is y' = a + b·y + (α + γ·y)·ξ (y = G − G₀; ξ ~ N(0, 1); α, γ from the
-c2c model), so (1, E[y], E[y²]) evolves by a 3×3 lower-triangular matrix; the interleaved sequence
+``soft_bounds``, and NeuroSim's ``linear`` and ``exponential`` curves: x → x ± s on
+G_d(x) = g_min + B_d(1 − e^(−x/A_d)) is G' = (g_min + B_d)(1 − b) + b·G, b = e^(∓s/A_d), inside the
+range): one pulse is y' = a + b·y + (α + γ·y)·ξ (y = G − G₀; ξ ~ N(0, 1); α, γ from the c2c model), so (1, E[y], E[y²]) evolves by a 3×3 lower-triangular matrix; the interleaved sequence
 (alternating pairs, then the majority direction) is a product of matrix powers, taken by
 repeated squaring, and the result is drawn as N(E[y], Var[y]) and clipped to the device's range
 once. Mean and variance are exactly those of the per-pulse model while no pulse reaches a bound
 (exact in distribution for one pulse); the higher moments are a normal's, and a sequence that
 crosses a bound and turns back is clipped only at its end. Write energy, where G-dependent, uses
 the mean of the start and end conductances for every pulse. Sequences of at most
-``MOMENTS_MIN_PULSES`` (16) pulses are still pulsed one at a time (as cheap, and exact); other
-responses are pulsed one at a time whatever this field says.
+``MOMENTS_MIN_PULSES`` (16) pulses are still pulsed one at a time (as cheap, and exact), and so is
+a device whose start or expected end lies within ``BOUND_SIGMAS`` (3) standard deviations of the
+end distribution of a bound (there the per-pulse clipping matters); other responses are pulsed one
+at a time whatever this field says.
 
 **Programming** (write-verify): the target is rounded to the device's programmable states when
 ``levels`` > 0 (pulse positions G_up(k) for the position models — uniform in pulse number, not in
@@ -113,10 +116,15 @@ READ_NOISE_MODELS = ("constant", "pcm")
 DRIFT_MODELS = ("constant", "pcm")
 C2C_MODELS = ("multiplicative", "additive", "range")
 PULSE_APPLICATIONS = ("per_pulse", "moments")
-AFFINE_RESPONSES = ("linear_step", "soft_bounds")  # ΔG affine in G: k pulses have closed-form moments
+# ΔG affine in G inside the range: k pulses have closed-form moments. NeuroSim's exponential curve
+# is one: x → x ± s on G(x) = g_min + B(1 − e^(−x/A)) gives G' = (g_min + B)(1 − b) + b·G, b = e^(∓s/A)
+AFFINE_RESPONSES = ("linear_step", "soft_bounds", "linear", "exponential")
 # pulse_application = "moments": sequences longer than this go by their moments; shorter ones are
 # pulsed one at a time (as cheap or cheaper there: benchmarks.devices pulses)
 MOMENTS_MIN_PULSES = 16
+# ... and only where the start and the expected end lie more than this many standard deviations (of
+# the end) inside the device's range; nearer a bound a sequence would be clipped on its way
+BOUND_SIGMAS = 3.0
 _US = 1e-6  # siemens per µS
 F64 = torch.float64
 
@@ -855,8 +863,8 @@ class CrossbarDevice(Device):
         both = (dev_up > 0) & (dev_dn > 0)
         if self.applies_moments:  # long sequences by their moments, short ones pulse by pulse
             many = (dev_up + dev_dn) > MOMENTS_MIN_PULSES
-            g, energy = self._apply_moments(g, p, free, dev_up, dev_dn, many, n, generator)
-            only_up, only_dn, both = only_up & ~many, only_dn & ~many, both & ~many
+            g, energy, done = self._apply_moments(g, p, free, dev_up, dev_dn, many, n, generator)
+            only_up, only_dn, both = only_up & ~done, only_dn & ~done, both & ~done
         for mask, direction in ((only_up, True), (only_dn, False), (both, None)):
             idx = mask.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -897,17 +905,28 @@ class CrossbarDevice(Device):
     def applies_moments(self) -> bool:
         """Whether :meth:`apply_pulses` takes each device's k pulses at once by their moments
         (``pulse_application = "moments"`` on a response whose step is affine in G inside the
-        range: soft bounds, or a linear step whose slopes γ ≤ 1 keep it positive there)."""
+        range: soft bounds, NeuroSim's linear and exponential curves, or a linear step whose slopes
+        γ ≤ 1 keep it positive there)."""
         if self.pulse_application != "moments" or self.response not in AFFINE_RESPONSES:
             return False
-        return self.response == "soft_bounds" or (self.gamma_up <= 1.0 and self.gamma_down <= 1.0)
+        return self.response != "linear_step" or (self.gamma_up <= 1.0 and self.gamma_down <= 1.0)
 
     def _pulse_moments(self, q: _Pre, g0: Tensor, up: bool) -> _Moments:
         """One pulse as the moment map on y = G − g0: y' = a + b·y + (α + γ·y)·ξ."""
-        if up:
-            a, b, s = q.cu - q.ku * g0, 1.0 - q.ku, q.su
+        s = q.su if up else q.sd
+        if self.response in POSITION_RESPONSES:  # linear / exponential: x → x ± s on the curve G_d(x)
+            P, A, _ = self._exp_params(up, q.rng[:1])
+            B = q.bu if up else q.bd
+            if B is None:  # linear: a step of s·R/P
+                b = torch.ones_like(g0, dtype=F64)
+                a = (s * q.rng / P).to(F64) * (1.0 if up else -1.0)
+            else:  # G' = (g_min + B)(1 − b) + b·G, b = e^(∓s/A); on y = G − g0: a = (g_min + B − g0)(1 − b)
+                b = torch.exp(-s.to(F64) / A) if up else torch.exp(s.to(F64) / A)
+                a = (self.g_min_uS + B.to(F64) - g0) * (1.0 - b)
+        elif up:
+            a, b = q.cu - q.ku * g0, 1.0 - q.ku
         else:
-            a, b, s = -(q.cd + q.kd * g0), 1.0 - q.kd, q.sd
+            a, b = -(q.cd + q.kd * g0), 1.0 - q.kd
         a, b = a.to(F64), torch.as_tensor(b, dtype=F64, device=g0.device).expand_as(a)
         sig = self.dw_ctoc
         zero = torch.zeros_like(a)
@@ -917,19 +936,22 @@ class CrossbarDevice(Device):
             al, ga = sig * a, sig * (b - 1.0)
         elif self.c2c_model == "range":
             al, ga = (sig * q.rng).to(F64).expand_as(a), zero
+        elif self.response in POSITION_RESPONSES:  # additive: σ·s positions of R/P each
+            al, ga = (sig * s * q.rng / self._axis(up)[0]).to(F64).expand_as(a), zero
         else:  # additive: σ·s
             al, ga = (sig * s).to(F64).expand_as(a), zero
         return _Moments(a, b, a * a + al * al, 2.0 * (a * b + al * ga), b * b + ga * ga)
 
     def _apply_moments(self, g: Tensor, p: _Dev, free: Tensor, dev_up: Tensor, dev_dn: Tensor, sel: Tensor, n: int,
-                       gen) -> tuple[Tensor, Tensor]:
+                       gen) -> tuple[Tensor, Tensor, Tensor]:
         """The whole sequence of every device in ``sel`` at once (see the module docstring, "Pulse
         application"): G⁺ cells take their pulses up first, G⁻ cells down first, as the
-        per-pulse path interleaves them. Returns (G, write energy J)."""
+        per-pulse path interleaves them. Devices near a bound are left for the per-pulse path.
+        Returns (G, write energy J, mask of the devices done here)."""
         idx = (sel & ((dev_up + dev_dn) > 0)).nonzero().squeeze(1)
         energy = torch.zeros((), dtype=F64, device=g.device)
         if idx.numel() == 0:
-            return g, energy
+            return g, energy, torch.zeros_like(sel)
         u, d = dev_up[idx].long(), dev_dn[idx].long()
         k, r = torch.minimum(u, d), (u - d).abs()  # alternating pairs, then the majority direction
         key = torch.maximum(k, r)
@@ -945,14 +967,23 @@ class CrossbarDevice(Device):
         pair_k, rest_r = _Moments.powers([pair, rest], [k, r], key)
         T = pair_k.then(rest_r)
         sd = (T.C0 - T.A * T.A).clamp(min=0.0).sqrt()  # y starts at 0: E[y] = A, E[y²] = C0
+        m, hi = g0 + T.A, q.gmax.to(F64)
+        # a device whose start or expected end lies within BOUND_SIGMAS standard deviations of a bound
+        # would be clipped on the way (per pulse, not once at the end): it is pulsed one at a time
+        inside = (torch.minimum(m, g0) - self.g_min_uS >= BOUND_SIGMAS * sd) & (hi - torch.maximum(m, g0) >= BOUND_SIGMAS * sd)
+        done = torch.zeros_like(sel)
+        if not bool(inside.any()):
+            return g, energy, done
+        idx, u, d, g0, m, sd, hi = (x[inside] for x in (idx, u, d, g0, m, sd, hi))
         xi = torch.randn(g0.shape, generator=gen, dtype=F64, device=gen.device).to(g0.device)
-        g1 = torch.minimum((g0 + T.A + sd * xi).clamp(min=self.g_min_uS), q.gmax.to(F64))
+        g1 = torch.minimum((m + sd * xi).clamp(min=self.g_min_uS), hi)
         g1 = torch.where(free[idx], g1, g0)
         if self.models_write_energy:  # every pulse at the mean of the start and end conductances
             mid = (g0 + g1).mul_(0.5)
             e_up, e_dn = self._pulse_energy()
             energy = (u * (mid * e_up[0] + e_up[1]) + d * (mid * e_dn[0] + e_dn[1])).sum()
-        return g.index_copy(0, idx, g1.to(g.dtype)), energy
+        done[idx] = True
+        return g.index_copy(0, idx, g1.to(g.dtype)), energy, done
 
     def _refresh(self, st: CrossbarState, generator) -> tuple[CrossbarState, Tensor]:
         """Re-program pairs whose larger device is above ``refresh_upper`` of its range while the

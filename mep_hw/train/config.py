@@ -188,7 +188,8 @@ class TrainConfig:
     pulse_application: str = _opt(
         "per_pulse", "crossbar cards: per_pulse (every device pulse applied one at a time, the reference) or moments "
         "(each device's k pulses of a step at once, drawn from their exact mean and variance, where the step is affine "
-        "in G: linear_step and soft_bounds cards such as ecram and pcm; others stay per pulse; docs/devices.md)",
+        "in G: the linear_step, soft_bounds and NeuroSim exponential cards such as ecram, pcm, reram_taox, fefet; others, and "
+        "devices near a bound, stay per pulse; docs/devices.md)",
         choices=PULSE_APPLICATIONS)
     transfer_every: int = _opt(1, "tiki-taka: steps between transfers", metavar="N")
     transfer_columns: int = _opt(

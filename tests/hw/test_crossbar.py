@@ -375,21 +375,47 @@ def _moment_devices():
         "pcm": dataclasses.replace(load_card("pcm").device, refresh_upper=1.0),
         "soft_bounds_additive": CrossbarDevice(g_min_uS=0.0, g_max_uS=10.0, dw_min_uS=0.2, response="soft_bounds",
                                                c2c_model="additive", dw_ctoc=0.5, dw_dtod=0.2, update_mode="bidirectional"),
+        # NeuroSim's exponential curves, range noise: concave LTP / convex LTD (negative label) ...
+        "reram_agsi": load_card("reram_agsi").device,
+        # ... and a positive LTD label (depression retraces the LTP shape), almost no c2c noise
+        "fefet": load_card("fefet").device,
+        # the linear curve (A → ∞) with additive noise in pulse positions
+        "linear_additive": CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, response="linear", levels=101, c2c_model="additive",
+                                          dw_ctoc=0.4, dw_dtod=0.1, update_mode="bidirectional"),
+        # multiplicative noise on an exponential curve
+        "exponential_mult": CrossbarDevice(g_min_uS=1.0, g_max_uS=11.0, response="exponential", levels=65, nl_ltp=3.0,
+                                           nl_ltd=-2.0, c2c_model="multiplicative", dw_ctoc=0.5, dw_dtod=0.1,
+                                           update_mode="bidirectional"),
     }
 
 
-@pytest.mark.parametrize("name,fracs", [("ecram", (0.1, 0.5, 0.9)), ("pcm", (0.1, 0.5, 0.9)), ("soft_bounds_additive", (0.3, 0.5, 0.7))])
+@pytest.mark.parametrize("name,fracs", [("ecram", (0.1, 0.5, 0.9)), ("pcm", (0.1, 0.5, 0.9)), ("soft_bounds_additive", (0.3, 0.5, 0.7)),
+                                        ("reram_agsi", (0.3, 0.5, 0.7)), ("fefet", (0.2, 0.5, 0.8)),
+                                        ("linear_additive", (0.3, 0.5, 0.7)), ("exponential_mult", (0.3, 0.5, 0.7))])
 def test_k_pulses_by_their_moments_match_the_per_pulse_reference(name, fracs, monkeypatch):
     """``pulse_application = "moments"`` against pulses one at a time, at three operating points
     and seven (up, down) sequences (one pulse, runs of one direction, interleaved): mean within
     5 standard errors (+ 1 % near a bound, where a sequence that reaches it is clipped only at
     its end) and standard deviation within 3 %, for both cells of the pair. Every sequence goes by
-    its moments here (``MOMENTS_MIN_PULSES`` = 0)."""
+    its moments here (``MOMENTS_MIN_PULSES`` = 0) unless it starts or is expected to end within 3
+    standard deviations of a bound (ReRAM's range noise, 3.5 % of the range per pulse, takes most
+    25-pulse runs there: clipped only at their end, Ag:a-Si's 25 down pulses from 0.3 of the range
+    moved the mean 4 % too far); at least a third of all devices went by their moments."""
     import dataclasses
 
     from mep_hw.hw import crossbar
 
     monkeypatch.setattr(crossbar, "MOMENTS_MIN_PULSES", 0)
+    share = [0, 0]
+    orig = crossbar.CrossbarDevice._apply_moments
+
+    def spy(self, g, p, free, up, dn, sel, *rest):
+        out = orig(self, g, p, free, up, dn, sel, *rest)
+        share[0] += int(out[2].sum())
+        share[1] += int(sel.sum())
+        return out
+
+    monkeypatch.setattr(crossbar.CrossbarDevice, "_apply_moments", spy)
     dev = _moment_devices()[name]
     mom = dataclasses.replace(dev, pulse_application="moments")
     assert mom.applies_moments and not dev.applies_moments
@@ -410,6 +436,7 @@ def test_k_pulses_by_their_moments_match_the_per_pulse_reference(name, fracs, mo
                 where = f"{name} at {frac} of the range, {u} up / {d} down, {cell}"
                 assert abs(float(b.mean() - a.mean())) <= 5 * se + 0.01 * abs(float(a.mean())) + 1e-12, where
                 assert close(float(b.std()), float(a.std()), 0.03) or float(a.std()) == float(b.std()) == 0.0, where
+    assert share[0] >= share[1] / 3, f"{name}: only {share[0]} of {share[1]} devices went by their moments"
 
 
 def test_moments_take_long_sequences_and_short_ones_stay_per_pulse(monkeypatch):
@@ -445,14 +472,15 @@ def test_moments_take_long_sequences_and_short_ones_stay_per_pulse(monkeypatch):
 
 
 def test_pulse_application_moments_falls_back_for_nonaffine_responses():
-    """Responses whose step is not affine in G are pulsed one at a time whatever the field says;
-    an unknown value is refused."""
+    """Responses whose step is not affine in G (a measured table, a linear step with γ > 1) are
+    pulsed one at a time whatever the field says; an unknown value is refused."""
     import dataclasses
 
     from mep_hw.hw import load_card
 
-    for card in ("reram_taox", "fefet", "reram_agsi_measured"):
-        assert not dataclasses.replace(load_card(card).device, pulse_application="moments").applies_moments
+    assert not dataclasses.replace(load_card("reram_agsi_measured").device, pulse_application="moments").applies_moments
+    for card in ("reram_taox", "reram_agsi", "fefet", "ecram", "pcm"):  # affine: exponential, linear step, soft bounds
+        assert dataclasses.replace(load_card(card).device, pulse_application="moments").applies_moments
     assert not CrossbarDevice(response="linear_step", gamma_up=1.5, pulse_application="moments").applies_moments
     with pytest.raises(ConfigError, match="pulse_application"):
         CrossbarDevice(pulse_application="closed_form")
