@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mep_hw.errors import ConfigError
+from mep_hw.errors import ConfigError, DivergedError
 from mep_hw.benchmarks._baseline import config_sets
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import read_json, write_json
@@ -51,18 +51,24 @@ def run_one(card: str, method: str, update: str, *, data_dir, epochs: int, lr: f
                       method=method, update=update, lr=lr, **(extra or {}))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = train(cfg, Path(tmp) / "run", dataset=ds, progress=False)
+        try:
+            res, error = train(cfg, Path(tmp) / "run", dataset=ds, progress=False), None
+        except DivergedError as exc:  # recorded with what the run left, the benchmark goes on
+            res, error = None, exc
         wall = time.perf_counter() - t0
         m = read_json(Path(tmp) / "run" / "metrics.json")
     cost = (m.get("cost") or {}).get("train") or {}
     per = cost.get("per_sample", {})
+    hist = m.get("history") or []
     return {
         "card": card, "method": method, "update": update, "lr": lr, "epochs": epochs, "config": dict(extra or {}),
-        "test_accuracy": res.test_accuracy, "test_accuracy_history": [h.test_accuracy for h in res.history],
-        "train_loss_history": [h.train_loss for h in res.history],
+        "status": error.status if error else "completed", "error": str(error) if error else None,
+        "test_accuracy": res.test_accuracy if res else None,
+        "test_accuracy_history": [h.get("test_accuracy") for h in hist],
+        "train_loss_history": [h.get("train_loss") for h in hist],
         "energy_J_per_sample": cost.get("energy_J_per_sample"), "host_flops_per_sample": per.get("host_flops"),
         "pulses_per_sample": per.get("pulses"), "wall_seconds": wall,
-        "epoch_seconds": [h.epoch_seconds for h in res.history],
+        "epoch_seconds": [h.get("epoch_seconds") for h in hist],
     }
 
 
@@ -107,6 +113,9 @@ def main(argv=None) -> int:
             report["runs"][key] = r
             write_json(out, report)
             e = r["energy_J_per_sample"]
+            if r["status"] != "completed":
+                print(f"{key}: {r['status']}: {r['error']}", flush=True)
+                continue
             print(f"{key}: test accuracy {r['test_accuracy']:.4f}, energy/sample "
                   f"{e['total'] if e else float('nan'):.3g} J, host FLOPs/sample {r['host_flops_per_sample']}, "
                   f"{r['wall_seconds']:.0f} s", flush=True)

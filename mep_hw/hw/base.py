@@ -372,18 +372,25 @@ class Tile:
         return self.held() - before
 
     def remap_if_saturating(self) -> bool:
-        """Re-program the tile with a larger mapping scale when its largest |w̃| has reached the
-        periphery's ``w_remap`` fraction of the range (aihwkit's weight remapping): w_scale =
-        w_headroom × max|w|, every cell written again (write-verify, with programming noise,
-        counted as programmed cells). Only on devices whose scale is a free periphery factor."""
-        frac = self.periphery.w_remap
-        if not frac or not self.device.remappable:
+        """Re-program the tile with a larger mapping scale when the ``w_remap_quantile``-quantile of
+        its |w̃| has reached the periphery's ``w_remap`` fraction of the range (aihwkit's weight
+        remapping): w_scale = w_headroom × that quantile of |w|, every cell written again
+        (write-verify, with programming noise, counted as programmed cells; a cell beyond the new
+        range is clipped to it). Only on devices whose scale is a free periphery factor."""
+        per = self.periphery
+        if not per.w_remap or not self.device.remappable:
             return False
         held = self.held()
-        if float(held.abs().max()) < frac * self.weight_bound:
+        a = held.abs().reshape(-1)
+        limit = per.w_remap * self.weight_bound
+        if float(a.max()) < limit:  # the quantile is at most the largest: nothing to do (cheap)
+            return False
+        k = max(1, math.ceil(per.w_remap_quantile * a.numel()))
+        q = float(a.kthvalue(k).values) if k < a.numel() else float(a.max())
+        if q < limit:
             return False
         W = held.clone()
-        self.w_scale = self.device.mapping_scale(W, self.periphery.w_headroom)
+        self.w_scale = per.w_headroom * q
         self.program(W)
         self.remaps += 1
         return True

@@ -53,9 +53,13 @@ class Periphery:
     adc_bound: float = 12.0
     out_noise: float = 0.0
     w_headroom: float = 2.0  # mapping: w_scale = w_headroom × (largest weight magnitude at the first program)
-    # remapping: when a host write leaves the largest |w̃| of a tile at or above this fraction of its range,
-    # the tile is re-programmed with w_scale = w_headroom × its largest |w| (0: never; crossbar devices only)
+    # remapping: when a host write leaves the w_remap_quantile-quantile of a tile's |w̃| at or above this
+    # fraction of its range, the tile is re-programmed with w_scale = w_headroom × that quantile of |w|
+    # (0: never; crossbar devices only). A quantile, not the largest: a few cells driven to a bound by
+    # cycle-to-cycle noise must not grow the scale (each remap would coarsen the pulses, more cells
+    # would reach a bound, and the scale would run away: TaOx ReRAM diverged so)
     w_remap: float = 0.95
+    w_remap_quantile: float = 0.999
     noise_management: str = "none"  # "abs_max": inputs scaled by max|x̃| per vector (aihwkit's default)
     nm_thres: float = 0.0  # cap of the abs_max scale (0: none)
     bound_management: str = "none"  # "iterative": re-read with halved inputs while the ADC saturates
@@ -75,6 +79,9 @@ class Periphery:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v <= 1.0):
             raise ConfigError(f"w_remap={v!r} must be in [0, 1] (0: never remap; e.g. 0.95: remap a tile whose largest "
                               "weight reaches 95 % of its range)")
+        v = self.w_remap_quantile
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.5 <= v <= 1.0):
+            raise ConfigError(f"w_remap_quantile={v!r} must be in [0.5, 1] (1: the largest |w̃| decides; default 0.999)")
         if self.w_remap and self.w_remap * self.w_headroom <= 1.0:
             raise ConfigError(f"w_remap={self.w_remap} with w_headroom={self.w_headroom}: a remapped tile would be at "
                               "its threshold at once; w_remap × w_headroom must exceed 1: raise w_headroom, or set w_remap=0 (never remap)")

@@ -202,9 +202,33 @@ def test_a_cuda_tile_reads_and_writes_on_cuda():
     assert all(v.device.type == "cuda" for v in t.state if isinstance(v, torch.Tensor))
 
 
+def test_a_few_cells_at_a_bound_do_not_remap_a_tile():
+    """Remapping looks at the 0.999-quantile of |w̃|, not the largest: 5 of 10 000 cells pushed to
+    their bound (as cycle-to-cycle noise does on ReRAM) leave the scale alone, while with the
+    quantile at 1 (the largest decides) they remap it; 100 cells (1 %) at the bound remap it with
+    w_scale = w_headroom × the quantile."""
+    import dataclasses
+
+    card = load_card("ecram")
+    W = torch.randn(100, 100, generator=torch.Generator().manual_seed(3), dtype=F64) * 0.1
+    for cells, quantile, remapped in ((5, 0.999, False), (5, 1.0, True), (100, 0.999, True)):
+        per = dataclasses.replace(card.periphery, w_remap=0.95, w_remap_quantile=quantile)
+        t = Tile(card.device, per, W, seed=5, noise=NoiseBank(6))
+        first_scale = t.w_scale
+        push = torch.zeros_like(W)
+        push.view(-1)[:cells] = first_scale  # a full range per write: two writes take the cells to their bound
+        for _ in range(2):
+            t.write(push)
+        assert (t.remaps > 0) == remapped, (cells, quantile)
+        if remapped:  # once, at w_headroom × the cells' value at their bound (≈ the first range)
+            assert t.remaps == 1 and t.w_scale == pytest.approx(per.w_headroom * first_scale, rel=0.1)
+        else:
+            assert t.w_scale == first_scale
+
+
 def test_a_saturating_tile_is_remapped_with_a_larger_scale():
     """With w_remap = 0.95, writes that push weights to the edge of the mapped range re-program
-    the tile at w_scale = w_headroom × max|w|: the weights keep growing past the first range
+    the tile at w_scale = w_headroom × max|w| (the 0.999-quantile is the largest of 384 cells): the weights keep growing past the first range
     (without remapping they stop at it), the remap is counted, and the achieved change a write
     returns includes the re-programming. Devices with a fixed scale are never remapped."""
     import dataclasses
@@ -234,5 +258,7 @@ def test_a_saturating_tile_is_remapped_with_a_larger_scale():
     assert t.remaps == 0 and t.w_scale == 1.0
     with pytest.raises(ConfigError, match="w_remap"):
         Periphery(w_remap=1.5)
+    with pytest.raises(ConfigError, match="w_remap_quantile"):
+        Periphery(w_remap_quantile=0.2)
     with pytest.raises(ConfigError, match="w_remap"):
         Periphery(w_remap=0.4, w_headroom=2.0)
