@@ -24,19 +24,13 @@ from mep_hw.benchmarks._baseline import config_sets
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import read_json, write_json
 from mep_hw.train import TrainConfig, train
+from mep_hw.train.config import HOST_LR, IN_ARRAY_LR, UPDATES
 
 __all__ = ["LR", "run_one", "main"]
 
-# learning rates per (method, update): the host regime's Adam at the training default; the
-# in-array regimes' plain SGD rates (chosen on 10 000 images, 2 epochs, on the ideal card)
-LR = {
-    ("ep", "host"): 1e-3,
-    ("ep", "analog"): 0.1,
-    ("ep", "tiki-taka"): 0.1,
-    ("backprop", "host"): 1e-3,
-    ("backprop", "analog"): 0.05,
-    ("backprop", "tiki-taka"): 0.05,
-}
+# learning rates per (method, update): the training defaults (the host regime's Adam; the in-array
+# regimes' plain SGD rates, chosen on 10 000 images, 2 epochs, on the ideal card)
+LR = {(m, u): HOST_LR if u == "host" else IN_ARRAY_LR[m] for m in IN_ARRAY_LR for u in UPDATES}
 
 
 def _parse_run(name: str) -> tuple[str, str]:
@@ -85,7 +79,7 @@ def main(argv=None) -> int:
                    help="a training-config field for every run, e.g. --set pulse_sampling=marginal (recorded in the JSON)")
     p.add_argument("--fast-lr-factor", type=float, default=None, metavar="F",
                    help="tiki-taka runs: drive the fast array at F × the run's learning rate (transfer_fast_lr; "
-                   "e.g. 20: EP 0.1 → 2.0, backprop 0.05 → 1.0)")
+                   "default: the training default, 20: EP 0.1 → 2.0, backprop 0.05 → 1.0)")
     p.add_argument("--out", default="benchmarks/results/in_array.json")
     a = p.parse_args(argv)
     if a.fast_lr_factor is not None and not a.fast_lr_factor > 0:

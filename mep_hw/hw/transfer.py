@@ -39,9 +39,9 @@ __all__ = ["TransferConfig", "TransferState", "transfer_step"]
 
 class TransferConfig(NamedTuple):
     every: int = 1  # steps between transfers
-    columns: int = 64  # columns read per transfer
-    lr: float = 1.0  # lr_T
-    max_pulses: int = 1  # pulses per cell per transfer
+    columns: int = 0  # columns read per transfer (0: all)
+    lr: float = 0.1  # lr_T
+    max_pulses: int = 10  # pulses per cell per transfer
     gamma: float = 0.0  # W = C + γA
     reset_fast: bool = False
     momentum: float = 0.0  # the buffer keeps momentum·n after a transfer of n pulses
@@ -60,7 +60,7 @@ def transfer_step(fast, slow, state: TransferState, cfg: TransferConfig, sym: Te
     out, n_cols = fast.shape
     if slow.shape != fast.shape:
         raise ConfigError(f"tiki-taka: fast array {fast.shape} and slow array {slow.shape} differ")
-    k = min(cfg.columns, n_cols)
+    k = n_cols if cfg.columns <= 0 else min(cfg.columns, n_cols)
     cols = (torch.arange(k, device=state.H.device) + state.next_col) % n_cols
     E = torch.zeros(k, n_cols, dtype=state.H.dtype, device=state.H.device)
     E[torch.arange(k, device=E.device), cols] = 1.0

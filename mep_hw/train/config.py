@@ -41,6 +41,12 @@ METHODS = ("ep", "backprop")
 # 1 (or 0.5 on larger weights) falls into a cycle instead; its −β phase (output stiffness 1 − β)
 # relaxes at rate ~ 1 − β and needs ~ 35 τ on average at β = 0.5, atol 1e-5.
 DEFAULT_DT = {"hard_sigmoid": 1.0, "sigmoid": 0.25}
+# defaults of the update regimes (measured: docs/learning-in-array.md): the host optimizer's rate, the
+# in-array SGD rate per method, pulse slots per train, and the fast array's rate of Tiki-Taka per --lr
+HOST_LR = 1e-3
+IN_ARRAY_LR = {"ep": 0.1, "backprop": 0.05}
+PULSE_BL = {"host": 31, "analog": 31, "tiki-taka": 255}
+FAST_LR_FACTOR = 20.0
 SETTLE_TIME = {"hard_sigmoid": (100.0, 20.0), "sigmoid": (100.0, 100.0)}  # (free, nudged) in τ
 SCHEDULES = ("cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -103,7 +109,9 @@ class TrainConfig:
     optimizer: str = _opt(
         "adam", "host optimizer that applies the EP gradient (muon/dion: Muon or Dion on the weight matrices, "
         "Adam at lr/10 on the biases, momentum 0.95; use --lr 0.02)", choices=OPTIMIZERS)
-    lr: float = _opt(1e-3, "learning rate of the host optimizer", metavar="F")
+    lr: float | None = _opt(
+        None, "learning rate: of the host optimizer (default 1e-3), or with --update analog / tiki-taka the in-array "
+        "SGD rate (default 0.1 for EP, 0.05 for backprop: docs/learning-in-array.md)", metavar="F")
     lr_width: int | None = _opt(
         125, "per-layer learning rates: a weight matrix between two state layers (or the readout) whose wider side n "
         "exceeds this width gets lr·lr_width/n; the input matrix and the biases get lr (0: one lr for all)", metavar="N")
@@ -180,7 +188,9 @@ class TrainConfig:
         "host", "update regime: host (host optimizer + device write + error feedback), analog (the array applies "
         "EP's Hebbian outer products itself by pulse coincidence, --lr is the SGD rate), tiki-taka (in-array "
         "updates to a fast array, transferred to the slow array through a digital buffer)", choices=UPDATES)
-    pulse_bl: int = _opt(31, "analog / tiki-taka: pulse slots per row and column train (BL)", metavar="N")
+    pulse_bl: int | None = _opt(
+        None, "analog / tiki-taka: pulse slots per row and column train (BL; default 31 for analog, 255 for tiki-taka, "
+        "whose fast array takes up to ~150 pulses per cell and step)", metavar="N")
     pulse_sampling: str = _opt(
         "exact", "analog / tiki-taka: exact (draw the row and column pulse trains and count coincidences) or "
         "marginal (each cell's count from its exact mean and variance, no correlation between cells; ~10x faster)",
@@ -193,15 +203,16 @@ class TrainConfig:
         choices=PULSE_APPLICATIONS)
     transfer_every: int = _opt(1, "tiki-taka: steps between transfers", metavar="N")
     transfer_columns: int = _opt(
-        64, "tiki-taka: columns of the fast array read and transferred per transfer (cycling)", metavar="N")
+        0, "tiki-taka: columns of the fast array read and transferred per transfer (cycling; 0: all)", metavar="N")
     transfer_lr: float = _opt(
-        1.0, "tiki-taka: buffer gain: H += transfer_lr × (column read of A − symmetry point) / slow pulse step",
+        0.1, "tiki-taka: buffer gain: H += transfer_lr × (column read of A − symmetry point) / slow pulse step",
         metavar="F")
     tt_gamma: float = _opt(0.0, "tiki-taka: the network reads W = C + gamma·A", metavar="F")
     transfer_fast_lr: float | None = _opt(
-        None, "tiki-taka: learning rate of the in-array update of the fast array A (default: --lr); A must move by many "
-        "of its pulses between reads for its column reads to resolve the update through the ADC", metavar="F")
-    transfer_max_pulses: int = _opt(1, "tiki-taka: most pulses per cell of the slow array per transfer", metavar="N")
+        None, f"tiki-taka: learning rate of the in-array update of the fast array A (default: {FAST_LR_FACTOR:g} × --lr); "
+        "A must move by many of its pulses between reads for its column reads to resolve the update through the ADC",
+        metavar="F")
+    transfer_max_pulses: int = _opt(10, "tiki-taka: most pulses per cell of the slow array per transfer", metavar="N")
     transfer_momentum: float = _opt(
         0.1, "tiki-taka: after a transfer of n pulses the buffer keeps momentum·n (aihwkit's BufferedTransferCompound "
         "default)", metavar="F")
@@ -253,9 +264,14 @@ class TrainConfig:
         for name, steps in zip(("max_steps", "nudged_max_steps"), self.default_steps()):
             if getattr(self, name) is None:  # the activation's settle time at any step
                 object.__setattr__(self, name, steps)
+        if self.lr is None:  # the regime's rate: Adam's on the host, plain SGD's in the array
+            object.__setattr__(self, "lr", HOST_LR if self.update == "host" else IN_ARRAY_LR[self.method])
+        if self.pulse_bl is None:
+            object.__setattr__(self, "pulse_bl", PULSE_BL[self.update])
         for name in ("epochs", "batch_size", "max_steps", "nudged_max_steps", "eval_batch_size", "pulse_bl",
-                     "transfer_every", "transfer_columns", "transfer_max_pulses"):
+                     "transfer_every", "transfer_max_pulses"):
             _int(name, getattr(self, name), lo=1)
+        _int("transfer_columns", self.transfer_columns, lo=0)
         if self.lr_width is not None:
             _int("lr_width", self.lr_width, lo=0)
         _int("seed", self.seed, lo=0)
@@ -283,6 +299,8 @@ class TrainConfig:
         for name in ("random_sign", "transfer_forget", "transfer_reset", "transfer_scaled"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.transfer_fast_lr is None and self.update == "tiki-taka":
+            object.__setattr__(self, "transfer_fast_lr", FAST_LR_FACTOR * self.lr)
         if self.transfer_fast_lr is not None:
             _float("transfer_fast_lr", self.transfer_fast_lr, positive=True)
         if not 0 <= self.transfer_momentum < 1:

@@ -86,7 +86,7 @@ def test_with_bl_to_infinity_one_analog_update_converges_to_the_host_step(sampli
 def test_tiki_taka_on_an_ideal_symmetric_device_reduces_to_sgd():
     # every column transferred every step, A reset to its symmetry point after it is read, the
     # remainder of a pulse kept in H: C carries the SGD step (to within one pulse of C per weight)
-    m, cfg, res, est = setup("tiki-taka", transfer_columns=13)
+    m, cfg, res, est = setup("tiki-taka", transfer_columns=13, transfer_fast_lr=0.1, transfer_lr=1.0)  # A at the SGD rate, all of it to C
     tt = TikiTakaUpdate(m, cfg, 10, seed=3)
     tt.cfg = tt.cfg._replace(reset_fast=True, max_pulses=10**6, forget=False, momentum=0.0)
     m2 = copy.deepcopy(m)
