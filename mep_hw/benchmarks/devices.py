@@ -28,7 +28,8 @@ asymmetry). Cheap; no data needed.
 ``figures``: the pulse-response figure of every crossbar card (docs/img/device_<card>.png).
 
 ``pulses``: one ``apply_pulses`` call on a 784×500 array of each card whose response is affine
-(ECRAM, PCM, and NeuroSim's exponential curves: TaOx ReRAM, FeFET), pulses one at a time (``per_pulse``, the reference) against the whole sequence by
+(ECRAM, PCM, and NeuroSim's exponential curves: TaOx ReRAM, FeFET), pulses one at a time
+(``per_pulse``, the reference) against the whole sequence by
 its moments (``moments``), interleaved call by call in one process: the median time of each and
 their ratio, and the mean and spread of the weight change of both, for weight-up and weight-down
 counts drawn Poisson with means λ (1, 10, 100: an in-array step's counts at low and high rates).

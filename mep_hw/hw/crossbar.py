@@ -54,7 +54,8 @@ exactly n single pulses; up and down pulses of one call are interleaved, up firs
 device's whole sequence of k pulses at once where its step is affine in G (``linear_step``,
 ``soft_bounds``, and NeuroSim's ``linear`` and ``exponential`` curves: x → x ± s on
 G_d(x) = g_min + B_d(1 − e^(−x/A_d)) is G' = (g_min + B_d)(1 − b) + b·G, b = e^(∓s/A_d), inside the
-range): one pulse is y' = a + b·y + (α + γ·y)·ξ (y = G − G₀; ξ ~ N(0, 1); α, γ from the c2c model), so (1, E[y], E[y²]) evolves by a 3×3 lower-triangular matrix; the interleaved sequence
+range): one pulse is y' = a + b·y + (α + γ·y)·ξ (y = G − G₀; ξ ~ N(0, 1); α, γ from the c2c
+model), so (1, E[y], E[y²]) evolves by a 3×3 lower-triangular matrix; the interleaved sequence
 (alternating pairs, then the majority direction) is a product of matrix powers, taken by
 repeated squaring, and the result is drawn as N(E[y], Var[y]) and clipped to the device's range
 once. Mean and variance are exactly those of the per-pulse model while no pulse reaches a bound
