@@ -106,10 +106,10 @@ def main(argv=None) -> int:
             r = run_one(card, method, update, data_dir=a.data_dir, epochs=a.epochs, lr=lr, ds=ds, extra=run_extra)
             report["runs"][key] = r
             write_json(out, report)
-            e = r["energy_J_per_sample"]
             if r["status"] != "completed":
                 print(f"{key}: {r['status']}: {r['error']}", flush=True)
                 continue
+            e = r["energy_J_per_sample"]
             print(f"{key}: test accuracy {r['test_accuracy']:.4f}, energy/sample "
                   f"{e['total'] if e else float('nan'):.3g} J, host FLOPs/sample {r['host_flops_per_sample']}, "
                   f"{r['wall_seconds']:.0f} s", flush=True)

@@ -385,8 +385,7 @@ class Tile:
         limit = per.w_remap * self.weight_bound
         if float(a.max()) < limit:  # the quantile is at most the largest: nothing to do (cheap)
             return False
-        k = max(1, math.ceil(per.w_remap_quantile * a.numel()))
-        q = float(a.kthvalue(k).values) if k < a.numel() else float(a.max())
+        q = float(a.kthvalue(max(1, math.ceil(per.w_remap_quantile * a.numel()))).values)
         if q < limit:
             return False
         W = held.clone()

@@ -212,8 +212,7 @@ class TikiTakaUpdate(AnalogUpdate):
         self.cfg = TransferConfig(every=cfg.transfer_every, columns=cfg.transfer_columns, lr=cfg.transfer_lr,
                                   gamma=cfg.tt_gamma, max_pulses=cfg.transfer_max_pulses, reset_fast=cfg.transfer_reset,
                                   momentum=cfg.transfer_momentum, forget=cfg.transfer_forget)
-        if cfg.transfer_fast_lr is not None:
-            self.lr_gain = cfg.transfer_fast_lr / cfg.lr
+        self.lr_gain = cfg.transfer_fast_lr / cfg.lr  # TrainConfig resolves it for tiki-taka (FAST_LR_FACTOR × lr)
         self.transfer_scaled = cfg.transfer_scaled
         if self.cfg.gamma != 0.0:
             raise ConfigError("tt_gamma > 0 (reading W = C + γA) is not supported yet: the network reads C; use --tt-gamma 0")
