@@ -586,16 +586,27 @@ class CrossbarDevice(Device):
             g = torch.minimum(g, gmax)
         return self._pin(g, stuck, gmax), self._pin(aim, stuck, gmax)
 
-    def _new_nu(self, g: Tensor, old: Tensor, written: Tensor, gen) -> Tensor:
+    def _new_nu(self, g: Tensor, old: Tensor, written: Tensor | None, gen) -> Tensor:
         """PCM drift: every write draws ν = |N(μ(g), σ(g))| at g, the conductance the write aimed
         at — the programming target (aihwkit ``PCMLikeNoiseModel``: ``generate_drift_coefficients``
         of ``g_target``, independent of the programming noise), or, for a pulse, the conductance
-        the pulse left (a pulse has no target)."""
+        the pulse left (a pulse has no target). ``written``: the cells written (None: all); only
+        those draw, so a sparse update costs what it writes."""
         if self.drift_model != "pcm":
             return old
-        mu, sd = pcm_drift_nu(g / self.g_max_uS)
-        xi = torch.randn(g.shape, generator=gen, dtype=F64, device=gen.device).to(g.dtype)
-        return torch.where(written, (mu + sd * xi).abs(), old)
+        if written is None:
+            gi = g
+        else:
+            idx = written.reshape(-1).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return old
+            gi = g.reshape(-1)[idx]
+        mu, sd = pcm_drift_nu(gi / self.g_max_uS)
+        xi = torch.randn(gi.shape, generator=gen, dtype=F64, device=gen.device).to(g.dtype)
+        nu = (mu + sd * xi).abs().to(old.dtype)
+        if written is None:
+            return nu
+        return old.reshape(-1).index_copy(0, idx, nu).reshape(old.shape)
 
     def program(self, state: CrossbarState, w: Tensor, generator) -> CrossbarState:
         state = self._state(state)
@@ -603,10 +614,9 @@ class CrossbarDevice(Device):
         gp, aim_p = self._write(tp, state.gmax_p, state.stuck_p, state.curve_p, generator)
         gm, aim_m = self._write(tm, state.gmax_m, state.stuck_m, state.curve_m, generator)
         now = torch.full_like(gp, state.t_now)
-        everywhere = torch.ones_like(gp, dtype=torch.bool)
         return state._replace(gp=gp, gm=gm, tprog_p=now, tprog_m=now.clone(),
-                              nu_p=self._new_nu(aim_p, state.nu_p, everywhere, generator),
-                              nu_m=self._new_nu(aim_m, state.nu_m, everywhere, generator))
+                              nu_p=self._new_nu(aim_p, state.nu_p, None, generator),
+                              nu_m=self._new_nu(aim_m, state.nu_m, None, generator))
 
     # ------------------------------------------------------------------ reading
     def _drifted(self, g: Tensor, nu: Tensor, tprog: Tensor, t_now: float) -> Tensor:
@@ -998,8 +1008,12 @@ class CrossbarDevice(Device):
         count = sat.sum()
         if not bool(count > 0):
             return st, count
-        r = self.program(st, self.to_logical(st.gp, st.gm), generator)
-        keep = {k: torch.where(sat, getattr(r, k), getattr(st, k)) for k in ("gp", "gm", "nu_p", "nu_m", "tprog_p", "tprog_m")}
+        # re-program only the refreshed pairs (a whole-array program() draws noise for every cell)
+        idx = sat.reshape(-1).nonzero().squeeze(1)
+        sub = CrossbarState(*[t.reshape(-1)[idx] if isinstance(t, Tensor) else t for t in st])
+        r = self.program(sub, self.to_logical(sub.gp, sub.gm), generator)
+        keep = {k: getattr(st, k).reshape(-1).index_copy(0, idx, getattr(r, k)).reshape(st.gp.shape)
+                for k in ("gp", "gm", "nu_p", "nu_m", "tprog_p", "tprog_m")}
         return st._replace(**keep), count
 
     def update(self, state: CrossbarState, dw: Tensor, generator) -> tuple[CrossbarState, UpdateCounts]:

@@ -656,6 +656,34 @@ def test_unidirectional_pairs_refresh_by_aihwkits_criterion():
     torch.testing.assert_close(dev.mean(st), w_before)  # refreshes keep the weight
 
 
+def test_pulses_redraw_drift_and_refresh_reprogram_only_the_cells_they_write():
+    """A pulse redraws ν (at the conductance it left) only on the devices it moved; a refresh
+    re-programs only the pairs past aihwkit's thresholds. The rest keep their state bit for bit,
+    and the redrawn ν follow |N(μ(g), σ(g))|."""
+    dev = CrossbarDevice(g_min_uS=0.0, g_max_uS=25.0, levels=0, response="linear", dw_min_uS=0.25,
+                         update_mode="unidirectional", drift_model="pcm", prog_noise_model="pcm", prog_noise=1.0)
+    w = torch.full((N,), 0.1, dtype=F64)
+    w[: N // 2] = 0.8  # the first half will be refreshed once SET pulses lift its G⁻ past 0.25
+    st = dev.program(state_of(dev), w, gen(50))
+    n_up = torch.zeros(N, dtype=F64)
+    n_dn = torch.zeros(N, dtype=F64)
+    moved = torch.zeros(N, dtype=torch.bool)
+    moved[: 3 * N // 4] = True
+    n_dn[moved] = 30.0  # 30 SET pulses on G⁻: +0.3 of the range
+    new, counts = dev.apply_pulses(st, n_up, n_dn, gen(51))
+    rest = ~moved
+    for k in ("gp", "gm", "nu_p", "nu_m", "tprog_p", "tprog_m"):
+        assert torch.equal(getattr(new, k)[rest], getattr(st, k)[rest]), k
+    refreshed = int(counts.refreshes)
+    assert 0.8 * (N // 2) < refreshed <= N // 2  # G⁺ ≈ 0.8 R (± programming noise), G⁻ lifted to ≈ 0.3 R
+    assert torch.equal(new.nu_p[N // 2: 3 * N // 4], st.nu_p[N // 2: 3 * N // 4])  # G⁺ of unrefreshed pairs kept
+    nu = new.nu_m[N // 2: 3 * N // 4]  # pulsed, not refreshed: ν drawn at the G⁻ the pulses left
+    g_rel = float(new.gm[N // 2: 3 * N // 4].mean()) / 25.0
+    mu, sd = (float(x) for x in pcm_drift_nu(torch.tensor([g_rel], dtype=F64)))
+    m, s, _ = folded_normal_moments(mu, sd)
+    assert close(float(nu.mean()), m, TOL) and close(float(nu.std()), s, 2 * TOL)
+
+
 def test_apply_pulses_rejects_bad_counts():
     dev = CrossbarDevice()
     st = state_of(dev, (2, 3))
