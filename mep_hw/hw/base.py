@@ -114,6 +114,14 @@ class Device(ABC):
         A device whose steps do not depend on its state is symmetric everywhere: 0."""
         return torch.zeros_like(self.mean(state))
 
+    @property
+    def restores_to_symmetry_point(self) -> bool:
+        """Whether the expected effect of a weight-up plus a weight-down pulse depends on the
+        weight, so that zero-mean pulse trains pull it to its symmetry point (an asymmetric
+        device's leak, on which Tiki-Taka's fast array relies). A device whose steps do not
+        depend on its state has none."""
+        return False
+
     # ------------------------------------------------------------------ energy
     input_coding: ClassVar[str] = "pulse_width"
 

@@ -1057,6 +1057,24 @@ class CrossbarDevice(Device):
 
         return 0.5 * (self._bisect(above, q, lo, hi) + self._bisect(not_below, q, lo, hi))
 
+    @property
+    def restores_to_symmetry_point(self) -> bool:
+        """Whether alternating weight-up and weight-down pulses pull a nominal pair's weight to its
+        symmetry point. Bidirectional: wherever a device's h(G) = E[up step] − E[|down step|] ≠ 0
+        in the inner 90 % of its range, it drifts to its symmetry point (or to the bound its
+        larger step points to, both devices alike, so w̃ → 0). Unidirectional: where the SET step
+        depends on G, the difference of the two devices' steps depends on the weight. False for a
+        symmetric linear device (and any whose expected steps are equal everywhere)."""
+        lo, R = self.g_min_uS, self.g_range
+        g = torch.linspace(lo + 0.05 * R, lo + 0.95 * R, 33, dtype=F64)
+        one = torch.ones_like(g)
+        q = self._prep(_Dev(one * self.g_max_uS, one, one * 0.0, torch.zeros(g.shape, dtype=torch.int64)))
+        up = self._next(g, q, True) - g
+        tol = 1e-3 * float(up.abs().mean())
+        if self.update_mode == "bidirectional":
+            return bool(self._h(g, q).abs().max() > tol)
+        return bool(up.max() - up.min() > tol)
+
     def symmetry_point(self, state: CrossbarState) -> Tensor:
         """Per weight, the w̃ at which an up and a down pulse have equal and opposite expected
         effect. Bidirectional pairs: each device at the conductance where its expected up and

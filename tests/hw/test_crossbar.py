@@ -512,6 +512,35 @@ def test_symmetry_point_of_linear_step_pairs_matches_the_closed_form():
     assert float((quiet.mean(st) - quiet.symmetry_point(st)).abs().max()) < 0.02
 
 
+def test_only_a_state_dependent_response_pulls_a_pair_to_its_symmetry_point():
+    """A symmetric linear response has equal expected up and down steps everywhere: no leak.
+    Unequal ones (a linear device whose down step is twice its up step) drive both devices of a
+    pair to a bound, and every physical card's response depends on the conductance: a leak.
+    Checked against the pulses themselves: alternating up and down pulses leave a symmetric
+    linear pair's weight where it was and move the others'."""
+    from mep_hw.hw import load_card
+
+    lin = CrossbarDevice(response="linear", levels=100)
+    assert not lin.restores_to_symmetry_point
+    assert not CrossbarDevice(response="linear", levels=100, update_mode="unidirectional").restores_to_symmetry_point
+    assert not CrossbarDevice(response="linear", levels=100, levels_down=50, update_mode="unidirectional").restores_to_symmetry_point
+    lin_asym = CrossbarDevice(response="linear", levels=100, levels_down=50)  # down step twice the up step
+    assert lin_asym.restores_to_symmetry_point
+    assert not IdealDevice().restores_to_symmetry_point
+    for card in ("pcm", "reram_taox", "reram_agsi", "reram_agsi_measured", "ecram", "fefet"):
+        assert load_card(card).device.restores_to_symmetry_point, card
+    soft = CrossbarDevice(response="soft_bounds", dw_min_uS=0.25)
+    assert soft.restores_to_symmetry_point
+    cells = 1000
+    for dev, moves in ((lin, False), (lin_asym, True), (soft, True)):
+        st = dev.program(state_of(dev, (cells,)), torch.full((cells,), 0.4, dtype=F64), gen(60))
+        w0 = dev.mean(st)
+        for _ in range(5):
+            st, _ = dev.apply_pulses(st, torch.full((cells,), 4.0, dtype=F64), torch.full((cells,), 4.0, dtype=F64), gen(61))
+        shift = float((dev.mean(st) - w0).mean())
+        assert (abs(shift) > 0.05) == moves, (dev.response, shift)
+
+
 def test_dw_pulse_is_the_step_at_the_symmetry_point():
     """A bidirectional soft-bounds pair at its symmetry point moves by dw_pulse per pulse: one host
     update achieves what it intends (the issue: half of it)."""
