@@ -31,6 +31,7 @@ __all__ = ["TrainConfig", "OPTIMIZERS", "UPDATES", "SCHEDULES", "DTYPES", "DEFAU
 OPTIMIZERS = HOST_OPTIMIZERS
 UPDATES = ("host", "analog", "tiki-taka")
 METHODS = ("ep", "backprop")
+PULSE_PHASES = ("separate", "signed")
 # The settle defaults per activation (measured by mep_hw.benchmarks.settle_dt; docs/settle.md):
 # the solver step dt, and the settle-time budgets (in τ) that the step limits default to,
 # max_steps = free time / dt and nudged_max_steps = nudged time / dt, so that a smaller step gets
@@ -201,6 +202,12 @@ class TrainConfig:
         "in G: the linear_step, soft_bounds and NeuroSim exponential cards such as ecram, pcm, reram_taox, fefet; others, and "
         "devices near a bound, stay per pulse; docs/devices.md)",
         choices=PULSE_APPLICATIONS)
+    pulse_phases: str = _opt(
+        "separate", "EP in the array: separate (each phase's outer products as its own pulse train, the + phase "
+        "potentiating and the − phase depressing; no arithmetic outside the array) or signed (where both phases share "
+        "the presynaptic activity — the clamped input of the first layer — one signed train of the postsynaptic "
+        "difference ρ(s⁺) − ρ(s⁻) instead, as backprop's update is applied; the neurons hold their first phase's "
+        "activity, the subtraction is counted as host FLOPs)", choices=PULSE_PHASES)
     transfer_every: int = _opt(1, "tiki-taka: steps between transfers", metavar="N")
     transfer_columns: int = _opt(
         0, "tiki-taka: columns of the fast array read and transferred per transfer (cycling; 0: all)", metavar="N")
@@ -254,7 +261,7 @@ class TrainConfig:
                     f"(arch={self.arch!r}); drop --spectral-gamma or use fc layers only"
                 )
         object.__setattr__(self, "cosine_cycles", parse_cycles(self.cosine_cycles))  # [rel11]
-        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method", "pulse_sampling",
+        for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method", "pulse_sampling", "pulse_phases",
                      "pulse_application"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:

@@ -15,7 +15,10 @@ contrast with scale 1/((β_a − β_b)·B), for backprop one phase d = −δ wit
   columns by d, BL slots, C_x = C_d = √(η/(BL·Δw_min)) for activities in [0, 1] (EP), or
   aihwkit's update management for signed errors (backprop); the first phase potentiates, the
   second depresses, every coincidence a pulse with the card's full pulse physics. No host
-  arithmetic: the biases are analog too (a column driven by 1).
+  arithmetic: the biases are analog too (a column driven by 1). With ``pulse_phases = signed``
+  the two phases of a matrix whose presynaptic activity they share (the clamped input x of the
+  first layer) go as one signed train of d⁺ − d⁻ (Σ_b (d⁺ − d⁻) xᵀ, the same expectation, a
+  fraction of the pulses and of their noise); the neurons' subtractions are counted as host FLOPs.
 * :class:`TikiTakaUpdate` (``--update tiki-taka``): the same in-array update goes to a fast array
   A; a digital buffer H transfers it to the slow array C, which the network reads
   (:mod:`mep_hw.hw.transfer`).
@@ -140,6 +143,8 @@ class AnalogUpdate:
         self.bl = cfg.pulse_bl
         self.sampling = cfg.pulse_sampling
         self.schedule = _Schedule(cfg.lr, cfg.schedule, steps_total)
+        self.signed_phases = getattr(cfg, "pulse_phases", "separate") == "signed"
+        self._merge_flops = 0
         self.gen = torch.Generator(device=model.weights[0].device).manual_seed(
             (cfg.seed if seed is None else seed) * 2_147_483 + 977)
         self._warned = False
@@ -150,16 +155,29 @@ class AnalogUpdate:
 
     lr_gain = 1.0  # tiki-taka: the fast array's rate over the schedule's
 
+    def _phases(self, est: Estimate, k: int) -> tuple[list, bool]:
+        """Matrix k's trains: [(sign, d, a), …] and whether they are signed. With ``pulse_phases =
+        signed``, two phases that share the presynaptic activity a (the clamped input) become one
+        signed train of s_1·d_1 + s_2·d_2 (Σ_b d aᵀ is linear in d: the same expectation)."""
+        trains = [(sign, *terms[k]) for sign, terms in est.phases]
+        if self.signed_phases and len(trains) == 2:
+            (s1, d1, a1), (s2, d2, a2) = trains
+            if a1 is a2 or torch.equal(a1, a2):
+                self._merge_flops += d1.numel()  # one subtraction per neuron and sample
+                return [(1.0, s1 * d1 + s2 * d2, a1)], True
+        return trains, est.signed
+
     def _pulse(self, est: Estimate) -> None:
         eta = self.schedule.lr * self.lr_gain * est.scale
+        self._merge_flops = 0
         for k, tile in enumerate(self._targets()):
             n_up = n_down = None
-            for sign, terms in est.phases:
-                d, a = terms[k]
+            trains, signed = self._phases(est, k)
+            for sign, d, a in trains:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)  # the bias column's input: 1
                 eta_w = eta / tile.w_scale  # in the tile's normalised units, like its pulse step
                 dw = tile.dw_pulse / tile.w_scale
-                if est.signed:
+                if signed:
                     cx, cd = update_management(eta_w, self.bl, dw, float(a.abs().max()), float(d.abs().max()))
                 else:
                     cx = cd = math.sqrt(eta_w / (self.bl * dw))
@@ -168,7 +186,7 @@ class AnalogUpdate:
                                   f"update is smaller than lr asks; raise --pulse-bl or lower --lr", stacklevel=2)
                     self._warned = True
                 if self.sampling == "exact":
-                    c = coincidences(a, d, bl=self.bl, cx=cx, cd=cd, generator=self.gen, signed=est.signed)
+                    c = coincidences(a, d, bl=self.bl, cx=cx, cd=cd, generator=self.gen, signed=signed)
                 else:
                     c = coincidences_marginal(a, d, bl=self.bl, cx=cx, cd=cd, generator=self.gen)
                 up, down = (c.up, c.down) if sign > 0 else (c.down, c.up)
@@ -184,7 +202,8 @@ class AnalogUpdate:
         self.schedule.step()
 
     def host_flops(self, batch: int) -> int:
-        return 0
+        """Nothing for the update itself; with signed phases the neurons' subtractions of the last step."""
+        return self._merge_flops
 
     @property
     def lr(self) -> float:
@@ -253,7 +272,7 @@ class TikiTakaUpdate(AnalogUpdate):
 
     def host_flops(self, batch: int) -> int:
         """The transfer's buffer arithmetic of the last step (the update itself is in-array)."""
-        return self._flops
+        return self._flops + self._merge_flops
 
     def trace_values(self) -> dict[str, tuple[Tensor, str]]:
         """Per weight matrix, the fast array A (logical weights as held, its physical state, its
