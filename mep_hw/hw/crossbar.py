@@ -1061,12 +1061,14 @@ class CrossbarDevice(Device):
     def restores_to_symmetry_point(self) -> bool:
         """Whether alternating weight-up and weight-down pulses pull a nominal pair's weight to its
         symmetry point. Bidirectional: wherever a device's h(G) = E[up step] − E[|down step|] ≠ 0
-        in the inner 90 % of its range, it drifts to its symmetry point (or to the bound its
-        larger step points to, both devices alike, so w̃ → 0). Unidirectional: where the SET step
+        (more than 1.5 pulse steps and 5 % of the range from either bound), it drifts to its
+        symmetry point (or to the bound its larger step points to, both devices alike, so w̃ → 0). Unidirectional: where the SET step
         depends on G, the difference of the two devices' steps depends on the weight. False for a
         symmetric linear device (and any whose expected steps are equal everywhere)."""
         lo, R = self.g_min_uS, self.g_range
-        g = torch.linspace(lo + 0.05 * R, lo + 0.95 * R, 33, dtype=F64)
+        m = max(0.05, 1.5 * self.dw_pulse) * R  # away from the bounds by more than a step: a clipped step
+        # near a bound is not a pull to a symmetry point (a 4-state device's step is a third of its range)
+        g = torch.linspace(lo + m, lo + R - m, 33, dtype=F64) if 2 * m < R else torch.tensor([lo + 0.5 * R], dtype=F64)
         one = torch.ones_like(g)
         q = self._prep(_Dev(one * self.g_max_uS, one, one * 0.0, torch.zeros(g.shape, dtype=torch.int64)))
         up = self._next(g, q, True) - g

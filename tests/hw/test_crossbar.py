@@ -523,6 +523,7 @@ def test_only_a_state_dependent_response_pulls_a_pair_to_its_symmetry_point():
     lin = CrossbarDevice(response="linear", levels=100)
     assert not lin.restores_to_symmetry_point
     assert not CrossbarDevice(response="linear", levels=100, update_mode="unidirectional").restores_to_symmetry_point
+    assert not CrossbarDevice(response="linear", levels=4).restores_to_symmetry_point  # a step clipped at a bound is no pull
     assert not CrossbarDevice(response="linear", levels=100, levels_down=50, update_mode="unidirectional").restores_to_symmetry_point
     lin_asym = CrossbarDevice(response="linear", levels=100, levels_down=50)  # down step twice the up step
     assert lin_asym.restores_to_symmetry_point
