@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--family", default="fefet", choices=["fefet", "ecram"],
-                   help="fefet: linear, noiseless, symmetric pulses (no Tiki-Taka); ecram: the ECRAM card's asymmetric pulses")
+                   help="fefet: linear, noiseless, symmetric pulses (Tiki-Taka resets its fast array: no leak); ecram: the ECRAM card's asymmetric pulses")
     p.add_argument("--levels", type=int, nargs="+", default=[4, 16, 64, 256, 1024])
     p.add_argument("--runs", nargs="+", default=["ep:host", "ep:analog", "ep:tiki-taka", "backprop:analog"])
     p.add_argument("--limit-train", type=int, default=3000)
@@ -107,8 +107,6 @@ def main(argv=None) -> int:
                 key = f"{name}/levels={levels}"
                 if key in report["runs"]:
                     continue
-                if a.family == "fefet" and update == "tiki-taka":
-                    continue  # a symmetric device gives the fast array no leak (docs/learning-in-array.md)
                 card, extra = family_setup(a.family, levels, update)
                 if update != "host":
                     extra["pulse_sampling"] = a.pulse_sampling
