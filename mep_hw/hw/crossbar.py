@@ -1062,9 +1062,10 @@ class CrossbarDevice(Device):
         """Whether alternating weight-up and weight-down pulses pull a nominal pair's weight to its
         symmetry point. Bidirectional: wherever a device's h(G) = E[up step] − E[|down step|] ≠ 0
         (more than 1.5 pulse steps and 5 % of the range from either bound), it drifts to its
-        symmetry point (or to the bound its larger step points to, both devices alike, so w̃ → 0). Unidirectional: where the SET step
-        depends on G, the difference of the two devices' steps depends on the weight. False for a
-        symmetric linear device (and any whose expected steps are equal everywhere)."""
+        symmetry point (or to the bound its larger step points to, both devices alike, so
+        w̃ → 0). Unidirectional: where the SET step depends on G, the difference of the two
+        devices' steps depends on the weight. False for a symmetric linear device (and any whose
+        expected steps are equal everywhere)."""
         lo, R = self.g_min_uS, self.g_range
         m = max(0.05, 1.5 * self.dw_pulse) * R  # away from the bounds by more than a step: a clipped step
         # near a bound is not a pull to a symmetry point (a 4-state device's step is a third of its range)

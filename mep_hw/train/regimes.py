@@ -143,7 +143,7 @@ class AnalogUpdate:
         self.bl = cfg.pulse_bl
         self.sampling = cfg.pulse_sampling
         self.schedule = _Schedule(cfg.lr, cfg.schedule, steps_total)
-        self.signed_phases = getattr(cfg, "pulse_phases", "separate") == "signed"
+        self.signed_phases = cfg.pulse_phases == "signed"
         self._merge_flops = 0
         self.gen = torch.Generator(device=model.weights[0].device).manual_seed(
             (cfg.seed if seed is None else seed) * 2_147_483 + 977)
