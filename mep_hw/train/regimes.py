@@ -177,13 +177,15 @@ class AnalogUpdate:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)  # the bias column's input: 1
                 eta_w = eta / tile.w_scale  # in the tile's normalised units, like its pulse step
                 dw = tile.dw_pulse / tile.w_scale
+                a_max, d_max = float(a.abs().max()), float(d.abs().max())
                 if signed:
-                    cx, cd = update_management(eta_w, self.bl, dw, float(a.abs().max()), float(d.abs().max()))
+                    cx, cd = update_management(eta_w, self.bl, dw, a_max, d_max)
                 else:
                     cx = cd = math.sqrt(eta_w / (self.bl * dw))
-                if max(cx, cd) > 1.0 and not self._warned:
-                    warnings.warn(f"--update {self.name}: pulse probabilities clip at 1 (C = {max(cx, cd):.2f}): the "
-                                  f"update is smaller than lr asks; raise --pulse-bl or lower --lr", stacklevel=2)
+                p_max = max(cx * a_max, cd * d_max)  # the largest pulse probability of the batch
+                if p_max > 1.0 and not self._warned:
+                    warnings.warn(f"--update {self.name}: pulse probabilities clip at 1 (largest C·|x| = {p_max:.2f}): "
+                                  f"the update is smaller than lr asks; raise --pulse-bl or lower --lr", stacklevel=2)
                     self._warned = True
                 if self.sampling == "exact":
                     c = coincidences(a, d, bl=self.bl, cx=cx, cd=cd, generator=self.gen, signed=signed)

@@ -91,6 +91,25 @@ def test_signed_phases_pulse_the_input_layer_once_with_less_noise(sampling):
     assert err["signed"] < err["separate"] / 1.6, err  # measured 2.2-2.3x smaller
 
 
+def test_the_clip_warning_reads_the_pulse_probabilities_not_the_gains():
+    """Update management makes C_d large for small errors (C_d = √(η/(BL·Δw)·m_x/m_d)); what can
+    clip is the probability C_d·|d| = √(η/(BL·Δw)·m_x·m_d). A signed update of errors 10⁻³ has
+    C_d ≈ 18 and probabilities ≈ 0.02: no warning (the former check of C alone warned); at a
+    10⁴× larger rate the probabilities reach ≈ 2.2: a warning."""
+    import warnings
+
+    m, cfg, res, est = setup()
+    g = torch.Generator().manual_seed(1)
+    terms = [(1e-3 * (2 * torch.rand(16, 8, generator=g, dtype=F64) - 1), torch.rand(16, 12, generator=g, dtype=F64)),
+             (1e-3 * (2 * torch.rand(16, 5, generator=g, dtype=F64) - 1), torch.rand(16, 8, generator=g, dtype=F64))]
+    for scale, clips in ((1.0 / 16, False), (1e3, True)):
+        e = Estimate(None, ((1.0, terms),), scale, signed=True)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            AnalogUpdate(m, cfg, 10, seed=0).apply(e)
+        assert any("clip at 1" in str(x.message) for x in w) == clips, scale
+
+
 @pytest.mark.parametrize("sampling", ["exact", "marginal"])
 def test_with_bl_to_infinity_one_analog_update_converges_to_the_host_step(sampling):
     # η = Δw_min·BL·C²: at fixed η and C, BL ×64 makes Δw_min 64× finer and the update's noise
