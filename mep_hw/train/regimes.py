@@ -157,12 +157,13 @@ class AnalogUpdate:
 
     def _phases(self, est: Estimate, k: int) -> tuple[list, bool]:
         """Matrix k's trains: [(sign, d, a), …] and whether they are signed. With ``pulse_phases =
-        signed``, two phases that share the presynaptic activity a (the clamped input) become one
-        signed train of s_1·d_1 + s_2·d_2 (Σ_b d aᵀ is linear in d: the same expectation)."""
+        signed``, two phases that share the presynaptic activity a (the clamped input: the same
+        tensor in both phases' terms) become one signed train of s_1·d_1 + s_2·d_2 (Σ_b d aᵀ is
+        linear in d: the same expectation)."""
         trains = [(sign, *terms[k]) for sign, terms in est.phases]
         if self.signed_phases and len(trains) == 2:
             (s1, d1, a1), (s2, d2, a2) = trains
-            if a1 is a2 or torch.equal(a1, a2):
+            if a1 is a2:
                 self._merge_flops += d1.numel()  # one subtraction per neuron and sample
                 return [(1.0, s1 * d1 + s2 * d2, a1)], True
         return trains, est.signed
@@ -177,12 +178,13 @@ class AnalogUpdate:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)  # the bias column's input: 1
                 eta_w = eta / tile.w_scale  # in the tile's normalised units, like its pulse step
                 dw = tile.dw_pulse / tile.w_scale
-                a_max, d_max = float(a.abs().max()), float(d.abs().max())
                 if signed:
+                    a_max, d_max = float(a.abs().max()), float(d.abs().max())
                     cx, cd = update_management(eta_w, self.bl, dw, a_max, d_max)
-                else:
+                    p_max = max(cx * a_max, cd * d_max)  # the largest pulse probability of the batch
+                else:  # activities in [0, 1] and the bias column's input 1: the largest probability is C
                     cx = cd = math.sqrt(eta_w / (self.bl * dw))
-                p_max = max(cx * a_max, cd * d_max)  # the largest pulse probability of the batch
+                    p_max = cx
                 if p_max > 1.0 and not self._warned:
                     warnings.warn(f"--update {self.name}: pulse probabilities clip at 1 (largest C·|x| = {p_max:.2f}): "
                                   f"the update is smaller than lr asks; raise --pulse-bl or lower --lr", stacklevel=2)
