@@ -346,6 +346,7 @@ class ConvDynamics:
         self.sizes = tuple(b.n_out for b in self.blocks[: self.n_states])
         if self.box is not None and cost == "mse" and self.nudged:
             self._out_scale, self._out_shift, self._out_concave = _mse_output_map(beta, target)
+        self._argmax: dict = {}  # block sweeps: coupling l → (ρ(s_{l−1}) it was read at, its max-pool arg-max)
 
     def _with(self, **kw) -> "ConvDynamics":
         args = dict(blocks=self.blocks, couplings=self.couplings, biases=self.biases, act=self.act, cost=self.cost,
@@ -426,6 +427,84 @@ class ConvDynamics:
             err = (softmax(logits, dim=1) - self.target) * self.beta
             out[-1] = ro.mvm_t(err.neg_(), out[-1])
         return out
+
+    # -- block sweeps (red-black block coordinate descent, :mod:`mep_hw.settle.solvers`)
+    def _block_targets(self, s: Sequence[Tensor], parity: int):
+        """(l, target before the clip) for every layer l ≡ parity (mod 2), from the per-layer
+        states ``s`` (flat, in the box, where ρ(s) = s). A max-pooled coupling above layer l
+        routes its feedback through the arg-max at the current s_l (one more forward read)."""
+        if self.box is None:
+            raise ConfigError(
+                f"the block solver needs an activation with a box (hard_sigmoid); activation {self.act.name!r} "
+                "has none: use an ODE solver (euler, heun, rk4, bosh3, dopri5)"
+            )
+        n = self.n_states
+        for l in range(parity, n, 2):
+            if l == 0:
+                d = self.drive0().clone()
+            else:
+                d, idx = self._up(l, s[l - 1], True)
+                if idx is not None and idx.device.type == "cpu":  # valid for s_{l−1}'s next update if it is unchanged
+                    self._argmax[l] = (s[l - 1].clone(), idx)
+            if l + 1 < n:
+                g = self.blocks[l + 1].geometry
+                idx = None
+                if g is not None and g.pool == "max":
+                    src, idx = self._argmax.get(l + 1, (None, None))
+                    # the check reads a bool on the host: on an accelerator (no syncs in the settle
+                    # loop) the arg-max is read again instead
+                    if src is None or src.device.type != "cpu" or src.shape != s[l].shape or not torch.equal(src, s[l]):
+                        idx = self._up(l + 1, s[l], True)[1]  # one more forward read
+                d = self._down(l + 1, s[l + 1], idx, d, True)
+            if l == n - 1 and self.nudged:
+                if self.cost == "ce":
+                    ro = self.couplings[-1]
+                    err = (softmax(ro.mvm(s[-1], self.biases[-1], x_in_bound=True), dim=1) - self.target) * self.beta
+                    d = ro.mvm_t(err.neg_(), d)
+                else:
+                    a, c, concave = self._out_scale, self._out_shift, self._out_concave
+                    d = torch.addcmul(c, d, a) if isinstance(a, Tensor) else torch.add(c, d, alpha=a)
+                    if concave is not None:
+                        d = torch.addcmul(d, s[-1], concave, value=-1.0)
+            yield l, d
+
+    def block_self_coupled(self, parity: int) -> bool:
+        """Whether a layer l ≡ parity (mod 2) has a target that depends on s_l itself: below a
+        max-pooled convolution (its arg-max), or the last layer when nudged (the CE readout;
+        the MSE output at 1 + β ≤ 0)."""
+        n = self.n_states
+        for l in range(parity, n, 2):
+            if l + 1 < n and self.blocks[l + 1].geometry is not None and self.blocks[l + 1].geometry.pool == "max":
+                return True
+            if l == n - 1 and self.nudged and (self.cost == "ce" or self._out_concave is not None):
+                return True
+        return False
+
+    def block_field(self, s: Sequence[Tensor], parity: int, out: Sequence[Tensor]) -> None:
+        """Write f_l(s) = clip(d_l) − s_l (as :meth:`field`) of every layer l ≡ parity (mod 2)
+        into ``out[l]``.
+
+        As for the dense network (:meth:`mep_hw.model.hopfield.HopfieldDynamics.block_field`),
+        layers of one parity do not interact and F is ½s² − s·d per unit in s_l, so s_l + f_l is
+        the exact minimiser of F over the box given the other layers — with average or no
+        pooling. Max pooling above s_l adds −ρ(s_{l+1})·max(W⋆s_l) to F, concave in s_l
+        (ρ ≥ 0): routing the feedback through the current arg-max replaces it by its tangent,
+        which lies above it, so the step minimises a majoriser of F and does not increase F
+        (majorise–minimise). The fixed points are those of the ODE (the field is the same). The
+        arg-max comes from the forward read that the other parity's half-sweep made of s_l (kept
+        while s_l is unchanged; else s_l is read once more): on the CPU a sweep then reads every
+        array forward and transposed once, as an Euler step does. On an accelerator the check
+        (a bool read on the host) would synchronise the settle loop, so the arg-max is read again:
+        one more forward read of each max-pooled convolution per sweep."""
+        lo, hi = self.box or (None, None)
+        for l, d in self._block_targets(s, parity):
+            torch.clamp(d, lo, hi, out=out[l]).sub_(s[l])
+
+    def block_update(self, s: Sequence[Tensor], parity: int) -> None:
+        """Set every layer l ≡ parity (mod 2) of ``s``, in place, to its block target clip(d_l)."""
+        lo, hi = self.box or (None, None)
+        for l, d in self._block_targets(s, parity):
+            torch.clamp(d, lo, hi, out=s[l])
 
     def grad_energy(self, states: Sequence[Tensor]) -> list[Tensor]:
         """∂F/∂s_l = s_l − ρ'(s_l) ⊙ d_l + β ∂C/∂s_l, per layer (flat), for any states."""

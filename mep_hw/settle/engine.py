@@ -29,8 +29,12 @@ the samples selected by the integer tensor ``index``); optionally ``noise_floor`
 ``row_work`` (work of one field evaluation per sample, for the compaction rule). The ``block``
 solver also needs, on lists of per-layer views in layer order, ``block_field(s, parity, out)``
 (write f_l(s) into ``out[l]`` for every layer l ≡ parity mod 2) and ``block_update(s, parity)``
-(set those layers, in place, to s_l + f_l(s), their exact block minimiser); only the last
-layer's target may depend on its own state.
+(set those layers, in place, to s_l + f_l(s), their exact block minimiser). A layer's target
+may depend on its own state (the last layer under a CE readout's nudge; a layer below a
+max-pooled convolution, through its arg-max): a dynamics that has such layers in both parities
+says so by ``block_self_coupled(parity) -> bool``, and the steady-state test then reads the
+second parity's residual as the step its last update took (its target was computed at the state
+before that update), the test of a fixed-point iteration; otherwise that residual is exactly 0.
 """
 
 from __future__ import annotations
@@ -451,6 +455,8 @@ def settle(
         # the last layer may depend on itself (an MSE output under β ≤ −1, the CE readout's nudge):
         # its parity goes first, so that the other parity's residual is zero at every test
         first = (L - 1) % 2
+        coupled = getattr(dynamics, "block_self_coupled", None)
+        lagged2 = bool(coupled(1 - first)) if coupled is not None else False  # second parity's residual: its last step
         order = [l for l in range(L) if l % 2 == first] + [l for l in range(L) if l % 2 != first]
         n_first = sum(sizes[l] for l in order if l % 2 == first)
     else:
@@ -613,6 +619,10 @@ def settle(
                 t2 = s2 + k2
                 (s2.add_(k2, alpha=omega) if every else s2.addcmul_(k2, mask, value=omega)).clamp_(lo_b, hi_b)
                 torch.sub(t2, s2, out=k2)
+                k2_zero = False
+            elif lagged2:  # to its target; the residual kept is the step (the target moved with s2)
+                dyn.block_field(sv, 1 - first, kv)
+                s2.add_(k2) if every else s2.addcmul_(k2, mask)
                 k2_zero = False
             elif every:  # the second parity exactly to its target: residual 0
                 dyn.block_update(sv, 1 - first)

@@ -130,7 +130,7 @@ class TrainConfig:
         "\"Choosing the defaults\")", choices=ESTIMATORS)
     random_sign: bool = _opt(False, "one-sided estimator: draw the sign of β per batch")
     solver: str = _opt(
-        "auto", "settle solver; auto: the block sweep for a layered net with a box activation (hard_sigmoid), "
+        "auto", "settle solver; auto: the block sweep for a box activation (hard_sigmoid; dense or conv), "
         "else euler", choices=(*SOLVERS, "auto"))
     omega: float | None = _opt(
         None, "block solver: relaxation of each half-sweep, in (0, 2) (default: 1.4 for one-sided EP with two or more hidden "
@@ -324,11 +324,6 @@ class TrainConfig:
             raise ConfigError(f"torch_device={self.torch_device!r} is not a torch device (cpu, cuda, cuda:0, …)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"torch_device={self.torch_device!r} but CUDA is not available here; use --torch-device cpu")
-        if self.solver in SWEEPS and self.arch is not None:
-            raise ConfigError(
-                f"solver={self.solver!r} sweeps the layers of a layered (--layers) network; the convolutional "
-                f"network of arch={self.arch!r} has no per-layer block update: use an ODE solver: {', '.join(ODE_SOLVERS)}"
-            )
         if self.solver in SWEEPS and ACTIVATIONS[self.activation].box is None:
             raise ConfigError(
                 f"solver={self.solver!r} needs an activation with a box (hard_sigmoid), where each layer's "
@@ -482,13 +477,13 @@ class TrainConfig:
     def settle_solver(self) -> str:
         """The solver the settles use: ``solver``, with ``auto`` resolved to ``block`` (red-black
         block coordinate descent: the ODE's fixed points in fewer sweeps, measured faster at equal
-        accuracy, docs/settle.md) for a layered network (``--layers``) with a box activation, and to
-        ``euler`` otherwise (sigmoid: no closed-form block update; convolutional ``arch``; the
-        holomorphic estimator, whose complex states the block sweep does not take)."""
+        accuracy on dense and convolutional nets, docs/settle.md) for a box activation, and to
+        ``euler`` otherwise (sigmoid: no closed-form block update; the holomorphic estimator, whose
+        complex states the block sweep does not take)."""
         if self.solver != "auto":
             return self.solver
-        layered_box = self.arch is None and ACTIVATIONS[self.activation].box is not None
-        return "block" if layered_box and self.estimator != "holomorphic" else "euler"
+        box = ACTIVATIONS[self.activation].box is not None
+        return "block" if box and self.estimator != "holomorphic" else "euler"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, None dropped (TOML has no null), layers as a list."""

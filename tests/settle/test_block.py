@@ -260,8 +260,6 @@ def test_what_it_cannot_run_is_refused_with_what_can():
         settle(lin, init, SettleConfig(solver="block"))
     with pytest.raises(ConfigError, match="solver='block' needs an activation with a box.*hard_sigmoid"):
         TrainConfig(solver="block", activation="sigmoid")
-    with pytest.raises(ConfigError, match="solver='block' sweeps the layers of a layered.*conv.*use an ODE solver: euler"):
-        TrainConfig(solver="block", arch="conv:4:3,pool:2,fc:10")
     with pytest.raises(ConfigError, match="'block' is a sweep.*not a Runge–Kutta tableau"):
         get_solver("block")
     assert get_sweep("block").evals_per_step == 1 and get_sweep("euler") is None
