@@ -31,10 +31,12 @@ solver also needs, on lists of per-layer views in layer order, ``block_field(s, 
 (write f_l(s) into ``out[l]`` for every layer l ≡ parity mod 2) and ``block_update(s, parity)``
 (set those layers, in place, to s_l + f_l(s), their exact block minimiser). A layer's target
 may depend on its own state (the last layer under a CE readout's nudge; a layer below a
-max-pooled convolution, through its arg-max): a dynamics that has such layers in both parities
-says so by ``block_self_coupled(parity) -> bool``, and the steady-state test then reads the
-second parity's residual as the step its last update took (its target was computed at the state
-before that update), the test of a fixed-point iteration; otherwise that residual is exactly 0.
+max-pooled convolution, through its arg-max). A dynamics may say which parities have such
+layers (``block_self_coupled(parity) -> bool``; without it, only the last layer's): that parity
+is updated first in each sweep, so the other parity's residual is exactly 0 after its update.
+If both have them, the steady-state test reads the second parity's residual as the step its last
+update took (its target was computed at the state before that update), the test of a
+fixed-point iteration.
 """
 
 from __future__ import annotations
@@ -456,7 +458,12 @@ def settle(
         # its parity goes first, so that the other parity's residual is zero at every test
         first = (L - 1) % 2
         coupled = getattr(dynamics, "block_self_coupled", None)
-        lagged2 = bool(coupled(1 - first)) if coupled is not None else False  # second parity's residual: its last step
+        lagged2 = False  # the second parity's residual is its last step (both parities self-coupled)
+        if coupled is not None:
+            c = (bool(coupled(0)), bool(coupled(1)))
+            if c[0] != c[1]:  # the self-coupled parity goes first
+                first = 0 if c[0] else 1
+            lagged2 = c[1 - first]
         order = [l for l in range(L) if l % 2 == first] + [l for l in range(L) if l % 2 != first]
         n_first = sum(sizes[l] for l in order if l % 2 == first)
     else:

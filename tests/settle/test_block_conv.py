@@ -157,3 +157,16 @@ def test_a_sweep_reads_each_array_as_often_as_an_euler_step(monkeypatch):
         settle(dyn, init, SettleConfig(solver=solver, atol=1e-14, rtol=0.0, max_steps=24), throw=False)
         per_step[solver] = {k: (calls[k] - 2 * before[k]) / 12 for k in calls}  # the 12 extra steps
     assert per_step["block"] == per_step["euler"] == {"up": 2.0, "down": 2.0}, per_step
+
+
+def test_with_one_self_coupled_parity_the_residual_is_the_odes_field():
+    # free phase of the max-pooled net: only conv 1 depends on itself; its parity goes first, so
+    # the other parity's residual is exactly 0 after its update and the reported residual is the
+    # ODE field at the returned state
+    m = scaled(ARCH.format(p="pool:2"), "mse", 1.5, seed=2)  # 4 states: the last parity (1) is not self-coupled
+    x, _ = batch(m, B=12)
+    dyn = m.dynamics(x)
+    res = settle(dyn, m.forward_init(dyn), SettleConfig(solver="block", atol=1e-7, rtol=0.0, max_steps=3000), throw=False)
+    s = torch.cat(res.states, 1)
+    rms_f = torch.linalg.vector_norm(dyn.field(s), dim=1) / math.sqrt(s.shape[1])
+    torch.testing.assert_close(res.residual, rms_f, rtol=1e-9, atol=1e-15)
