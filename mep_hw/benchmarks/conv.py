@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="conv:16:5,pool:2,conv:32:5,pool:2,fc:10")
     p.add_argument("--cost", default="mse", choices=("mse", "ce"))
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: the training default (Adam on a conv net: 0.03)")
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--nudged-max-steps", type=int, default=20)

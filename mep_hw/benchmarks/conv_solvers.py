@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--cost", default="ce", choices=("mse", "ce"))
     p.add_argument("--solvers", nargs="+", default=["euler", "block"])
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--lr", type=float, default=None, help="default: the training default (Adam on a conv net: 0.03)")
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -24,6 +24,16 @@ def test_arch_option_is_canonical_and_validated():
     assert TrainConfig(estimator="holomorphic", activation="sigmoid").ep_config().points == 4
 
 
+def test_defaults_of_a_conv_net():
+    # measured (benchmarks/results/conv_lr_10k.json): Adam at 0.03 on a conv net, the block sweep
+    cfg = TrainConfig(arch=ARCH, cost="ce")
+    assert cfg.lr == 0.03 and cfg.settle_solver == "block" and cfg.estimator == "symmetric"
+    assert TrainConfig(arch="fc:32,fc:10").lr == TrainConfig().lr == 1e-3  # dense: as before
+    assert TrainConfig(arch=ARCH, lr=0.003).lr == 0.003  # a given rate wins
+    assert TrainConfig(arch=ARCH, optimizer="sgd").lr == 1e-3  # measured for Adam only
+    assert TrainConfig(arch=ARCH, solver="euler").settle_solver == "euler"
+
+
 def test_a_conv_run_learns_and_resumes(tmp_path):
     # the conv path is characterised with symmetric EP (docs/conv.md); with the one-sided default of
     # ideal weights the 12 steps lower the loss the same (2.286 → 2.207) but leave 100 test digits at 15 %
