@@ -476,7 +476,7 @@ class ConvDynamics:
         for l in range(parity, n, 2):
             if l + 1 < n and self.blocks[l + 1].geometry is not None and self.blocks[l + 1].geometry.pool == "max":
                 return True
-            if l == n - 1 and self.nudged and (self.cost == "ce" or self._out_concave is not None):
+            if l == n - 1 and self.nudged and (self.cost == "ce" or getattr(self, "_out_concave", None) is not None):
                 return True
         return False
 

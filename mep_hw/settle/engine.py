@@ -201,7 +201,8 @@ class SettleConfig:
     clip(s_l + ω·f_l) instead of its block target s_l + f_l (ω = 1: exact block coordinate
     descent; 1 < ω < 2: projected over-relaxation, the same fixed points in fewer sweeps on
     strongly coupled nets, see :func:`settle`); ``omega_first``, when given, is the factor of
-    the first parity's half-sweep (the last layer's parity), ``omega`` then that of the second
+    the first parity's half-sweep (the last layer's parity, or the one a dynamics declares
+    self-coupled: see :func:`settle`), ``omega`` then that of the second
     only (``omega_first=1.3, omega=1``: the output layer over-relaxed, the other parity set
     exactly); other solvers take only ω = 1.
     """
@@ -416,7 +417,8 @@ def settle(
 
     ``solver="block"`` (:data:`mep_hw.settle.SWEEPS`) is red-black block coordinate descent on
     a layered dynamics (one with ``block_field``): each sweep sets every layer of the last
-    layer's parity to s_l + f_l(s), then every layer of the other parity, where for a box field
+    layer's parity (or of the parity the dynamics declares self-coupled, see the module
+    docstring) to s_l + f_l(s), then every layer of the other parity, where for a box field
     f_l = clip(d_l) − s_l the target clip(d_l) is the layer's exact minimiser of F given its
     neighbours (layers of one parity do not interact). The steady-state test is the ODE's, on
     the residual f(s) of the ODE field: with the other parity just set to its target, its part
@@ -621,15 +623,22 @@ def settle(
             if relax:  # the second parity over-relaxed too (omega ≠ 1)
                 # it moves to clip(s + ω f); its residual after the move is its block target (s + f,
                 # unchanged by its own move) minus the new state: exact, so k stays the full field
-                # at the current state for the steady-state test
+                # at the current state for the steady-state test (lagged2: the target computed
+                # before the move, as for ω = 1)
                 dyn.block_field(sv, 1 - first, kv)
                 t2 = s2 + k2
                 (s2.add_(k2, alpha=omega) if every else s2.addcmul_(k2, mask, value=omega)).clamp_(lo_b, hi_b)
                 torch.sub(t2, s2, out=k2)
                 k2_zero = False
             elif lagged2:  # to its target; the residual kept is the step (the target moved with s2)
-                dyn.block_field(sv, 1 - first, kv)
-                s2.add_(k2) if every else s2.addcmul_(k2, mask)
+                if every:
+                    dyn.block_field(sv, 1 - first, kv)
+                    s2.add_(k2)
+                else:  # frozen rows keep their residual (as compacted rows do)
+                    old2 = k2.clone()
+                    dyn.block_field(sv, 1 - first, kv)
+                    s2.addcmul_(k2, mask)
+                    k2.sub_(old2).mul_(mask).add_(old2)
                 k2_zero = False
             elif every:  # the second parity exactly to its target: residual 0
                 dyn.block_update(sv, 1 - first)

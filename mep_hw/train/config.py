@@ -141,7 +141,8 @@ class TrainConfig:
         None, "block solver: relaxation of each half-sweep, in (0, 2) (default: 1.4 for one-sided EP with two or more hidden "
         "layers; with one hidden layer 1, the output layer's half-sweep 1.3; else 1; see block_omegas)", metavar="F")
     omega_first: float | None = _opt(
-        None, "block solver: relaxation of the output layer's parity only, in (0, 2) (default: --omega, or as above)",
+        None, "block solver: relaxation of the parity updated first only (the output layer's; in a conv net the one "
+        "below a max-pooled conv if only it depends on itself), in (0, 2) (default: --omega, or as above)",
         metavar="F")
     dt: float | None = _opt(
         None, "solver step (first step of adaptive solvers), in units of τ; default per activation: "
@@ -422,7 +423,7 @@ class TrainConfig:
         784-500-500-10). The ODE solvers keep 1e-5 (the earlier measurements, docs/ep.md)."""
         if self.nudged_atol is not None:
             return self.nudged_atol
-        if self.estimator == "one-sided" and self.settle_solver == "block":
+        if self.estimator == "one-sided" and self.settle_solver == "block" and self.arch is None:  # measured on dense nets
             return 2e-4 * self.beta
         return 1e-5
 
@@ -439,7 +440,8 @@ class TrainConfig:
         the implicit gradient: docs/ep.md, "Tolerances of the phases"."""
         if self.estimator == "one-sided":
             nud = self.nudged_tolerance()
-            tied = (nud if self.settle_solver == "block" else min(nud, 2e-5 * self.beta), self.nudged_rtol)
+            tied = (nud if (self.settle_solver == "block" and self.arch is None) else min(nud, 2e-5 * self.beta),
+                    self.nudged_rtol)
         else:
             tied = (1e-4, 1e-2)
         return (tied[0] if self.atol is None else self.atol, tied[1] if self.rtol is None else self.rtol)

@@ -95,8 +95,8 @@ def test_what_depends_on_itself_is_declared(cost):
 
 @pytest.mark.parametrize("atol", [1e-5, 1e-8])
 def test_a_converged_conv_block_settle_has_a_small_ode_field(atol):
-    # max pooling: the second parity's residual is the step its last update took; at the state
-    # returned, the ODE field of every converged sample is within a small factor of the tolerance
+    # max pooling (arg-maxes switch at these weights): at the state returned, the ODE field of
+    # every converged sample is within a small factor of the tolerance
     m = scaled(ARCH.format(p="pool:2"), "ce", 1.5, seed=2)
     x, y = batch(m, B=20)
     beta = torch.cat([torch.full((10, 1), 0.5, dtype=F64), torch.full((10, 1), -0.5, dtype=F64)])
@@ -162,11 +162,55 @@ def test_a_sweep_reads_each_array_as_often_as_an_euler_step(monkeypatch):
 def test_with_one_self_coupled_parity_the_residual_is_the_odes_field():
     # free phase of the max-pooled net: only conv 1 depends on itself; its parity goes first, so
     # the other parity's residual is exactly 0 after its update and the reported residual is the
-    # ODE field at the returned state
+    # ODE field at the returned state — after every number of sweeps, also while arg-maxes switch
     m = scaled(ARCH.format(p="pool:2"), "mse", 1.5, seed=2)  # 4 states: the last parity (1) is not self-coupled
     x, _ = batch(m, B=12)
     dyn = m.dynamics(x)
-    res = settle(dyn, m.forward_init(dyn), SettleConfig(solver="block", atol=1e-7, rtol=0.0, max_steps=3000), throw=False)
-    s = torch.cat(res.states, 1)
+    for steps in (1, 2, 3, 5, 3000):
+        res = settle(dyn, m.forward_init(dyn), SettleConfig(solver="block", atol=1e-12, rtol=0.0, max_steps=steps), throw=False)
+        s = torch.cat(res.states, 1)
+        rms_f = torch.linalg.vector_norm(dyn.field(s), dim=1) / math.sqrt(s.shape[1])
+        torch.testing.assert_close(res.residual, rms_f, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("compact_work", [0.0, math.inf])
+def test_both_parities_self_coupled_reach_the_odes_fixed_point(compact_work):
+    # two conv states under a CE readout: conv 1 depends on itself through conv 2's max pooling,
+    # conv 2 through the nudged readout — the second parity's residual is its last step (the
+    # fixed-point test); with rows taken out of the batch (compact_work 0) or masked in it (inf)
+    m = scaled("conv:3:3:1,pool:2,conv:4:3,pool:2,fc:4", "ce", 1.0, seed=1)  # (seed 3 at ×0.5: another fixed point)
+    x, y = batch(m, B=10)
+    beta = torch.cat([torch.full((5, 1), 0.5, dtype=F64), torch.full((5, 1), -0.5, dtype=F64)])
+    dyn = m.dynamics(x, beta=beta, target=y)
+    assert dyn.block_self_coupled(0) and dyn.block_self_coupled(1)
+    init = m.forward_init(m.dynamics(x))
+    blk = settle(dyn, init, SettleConfig(solver="block", atol=1e-11, rtol=0.0, max_steps=3000), compact_work=compact_work)
+    ode = settle(dyn, init, SettleConfig(solver="dopri5", dt=0.5, err_atol=1e-12, err_rtol=1e-10, **TIGHT))
+    for a, b in zip(blk.states, ode.states):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    s = torch.cat(blk.states, 1)
     rms_f = torch.linalg.vector_norm(dyn.field(s), dim=1) / math.sqrt(s.shape[1])
-    torch.testing.assert_close(res.residual, rms_f, rtol=1e-9, atol=1e-15)
+    assert float(rms_f.max()) <= 3e-11
+    assert len(set(blk.steps.tolist())) > 1  # rows finish at different sweeps: frozen / taken out
+
+
+def test_the_lagged_residual_is_the_first_paritys_field_and_the_seconds_last_step():
+    # both parities self-coupled (conv 2 goes first, as the last layer): after k sweeps the
+    # reported residual is rms of [f_conv2(s_k), s_conv1(k) − s_conv1(k − 1)]
+    m = scaled("conv:3:3:1,pool:2,conv:4:3,pool:2,fc:4", "ce", 1.0, seed=1)
+    x, y = batch(m, B=6)
+    dyn = m.dynamics(x, beta=0.5, target=y)
+    init = m.forward_init(m.dynamics(x))
+    n0 = m.state_sizes[0]
+
+    def run(k):
+        return settle(dyn, init, SettleConfig(solver="block", atol=1e-14, rtol=0.0, max_steps=k), throw=False)
+
+    for k in (2, 3, 4):
+        a, b = run(k - 1), run(k)
+        s = torch.cat(b.states, 1)
+        f1 = dyn.field(s)[:, n0:]
+        step2 = b.states[0] - a.states[0]
+        assert float(step2.abs().max()) > 1e-6  # the second parity still moves
+        want = torch.sqrt((f1 ** 2).sum(1) + (step2 ** 2).sum(1)) / math.sqrt(s.shape[1])
+        torch.testing.assert_close(b.residual, want, rtol=1e-9, atol=1e-15)
