@@ -58,15 +58,16 @@ def gradient_fidelity(model, x, y, cfgs: dict[str, TrainConfig]) -> dict:
                                                                         free=tight, nudged=tight)).grads)
     out = {}
     for name, cfg in cfgs.items():
+        ep = cfg.ep_config()
         t0 = time.perf_counter()
-        r = ep_gradients(model, x, y, cfg.ep_config())
+        r = ep_gradients(model, x, y, ep)
         seconds = time.perf_counter() - t0
         g = _flat(r.grads)
         out[name] = {
             "seconds": seconds,
             "free_steps_mean": float(r.free.steps.double().mean()),
             "nudged_steps_mean": [float(p.steps.double().mean()) for p in r.nudged],
-            "nudged_step_limit_frac": [float((p.steps >= cfg.ep_config().nudged.max_steps).double().mean()) for p in r.nudged],
+            "nudged_step_limit_frac": [float((p.steps >= ep.nudged.max_steps).double().mean()) for p in r.nudged],
             **{f"cos_vs_{s}_reference": _cos(g, ref) for s, ref in refs.items()},
         }
     if len(refs) > 1:
@@ -111,9 +112,9 @@ def _report(cfg: TrainConfig, cfgs: dict, hist: dict) -> dict:
     base = names[0]
     runs = {}
     for s, hs in hist.items():
+        ep = cfgs[s].ep_config()
         runs[s] = {
-            "ep_config": {"free": dataclasses.asdict(cfgs[s].ep_config().free),
-                          "nudged": dataclasses.asdict(cfgs[s].ep_config().nudged)},
+            "ep_config": {"free": dataclasses.asdict(ep.free), "nudged": dataclasses.asdict(ep.nudged)},
             "test_accuracy_history": [h.test_accuracy for h in hs],
             "train_accuracy_history": [h.train_accuracy for h in hs],
             "epoch_seconds": [h.epoch_seconds for h in hs],

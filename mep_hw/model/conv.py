@@ -49,7 +49,8 @@ from mep_hw.errors import ConfigError
 from mep_hw.model.activations import get_activation
 from mep_hw.model.holomorphic import complex_read, softmax
 from mep_hw.hw.store import rms_noise_floor
-from mep_hw.model.hopfield import COSTS, DenseCoupling, LayeredHopfield, StoreReads, _check_finite, _mse_output_map
+from mep_hw.model.hopfield import (COSTS, DenseCoupling, HopfieldDynamics, LayeredHopfield, StoreReads, _check_finite,
+                                   _mse_output_map)
 
 __all__ = [
     "POOLS", "ConvLayer", "DenseLayer", "ConvGeometry", "ConvCoupling", "ConvHopfield", "ConvDynamics",
@@ -422,11 +423,21 @@ class ConvDynamics:
                 d = self._down(l + 1, rho[l + 1], idxs[l + 1], d, inb)
             out.append(d)
         if self.cost == "ce" and self.nudged:
-            ro = self.couplings[-1]
-            logits = ro.mvm(rho[-1], self.biases[-1], x_in_bound=inb)
-            err = (softmax(logits, dim=1) - self.target) * self.beta
-            out[-1] = ro.mvm_t(err.neg_(), out[-1])
+            out[-1] = self._readout_nudge(rho[-1], out[-1], inb)
         return out
+
+    def _readout_nudge(self, h: Tensor, d: Tensor, inb: bool) -> Tensor:
+        """d − β W_outᵀ(softmax(W_out h + b_out) − y): the CE readout's nudge on the last state."""
+        ro = self.couplings[-1]
+        err = (softmax(ro.mvm(h, self.biases[-1], x_in_bound=inb), dim=1) - self.target) * self.beta
+        return ro.mvm_t(err.neg_(), d)
+
+    _box_target = HopfieldDynamics._box_target  # the MSE output's relaxation target (same attributes)
+
+    def _max_pooled(self, l: int) -> bool:
+        """Whether coupling l is a max-pooled convolution (its adjoint routes through an arg-max)."""
+        g = self.blocks[l].geometry
+        return g is not None and g.pool == "max"
 
     # -- block sweeps (red-black block coordinate descent, :mod:`mep_hw.settle.solvers`)
     def _block_targets(self, s: Sequence[Tensor], parity: int):
@@ -447,9 +458,8 @@ class ConvDynamics:
                 if idx is not None and idx.device.type == "cpu":  # valid for s_{l−1}'s next update if it is unchanged
                     self._argmax[l] = (s[l - 1].clone(), idx)
             if l + 1 < n:
-                g = self.blocks[l + 1].geometry
                 idx = None
-                if g is not None and g.pool == "max":
+                if self._max_pooled(l + 1):
                     src, idx = self._argmax.get(l + 1, (None, None))
                     # the check reads a bool on the host: on an accelerator (no syncs in the settle
                     # loop) the arg-max is read again instead
@@ -457,15 +467,7 @@ class ConvDynamics:
                         idx = self._up(l + 1, s[l], True)[1]  # one more forward read
                 d = self._down(l + 1, s[l + 1], idx, d, True)
             if l == n - 1 and self.nudged:
-                if self.cost == "ce":
-                    ro = self.couplings[-1]
-                    err = (softmax(ro.mvm(s[-1], self.biases[-1], x_in_bound=True), dim=1) - self.target) * self.beta
-                    d = ro.mvm_t(err.neg_(), d)
-                else:
-                    a, c, concave = self._out_scale, self._out_shift, self._out_concave
-                    d = torch.addcmul(c, d, a) if isinstance(a, Tensor) else torch.add(c, d, alpha=a)
-                    if concave is not None:
-                        d = torch.addcmul(d, s[-1], concave, value=-1.0)
+                d = self._readout_nudge(s[-1], d, True) if self.cost == "ce" else self._box_target(d, s[-1])
             yield l, d
 
     def block_self_coupled(self, parity: int) -> bool:
@@ -474,7 +476,7 @@ class ConvDynamics:
         the MSE output at 1 + β ≤ 0)."""
         n = self.n_states
         for l in range(parity, n, 2):
-            if l + 1 < n and self.blocks[l + 1].geometry is not None and self.blocks[l + 1].geometry.pool == "max":
+            if l + 1 < n and self._max_pooled(l + 1):
                 return True
             if l == n - 1 and self.nudged and (self.cost == "ce" or getattr(self, "_out_concave", None) is not None):
                 return True
@@ -522,11 +524,7 @@ class ConvDynamics:
             return torch.cat(self.grad_energy(views), dim=1).neg_()
         d = self.drives(views)
         if self.cost == "mse" and self.nudged:
-            a, c, concave = self._out_scale, self._out_shift, self._out_concave
-            out = torch.addcmul(c, d[-1], a) if isinstance(a, Tensor) else torch.add(c, d[-1], alpha=a)
-            if concave is not None:
-                out = torch.addcmul(out, views[-1], concave, value=-1.0)
-            d[-1] = out
+            d[-1] = self._box_target(d[-1], views[-1])
         f = torch.cat(d, dim=1) if len(d) > 1 else d[0].clone()
         return f.clamp_(self.box[0], self.box[1]).sub_(s)
 

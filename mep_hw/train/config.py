@@ -243,6 +243,7 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
+        conv = self.arch is not None and any(isinstance(L, ConvLayer) for L in parse_arch(self.arch))
         if self.estimator is None:  # measured (docs/ep.md): one-sided is the better estimate on exact reads;
             # through noisy reads the free phase stops at the noise floor and only the symmetric contrast
             # cancels its unfinished relaxation
@@ -251,12 +252,11 @@ class TrainConfig:
             # estimator's tied tolerance: measured on MNIST (GPU), 97 % of the free settles of
             # conv:16:5,pool:2,conv:32:5,pool:2,fc:10 ended at the 100-step limit and the run
             # guard stopped it; symmetric: 97.8 % after one epoch (docs/conv.md)
-            conv = self.arch is not None and any(isinstance(L, ConvLayer) for L in parse_arch(self.arch))
             object.__setattr__(self, "estimator", "symmetric" if (noisy or conv) else "one-sided")
         if self.arch is not None:
             specs = parse_arch(self.arch)
             object.__setattr__(self, "arch", format_arch(specs))
-            if any(isinstance(L, ConvLayer) for L in specs) and (self.update != "host" or self.method != "ep"):
+            if conv and (self.update != "host" or self.method != "ep"):
                 raise ConfigError(
                     f"arch={self.arch!r} has convolutions, which train with --method ep --update host only so far; "
                     "drop --update/--method or use fc layers (--layers)"
@@ -281,8 +281,7 @@ class TrainConfig:
         if self.lr is None:  # the regime's rate: Adam's on the host (a conv net's own), plain SGD's in the array
             if self.update != "host":
                 lr = IN_ARRAY_LR[self.method]
-            elif self.optimizer == "adam" and self.arch is not None and any(
-                    isinstance(L, ConvLayer) for L in parse_arch(self.arch)):
+            elif self.optimizer == "adam" and conv:
                 lr = CONV_HOST_LR
             else:
                 lr = HOST_LR
