@@ -26,11 +26,16 @@ from typing import Sequence
 __all__ = ["ep_estimate_flops", "newton_schulz_flops", "muon_flops", "dion_flops", "host_step_flops"]
 
 
-def ep_estimate_flops(batch: int, weight_shapes: Sequence[tuple[int, int]]) -> int:
+def ep_estimate_flops(batch: int, weight_shapes: Sequence[tuple[int, int]], positions: Sequence[int] | None = None) -> int:
+    """FLOPs of the host's EP estimate: both phases' outer products, their difference and scale.
+
+    ``positions``: reads of each weight per sample (a convolution's kernel matrix (C_out, C_in·k²)
+    is read at every output position, and its outer product sums over them; fc/dense: 1)."""
     total = 0
-    for out, inp in weight_shapes:
-        total += 2 * (2 * batch * out * inp) + 2 * out * inp  # two phases' outer products, difference and scale
-        total += 2 * (2 * batch * out) + 2 * out  # biases
+    for k, (out, inp) in enumerate(weight_shapes):
+        p = 1 if positions is None else positions[k]
+        total += 2 * (2 * batch * p * out * inp) + 2 * out * inp  # two phases' outer products, difference and scale
+        total += 2 * (2 * batch * p * out) + 2 * out  # biases (a conv bias sums over the positions)
     return total
 
 

@@ -405,6 +405,10 @@ class LayeredHopfield(StoreReads, nn.Module):
     def state_sizes(self) -> tuple[int, ...]:
         return self.layers[1 : 1 + self.n_states]
 
+    def positions(self) -> tuple[int, ...]:
+        """Reads of each weight per sample and evaluation (dense: one; see :meth:`ConvHopfield.positions`)."""
+        return (1,) * len(self.weights)
+
     def param_list(self) -> list[nn.Parameter]:
         """Parameters in the order of :meth:`ep_contrast`: W_0, b_0, W_1, b_1, …"""
         out = []

@@ -13,7 +13,18 @@ from mep_hw.hw.base import Device
 from mep_hw.hw.cost import CostCounts, cost_summary
 from mep_hw.settle import evals_per_step
 
-__all__ = ["CostAccumulator"]
+__all__ = ["CostAccumulator", "field_eval_macs"]
+
+
+def field_eval_macs(model) -> tuple[int, int]:
+    """(MACs of one field evaluation, MACs of one read of every array) per sample.
+
+    The input array is read once per phase (the input is clamped: its drive is held); one field
+    evaluation reads every other array forward and transposed, and so does one sweep of the block
+    solver (each parity's arrays, in two half-sweeps). A convolution's kernel matrix
+    (C_out, C_in·k²) is read at each of its output positions (``model.positions()``)."""
+    reads = [p * w.shape[0] * w.shape[1] for w, p in zip(model.weights, model.positions())]
+    return 2 * sum(reads[1:]), sum(reads)
 
 _KEYS = ("samples", "macs", "dac", "adc", "pulses", "refreshes", "host_flops", "settle_time_tau", "settle_steps",
          "read_J", "write_J", "static_W")
@@ -44,18 +55,14 @@ class CostAccumulator:
                      "read_J": e.get("read_J", 0.0), "write_J": 0.0, "static_W": after_eval.get("static_W", 0.0)}
 
     def summary(self, card, cfg, model) -> dict:
-        shapes = [tuple(w.shape) for w in model.weights]
-        # the input array is read once per phase (the input is clamped: its drive is held); one field
-        # evaluation reads every other array forward and transposed, and so does one sweep of the
-        # block solver (each parity's arrays, in two half-sweeps)
-        macs_per_eval = 2 * sum(o * i for o, i in shapes[1:])
+        macs_per_eval, init_macs = field_eval_macs(model)
         stages = evals_per_step(cfg.settle_solver)  # tableau stages; 1 per sweep; 1 per backend (Euler) step
         dev = card.device
         kw = dict(kind=card.kind, clock_hz=getattr(dev, "clock_hz", None), macs_per_eval=macs_per_eval, stages=stages,
                   read_energy=type(dev).read_energy_lines is not Device.read_energy_lines,
                   write_energy=bool(dev.models_write_energy),
-                  init_reads=len(shapes) if cfg.init == "forward" else 0,
-                  init_macs=sum(o * i for o, i in shapes) if cfg.init == "forward" else 0)
+                  init_reads=len(model.weights) if cfg.init == "forward" else 0,
+                  init_macs=init_macs if cfg.init == "forward" else 0)
         train = cost_summary(card.cost, CostCounts(**self.train, phases=self.phases), **kw)
         infer = cost_summary(card.cost, CostCounts(**self.test, phases=1), **kw)
         return {"train": train, "inference": infer, "macs_per_field_eval": macs_per_eval,

@@ -90,6 +90,7 @@ class HostUpdate:
         if cfg.schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, steps_total))
         self._shapes = [tuple(w.shape) for w in model.weights]
+        self._positions = model.positions()
         self._step_flops = host_step_flops(cfg.optimizer, self._shapes, [b.numel() for b in model.biases])
 
     needs_grads = True
@@ -104,7 +105,7 @@ class HostUpdate:
 
     def host_flops(self, batch: int) -> int:
         """The estimate (outer products of both phases) and the optimizer step."""
-        return ep_estimate_flops(batch, self._shapes) + self._step_flops
+        return ep_estimate_flops(batch, self._shapes, self._positions) + self._step_flops
 
     @property
     def lr(self) -> float:

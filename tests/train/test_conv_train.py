@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mep_hw.errors import ConfigError
+from mep_hw.host.flops import ep_estimate_flops, host_step_flops
 from mep_hw.io.runs import load_checkpoint
 from mep_hw.train import TrainConfig, train
 from tests.train.runs import metrics, strip_times
@@ -74,6 +75,20 @@ def test_a_pcm_conv_run_counts_reads_per_output_position(tmp_path):
     m = metrics(tmp_path / "p")
     assert [p["shape"] for p in m["pulses"]] == [[4, 9], [10, 36]]
     assert 0.0 <= m["test_accuracy"] <= 1.0 and m["cost"] is not None
+    # the cost model counts the kernel tile at each of its 6×6 output positions, as the tiles do:
+    # inference = one read of every array (input drive, bottom-up init) + one field evaluation (the
+    # 36→10 array forward and transposed) per settle step and one at the start
+    cost, inf = m["cost"], m["cost"]["inference"]["per_sample"]
+    reads = [36 * 4 * 9, 10 * 36]
+    assert cost["macs_per_field_eval"] == 2 * reads[1]
+    assert inf["macs"] == pytest.approx(sum(reads) + 2 * reads[1] * (inf["settle_steps"] + 1))
+    tr = m["cost"]["train"]
+    assert tr["per_sample"]["macs"] * 200 + inf["macs"] * 100 == pytest.approx(sum(p["macs"] for p in m["pulses"]))
+    # the host's EP estimate sums each phase's outer products over the 36 positions of the kernel
+    shapes, positions = [(4, 9), (10, 36)], (36, 1)
+    assert tr["per_sample"]["host_flops"] == pytest.approx(
+        (ep_estimate_flops(50, shapes, positions) + host_step_flops("adam", shapes, [4, 10])) * 4 / 200)
+    assert ep_estimate_flops(50, shapes, positions) > ep_estimate_flops(50, shapes) + 2 * 2 * 50 * 35 * 36
 
 
 def test_conv_nets_default_to_the_symmetric_estimator():
