@@ -93,6 +93,7 @@ a resistive cell (NeuroSim's ``writeEnergy``) plus V_d²·C (``c_write_F``, a ga
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -131,6 +132,7 @@ F64 = torch.float64
 
 
 # ----------------------------------------------------------------------------- NeuroSim curve
+@functools.lru_cache(maxsize=256)
 def neurosim_a(nl: float) -> float:
     """|A| / P_max of NeuroSim's exponential weight-update curve for its nonlinearity label ``nl``.
 
@@ -138,7 +140,8 @@ def neurosim_a(nl: float) -> float:
     straight line by at most d(a) (at g'(p) = 1); NeuroSim's label is (990/98)·d(a): this
     reproduces all 900 entries of its ``getParamA`` table (labels 0.01 … 9, MLP+NeuroSim V3.0
     formula.cpp) to 5·10⁻⁵. Inverted by bisection; label 0 is linear (a = ∞). The sign of the
-    label (the curvature) is applied by the caller: A = sign(nl)·a·P_max.
+    label (the curvature) is applied by the caller: A = sign(nl)·a·P_max. Cached: the pulse
+    model asks for it at every pulse step.
     """
     nl = abs(float(nl))
     if nl == 0.0:
