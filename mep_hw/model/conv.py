@@ -50,7 +50,7 @@ from mep_hw.model.activations import get_activation
 from mep_hw.model.holomorphic import complex_read, softmax
 from mep_hw.hw.store import rms_noise_floor
 from mep_hw.model.hopfield import (COSTS, DenseCoupling, HopfieldDynamics, LayeredHopfield, StoreReads, _check_finite,
-                                   _mse_output_map)
+                                   _mse_output_map, _noise_of_phase, _noise_vars)
 
 __all__ = [
     "POOLS", "ConvLayer", "DenseLayer", "ConvGeometry", "ConvCoupling", "ConvHopfield", "ConvDynamics",
@@ -337,14 +337,17 @@ class ConvDynamics:
     :class:`~mep_hw.model.hopfield.HopfieldDynamics`). ``couplings`` hold one operator per weight:
     a :class:`ConvCoupling` for a convolution, a matrix operator for an fc layer."""
 
-    def __init__(self, *, blocks, couplings, biases, act, cost, x, input_drive, beta, target, noise_floor=0.0):
+    def __init__(self, *, blocks, couplings, biases, act, cost, x, input_drive, beta, target, noise_floor=0.0,
+                 noise_vars=None, noise_fn=None):
         self.blocks, self.couplings, self.biases = tuple(blocks), tuple(couplings), tuple(biases)
         self.act, self.cost, self.x, self.input_drive = act, cost, x, input_drive
-        self.beta, self.target, self.noise_floor = beta, target, noise_floor
+        self.beta, self.target = beta, target
         self.nudged = not (isinstance(beta, float) and beta == 0.0)
         self.box = act.box
         self.n_states = len(self.blocks) - (1 if cost == "ce" else 0)
         self.sizes = tuple(b.n_out for b in self.blocks[: self.n_states])
+        self.noise_fn = noise_fn
+        self.noise_floor, self.noise_vars = _noise_of_phase(noise_fn, beta, self.sizes, noise_floor, noise_vars)
         if self.box is not None and cost == "mse" and self.nudged:
             self._out_scale, self._out_shift, self._out_concave = _mse_output_map(beta, target)
         self._argmax: dict = {}  # block sweeps: coupling l → (ρ(s_{l−1}) it was read at, its max-pool arg-max)
@@ -352,7 +355,7 @@ class ConvDynamics:
     def _with(self, **kw) -> "ConvDynamics":
         args = dict(blocks=self.blocks, couplings=self.couplings, biases=self.biases, act=self.act, cost=self.cost,
                     x=self.x, input_drive=self.input_drive, beta=self.beta, target=self.target,
-                    noise_floor=self.noise_floor)
+                    noise_floor=self.noise_floor, noise_vars=self.noise_vars, noise_fn=self.noise_fn)
         args.update(kw)
         return ConvDynamics(**args)
 
@@ -676,26 +679,41 @@ class ConvHopfield(StoreReads, nn.Module):
         b = [v.detach() for v in self.biases]
         ops = self.store_ops(complex_reads)
         dyn = ConvDynamics(blocks=self.blocks, couplings=self.couplings(ops), biases=b, act=self.act, cost=self.cost,
-                           x=x, input_drive=None, beta=beta, target=target, noise_floor=self.noise_floor())
+                           x=x, input_drive=None, beta=beta, target=target, noise_fn=self.noise_fn())
         dyn.input_drive = dyn.drive0()
         return dyn
 
-    def noise_floor(self) -> float:
-        """rms (per state component) of the noise of one field evaluation read through the store
-        (as :meth:`LayeredHopfield.noise_floor`); a transposed convolution sums the transpose reads
-        of the k²/stride² positions that overlap each input (stride 1 here: k² of them)."""
-        st = self.store
-        if st.exact:
-            return 0.0
-        terms = []
-        for l in range(self.n_states):
-            v = st.noise_rms(l, 0.5) ** 2
-            if l + 1 < self.n_states:
-                g = self.blocks[l + 1].geometry
-                overlap = 1 if g is None else g.kernel * g.kernel
-                v += overlap * st.noise_rms(l + 1, 0.5, transpose=True) ** 2
-            terms.append((v, self.blocks[l].n_out))
-        return rms_noise_floor(terms)
+    def noise_vars(self, beta: float = 0.0) -> tuple[float, ...]:
+        """Per state layer, the variance of the noise of one field evaluation read through the
+        store (as :meth:`LayeredHopfield.noise_vars`: the held input drive is not among them). A
+        forward read reaches a state through its pooling: an average pool of size p divides its
+        noise variance by p², a max pool is counted as one read (an upper bound: the max of p²
+        noisy outputs varies less than one of them). A transposed convolution sums the transpose
+        reads of the patches that cover each input: P·k²/(h_in·w_in) of them on average (P output
+        positions of k² inputs each; at most k²: fewer at the borders), and its inputs are the
+        pooling adjoint of states of rms 0.5: a max pool routes each to one of p² positions (rms
+        0.5/p), an average pool spreads it over all p², divided by p² (rms 0.5/p²)."""
+
+        def reads(l):
+            g = self.blocks[l].geometry
+            if g is None:
+                return 1.0, 1, 0.5
+            k2 = g.kernel * g.kernel
+            cover = min(float(k2), g.positions * k2 / (g.h_in * g.w_in))
+            p = g.pool_size if g.pool is not None else 1
+            if g.pool == "avg":
+                return 1.0 / (p * p), cover, 0.5 / (p * p)
+            return 1.0, cover, 0.5 / p
+
+        return _noise_vars(self.store, self.n_states, self.cost, beta, reads)
+
+    def noise_floor(self, beta: float = 0.0) -> float:
+        """rms over all state components of :meth:`noise_vars`; 0 on exact weights."""
+        return rms_noise_floor([(v, self.blocks[l].n_out) for l, v in enumerate(self.noise_vars(beta))])
+
+    def noise_fn(self):
+        """β ↦ :meth:`noise_vars` for a dynamics (recomputed by each phase); None on exact weights."""
+        return None if self.store.exact else self.noise_vars
 
     def forward_init(self, dyn: ConvDynamics) -> list[Tensor]:
         """A feed-forward pass s_l = ρ(P(W_{l−1}⋆ρ(s_{l−1})) + b): the warm start of the free

@@ -94,6 +94,8 @@ class HopfieldDynamics:
         beta: float | Tensor,
         target: Tensor | None,
         noise_floor: float = 0.0,
+        noise_vars: tuple[float, ...] | None = None,
+        noise_fn=None,
     ):
         self.ops = tuple(ops)
         self.biases = tuple(biases)
@@ -105,15 +107,17 @@ class HopfieldDynamics:
         self.nudged = not (isinstance(beta, float) and beta == 0.0)
         self.target = target
         self.box = act.box
-        self.noise_floor = noise_floor
         self.n_states = len(self.ops) - (1 if cost == "ce" else 0)
         self.sizes = tuple(op.shape[0] for op in self.ops[: self.n_states])
+        self.noise_fn = noise_fn
+        self.noise_floor, self.noise_vars = _noise_of_phase(noise_fn, beta, self.sizes, noise_floor, noise_vars)
         if self.box is not None and cost == "mse" and self.nudged:
             self._out_scale, self._out_shift, self._out_concave = _mse_output_map(beta, target)
 
     def _with(self, **kw) -> "HopfieldDynamics":
         args = dict(ops=self.ops, biases=self.biases, act=self.act, cost=self.cost, x=self.x,
-                    input_drive=self.input_drive, beta=self.beta, target=self.target, noise_floor=self.noise_floor)
+                    input_drive=self.input_drive, beta=self.beta, target=self.target, noise_floor=self.noise_floor,
+                    noise_vars=self.noise_vars, noise_fn=self.noise_fn)
         args.update(kw)
         return HopfieldDynamics(**args)
 
@@ -256,6 +260,42 @@ class HopfieldDynamics:
         return f.clamp_(self.box[0], self.box[1]).sub_(s)
 
 
+def _noise_of_phase(noise_fn, beta, sizes, noise_floor: float, noise_vars):
+    """(noise_floor, noise_vars) of a phase: from ``noise_fn(max |β|)`` when given, else as given."""
+    if noise_fn is None:
+        return float(noise_floor), noise_vars
+    v = tuple(noise_fn(_beta_max(beta)))
+    return rms_noise_floor(list(zip(v, sizes))), v
+
+
+def _beta_max(beta: float | Tensor) -> float:
+    """The largest |β| of a phase (a per-row tensor: its maximum, one host read per phase)."""
+    return float(beta.abs().max()) if isinstance(beta, Tensor) else abs(float(beta))
+
+
+def _noise_vars(store, n_states: int, cost: str, beta: float, reads) -> tuple[float, ...]:
+    """Per state layer, the field noise variance of one evaluation (see
+    :meth:`LayeredHopfield.noise_vars`). ``reads(l)`` = (the factor on the variance of array l's
+    forward read as it reaches its state: 1, or 1/p² through an average pool of size p; the reads
+    of array l that sum into one output of its transpose read: a convolution's k², 1 for a
+    matrix; the rms of that transpose read's inputs)."""
+    if store.exact:
+        return (0.0,) * n_states
+    out = []
+    for l in range(n_states):
+        v = 0.0
+        if l > 0:  # the input drive (l = 0) is held
+            v += reads(l)[0] * store.noise_rms(l, 0.5) ** 2
+        if l + 1 < n_states:  # the transpose read from the layer above
+            _, k, x_rms = reads(l + 1)
+            v += k * store.noise_rms(l + 1, x_rms, transpose=True) ** 2
+        elif cost == "ce" and beta > 0:  # the readout's nudge, read back through its transpose
+            n_cls = store.ops[n_states].shape[0]
+            v += store.noise_rms(n_states, beta * math.sqrt(2.0 / n_cls), transpose=True) ** 2
+        out.append(v)
+    return tuple(out)
+
+
 def _mse_output_map(beta: float | Tensor, target: Tensor):
     """Constants of the MSE output's relaxation target s_L − D⁻¹∂F/∂s_L = a·d_L + c − b·s_L.
 
@@ -381,20 +421,24 @@ class LayeredHopfield(StoreReads, nn.Module):
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.zeros(n_out, dtype=dtype, device=device)))
 
-    def noise_floor(self) -> float:
-        """rms (per state component) of the noise of one field evaluation read through the store:
-        the read, output and ADC noise of the arrays feeding each state, for inputs of rms 0.5
-        (states in [0, 1]); 0 on exact weights."""
-        st = self.store
-        if st.exact:
-            return 0.0
-        terms = []
-        for l in range(self.n_states):
-            v = st.noise_rms(l, 0.5) ** 2
-            if l + 1 < self.n_states:  # the transpose read from the layer above
-                v += st.noise_rms(l + 1, 0.5, transpose=True) ** 2
-            terms.append((v, self.layers[l + 1]))
-        return rms_noise_floor(terms)
+    def noise_vars(self, beta: float = 0.0) -> tuple[float, ...]:
+        """Per state layer, the variance (per component) of the noise of one field evaluation read
+        through the store: the read, output and ADC noise of the arrays read at every evaluation
+        (the forward read from the layer below and the transpose read from the layer above), for
+        inputs of rms 0.5 (states in [0, 1]). The input array is not among them: its drive is read
+        once per phase and held, a constant of the settle (its noise moves the fixed point, not the
+        residual). Under a CE readout's nudge (|``beta``| > 0) the last state also gets the
+        transpose read of β·(softmax − y), of rms |β|·√(2/classes) per component. All 0 on exact
+        weights."""
+        return _noise_vars(self.store, self.n_states, self.cost, beta, lambda l: (1.0, 1, 0.5))
+
+    def noise_floor(self, beta: float = 0.0) -> float:
+        """rms over all state components of :meth:`noise_vars`; 0 on exact weights."""
+        return rms_noise_floor(list(zip(self.noise_vars(beta), self.state_sizes)))
+
+    def noise_fn(self):
+        """β ↦ :meth:`noise_vars` for a dynamics (recomputed by each phase); None on exact weights."""
+        return None if self.store.exact else self.noise_vars
 
     # ----------------------------------------------------------------- structure
     @property
@@ -458,7 +502,7 @@ class LayeredHopfield(StoreReads, nn.Module):
         # analog biases are read with their arrays (a column driven by 1): nothing to add on the host
         b = [None] * len(ops) if self.store.holds_biases else [v.detach() for v in self.biases]
         return HopfieldDynamics(ops=ops, biases=b, act=self.act, cost=self.cost, x=x, input_drive=ops[0].mvm(x, b[0]),
-                                beta=beta, target=target, noise_floor=self.noise_floor())
+                                beta=beta, target=target, noise_fn=self.noise_fn())
 
     def forward_init(self, dyn: HopfieldDynamics) -> list[Tensor]:
         """A feed-forward pass s_l = ρ(W_{l−1}ρ(s_{l−1}) + b_l): the usual warm start of the

@@ -8,7 +8,10 @@ holds (L2 norms over all of the sample's state components, N of them)::
     rms(f(s)) ≤ atol + rtol · rms(s)        with rms(v) = ‖v‖ / √N
 
 Every dynamics declares ``noise_floor``, the rms of its field noise per component (0 for exact
-weights; > 0 when read through noisy hardware); 2 × noise_floor is added to atol. A sample also
+weights; > 0 when read through noisy hardware); 2 × noise_floor is added to atol. A dynamics with
+a box may instead declare ``noise_vars``, the noise variance per component of each layer: the
+noise then counts only at the components strictly inside the box (a clipped component's field is
+exactly 0, noise or not), and a sample's test is ‖f(s)‖ ≤ atol·√N + 2·√(Σ_inside σ²). A sample also
 stops at ``max_steps`` (status STEP_LIMIT) or when its residual is not finite (NONFINITE). A
 finished sample is frozen at the step it finished; finished samples leave the working batch when
 removing them pays.
@@ -136,6 +139,7 @@ class Dynamics(Protocol):
     sizes: tuple[int, ...]
     box: tuple[float, float] | None
     noise_floor: float  # rms noise of the field per state component (0: exact; taken as 0 when absent)
+    # optional: noise_vars, per layer the variance per component (box dynamics: counted where inside the box)
 
     def field(self, s: Tensor) -> Tensor: ...
 
@@ -487,6 +491,13 @@ def settle(
     # a dynamics read through noisy devices declares the rms of its field noise per component:
     # twice that is added to the absolute tolerance (a settle cannot get below its own noise)
     atol_n = (cfg.atol + 2.0 * float(getattr(dynamics, "noise_floor", 0.0))) * math.sqrt(N)
+    # with per-layer noise variances and a box, the noise reaches the residual only at components
+    # strictly inside the box (a clipped component's field is exactly 0): the floor of a row is
+    # 2·√(Σ_inside σ²), so a row with most units saturated is not let off by their zeros
+    nv = getattr(dynamics, "noise_vars", None)
+    inside_var = None
+    if nv is not None and box is not None and any(v > 0 for v in nv):
+        inside_var = torch.cat([torch.full((sizes[l],), float(nv[l]), dtype=dtype, device=dev) for l in order])
     use_rtol = cfg.rtol > 0
     # Euler with dt ≤ 1 on a box field of the form clip(·) − s moves each state to a convex
     # combination of two points of the box: projection is then a no-op and is skipped.
@@ -542,10 +553,13 @@ def settle(
         rn = torch.linalg.vector_norm(k1 if (sweep is not None and k2_zero) else k, dim=1)
         tested = n >= cfg.min_steps  # before min_steps no sample may stop
         if tested:
+            thr = atol_n
+            if inside_var is not None:
+                thr = ((s > lo_b) & (s < hi_b)).to(dtype).matmul(inside_var).sqrt_().mul_(2.0).add_(cfg.atol * math.sqrt(N))
             if use_rtol:
-                pending = rn > torch.linalg.vector_norm(s, dim=1).mul_(cfg.rtol).add_(atol_n)
+                pending = rn > torch.linalg.vector_norm(s, dim=1).mul_(cfg.rtol).add_(thr)
             else:
-                pending = rn > atol_n
+                pending = rn > thr
             # NaN compares false, so a NaN residual counts as finished (it is labelled NONFINITE)
         last = n == cfg.max_steps
         if eager:

@@ -111,7 +111,7 @@ class EPTrainer:
         self.model, self.cfg, self.regime = model, cfg, regime
         self.x_test, self.y_test = x_test, y_test
         ep_cfg = cfg.ep_config()
-        if model.noise_floor() > 0:
+        if model.noise_floor(abs(float(cfg.beta))) > 0:
             # on noisy hardware the steady-state test can hold before a nudge has reached the hidden
             # layers: let every nudged settle take at least one step per layer (and one more)
             ep_cfg = dataclasses.replace(ep_cfg, nudged=dataclasses.replace(
