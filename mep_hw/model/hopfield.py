@@ -270,7 +270,7 @@ def _noise_of_phase(noise_fn, beta, sizes, noise_floor: float, noise_vars):
 
 def _beta_max(beta: float | Tensor) -> float:
     """The largest |β| of a phase (a per-row tensor: its maximum, one host read per phase)."""
-    return float(beta.abs().max()) if isinstance(beta, Tensor) else abs(float(beta))
+    return float(beta.abs().max()) if isinstance(beta, Tensor) else float(abs(beta))
 
 
 def _noise_vars(store, n_states: int, cost: str, beta: float, reads) -> tuple[float, ...]:

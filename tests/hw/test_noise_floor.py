@@ -125,3 +125,14 @@ def test_the_engine_counts_the_noise_only_inside_the_box(declare_vars):
         # lets the settle stop with a true field above √3 σ: what the per-layer variances fix
         assert (true_inside > math.sqrt(3) * sigma).all(), true_inside
     assert (res.steps < 50).all()
+
+
+def test_holomorphic_phases_settle_on_a_noisy_card(tmp_path):
+    # the holomorphic estimator's β lies on a circle in the complex plane and its states are complex:
+    # each phase's floor is computed at |β| and the settle runs without a box
+    from mep_hw.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset="digits", layers=(64, 16, 10), activation="sigmoid", estimator="holomorphic",
+                      epochs=1, limit_train=100, limit_test=50, device="pcm")
+    res = train(cfg, tmp_path / "h", progress=False)
+    assert res.history[-1].nudged_steps_mean >= 1
