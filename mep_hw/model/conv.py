@@ -48,7 +48,6 @@ from torch import Tensor, nn
 from mep_hw.errors import ConfigError
 from mep_hw.model.activations import get_activation
 from mep_hw.model.holomorphic import complex_read, softmax
-from mep_hw.hw.store import rms_noise_floor
 from mep_hw.model.hopfield import (COSTS, DenseCoupling, HopfieldDynamics, LayeredHopfield, StoreReads, _check_finite,
                                    _mse_output_map, _noise_of_phase, _noise_vars)
 
@@ -352,15 +351,18 @@ class ConvDynamics:
             self._out_scale, self._out_shift, self._out_concave = _mse_output_map(beta, target)
         self._argmax: dict = {}  # block sweeps: coupling l → (ρ(s_{l−1}) it was read at, its max-pool arg-max)
 
-    def _with(self, **kw) -> "ConvDynamics":
+    def _with(self, same_phase: bool = False, **kw) -> "ConvDynamics":
+        """A copy with ``kw`` replaced; a new phase (``same_phase`` False) has its noise recomputed."""
         args = dict(blocks=self.blocks, couplings=self.couplings, biases=self.biases, act=self.act, cost=self.cost,
                     x=self.x, input_drive=self.input_drive, beta=self.beta, target=self.target,
-                    noise_floor=self.noise_floor, noise_vars=self.noise_vars, noise_fn=self.noise_fn)
+                    noise_floor=self.noise_floor, noise_vars=self.noise_vars if same_phase or self.noise_fn is None else None,
+                    noise_fn=self.noise_fn)
         args.update(kw)
         return ConvDynamics(**args)
 
     def restrict(self, index: Tensor) -> "ConvDynamics":
         return self._with(
+            same_phase=True,
             x=self.x[index],
             input_drive=None if self.input_drive is None else self.input_drive[index],
             beta=self.beta[index] if isinstance(self.beta, Tensor) else self.beta,
@@ -707,13 +709,6 @@ class ConvHopfield(StoreReads, nn.Module):
 
         return _noise_vars(self.store, self.n_states, self.cost, beta, reads)
 
-    def noise_floor(self, beta: float = 0.0) -> float:
-        """rms over all state components of :meth:`noise_vars`; 0 on exact weights."""
-        return rms_noise_floor([(v, self.blocks[l].n_out) for l, v in enumerate(self.noise_vars(beta))])
-
-    def noise_fn(self):
-        """β ↦ :meth:`noise_vars` for a dynamics (recomputed by each phase); None on exact weights."""
-        return None if self.store.exact else self.noise_vars
 
     def forward_init(self, dyn: ConvDynamics) -> list[Tensor]:
         """A feed-forward pass s_l = ρ(P(W_{l−1}⋆ρ(s_{l−1})) + b): the warm start of the free

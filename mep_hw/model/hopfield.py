@@ -114,15 +114,17 @@ class HopfieldDynamics:
         if self.box is not None and cost == "mse" and self.nudged:
             self._out_scale, self._out_shift, self._out_concave = _mse_output_map(beta, target)
 
-    def _with(self, **kw) -> "HopfieldDynamics":
+    def _with(self, same_phase: bool = False, **kw) -> "HopfieldDynamics":
+        """A copy with ``kw`` replaced; a new phase (``same_phase`` False) has its noise recomputed."""
         args = dict(ops=self.ops, biases=self.biases, act=self.act, cost=self.cost, x=self.x,
                     input_drive=self.input_drive, beta=self.beta, target=self.target, noise_floor=self.noise_floor,
-                    noise_vars=self.noise_vars, noise_fn=self.noise_fn)
+                    noise_vars=self.noise_vars if same_phase or self.noise_fn is None else None, noise_fn=self.noise_fn)
         args.update(kw)
         return HopfieldDynamics(**args)
 
     def restrict(self, index: Tensor) -> "HopfieldDynamics":
         return self._with(
+            same_phase=True,
             x=self.x[index],
             input_drive=self.input_drive[index],
             beta=self.beta[index] if isinstance(self.beta, Tensor) else self.beta,
@@ -261,8 +263,9 @@ class HopfieldDynamics:
 
 
 def _noise_of_phase(noise_fn, beta, sizes, noise_floor: float, noise_vars):
-    """(noise_floor, noise_vars) of a phase: from ``noise_fn(max |β|)`` when given, else as given."""
-    if noise_fn is None:
+    """(noise_floor, noise_vars) of a phase: as given when ``noise_vars`` is (the same phase, e.g.
+    restricted to some rows) or there is no ``noise_fn``, else from ``noise_fn(max |β|)``."""
+    if noise_fn is None or noise_vars is not None:
         return float(noise_floor), noise_vars
     v = tuple(noise_fn(_beta_max(beta)))
     return rms_noise_floor(list(zip(v, sizes))), v
@@ -330,6 +333,14 @@ class StoreReads:
         if self._store is None:
             self._store = IdealStore(list(self.weights))
         return self._store
+
+    def noise_floor(self, beta: float = 0.0) -> float:
+        """rms over all state components of ``noise_vars(beta)``; 0 on exact weights."""
+        return rms_noise_floor(list(zip(self.noise_vars(beta), self.state_sizes)))
+
+    def noise_fn(self):
+        """β ↦ ``noise_vars`` for a dynamics (recomputed by each phase); None on exact weights."""
+        return None if self.store.exact else self.noise_vars
 
     def use_store(self, store: WeightStore):
         """Hold the weight matrices in ``store`` (made over ``list(self.weights)``)."""
@@ -432,13 +443,6 @@ class LayeredHopfield(StoreReads, nn.Module):
         weights."""
         return _noise_vars(self.store, self.n_states, self.cost, beta, lambda l: (1.0, 1, 0.5))
 
-    def noise_floor(self, beta: float = 0.0) -> float:
-        """rms over all state components of :meth:`noise_vars`; 0 on exact weights."""
-        return rms_noise_floor(list(zip(self.noise_vars(beta), self.state_sizes)))
-
-    def noise_fn(self):
-        """β ↦ :meth:`noise_vars` for a dynamics (recomputed by each phase); None on exact weights."""
-        return None if self.store.exact else self.noise_vars
 
     # ----------------------------------------------------------------- structure
     @property
