@@ -72,7 +72,7 @@ def measure(ds, layers: str, *, train_epochs: int = 2, batches: int = 20, pairs=
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder with the MNIST IDX files")
-    p.add_argument("--layers", nargs="+", default=["784,500,10", "784,500,500,10"])
+    p.add_argument("--layers", nargs="+", default=["784,500,10", "784,500,500,10", "784,500,500,500,10"])
     p.add_argument("--limit-train", type=int, default=10000)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
