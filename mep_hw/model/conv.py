@@ -49,7 +49,7 @@ from mep_hw.errors import ConfigError
 from mep_hw.model.activations import get_activation
 from mep_hw.model.holomorphic import complex_read, softmax
 from mep_hw.model.hopfield import (COSTS, DenseCoupling, HopfieldDynamics, LayeredHopfield, StoreReads, _check_finite,
-                                   _mse_output_map, _noise_of_phase, _noise_vars)
+                                   _kept_noise_vars, _mse_output_map, _noise_of_phase, _noise_vars)
 
 __all__ = [
     "POOLS", "ConvLayer", "DenseLayer", "ConvGeometry", "ConvCoupling", "ConvHopfield", "ConvDynamics",
@@ -355,8 +355,7 @@ class ConvDynamics:
         """A copy with ``kw`` replaced; a new phase (``same_phase`` False) has its noise recomputed."""
         args = dict(blocks=self.blocks, couplings=self.couplings, biases=self.biases, act=self.act, cost=self.cost,
                     x=self.x, input_drive=self.input_drive, beta=self.beta, target=self.target,
-                    noise_floor=self.noise_floor, noise_vars=self.noise_vars if same_phase or self.noise_fn is None else None,
-                    noise_fn=self.noise_fn)
+                    noise_floor=self.noise_floor, noise_vars=_kept_noise_vars(self, same_phase), noise_fn=self.noise_fn)
         args.update(kw)
         return ConvDynamics(**args)
 
@@ -708,7 +707,6 @@ class ConvHopfield(StoreReads, nn.Module):
             return 1.0, cover, 0.5 / p
 
         return _noise_vars(self.store, self.n_states, self.cost, beta, reads)
-
 
     def forward_init(self, dyn: ConvDynamics) -> list[Tensor]:
         """A feed-forward pass s_l = ρ(P(W_{l−1}⋆ρ(s_{l−1})) + b): the warm start of the free

@@ -118,7 +118,7 @@ class HopfieldDynamics:
         """A copy with ``kw`` replaced; a new phase (``same_phase`` False) has its noise recomputed."""
         args = dict(ops=self.ops, biases=self.biases, act=self.act, cost=self.cost, x=self.x,
                     input_drive=self.input_drive, beta=self.beta, target=self.target, noise_floor=self.noise_floor,
-                    noise_vars=self.noise_vars if same_phase or self.noise_fn is None else None, noise_fn=self.noise_fn)
+                    noise_vars=_kept_noise_vars(self, same_phase), noise_fn=self.noise_fn)
         args.update(kw)
         return HopfieldDynamics(**args)
 
@@ -269,6 +269,12 @@ def _noise_of_phase(noise_fn, beta, sizes, noise_floor: float, noise_vars):
         return float(noise_floor), noise_vars
     v = tuple(noise_fn(_beta_max(beta)))
     return rms_noise_floor(list(zip(v, sizes))), v
+
+
+def _kept_noise_vars(dyn, same_phase: bool):
+    """The ``noise_vars`` a copy of ``dyn`` takes over: its own for the same phase (or when it has
+    no ``noise_fn`` to recompute them), None — recomputed by :func:`_noise_of_phase` — for a new one."""
+    return dyn.noise_vars if same_phase or dyn.noise_fn is None else None
 
 
 def _beta_max(beta: float | Tensor) -> float:
@@ -442,7 +448,6 @@ class LayeredHopfield(StoreReads, nn.Module):
         transpose read of β·(softmax − y), of rms |β|·√(2/classes) per component. All 0 on exact
         weights."""
         return _noise_vars(self.store, self.n_states, self.cost, beta, lambda l: (1.0, 1, 0.5))
-
 
     # ----------------------------------------------------------------- structure
     @property
