@@ -4,7 +4,7 @@
 
 The task: MNIST 784-500-10, symmetric EP (the ``mep-hw train`` defaults), one epoch on the first
 2 000 training images, evaluation on 1 000 test images. The counts (MACs, conversions, pulses,
-host FLOPs, settle time) are measured in the run; energies and latencies multiply them by each
+host FLOPs, neuron operations, settle time) are measured in the run; energies and latencies multiply them by each
 card's ``[cost]`` constants (every one sourced in the card; see docs/cost.md).
 """
 

@@ -9,7 +9,8 @@ Every run is ``mep-hw train`` on 784-500-10 (the training defaults otherwise) wi
 and ``--update`` from the run name and the learning rate of :data:`LR` (overridable with
 ``--lr ep:analog=0.1``). The JSON (rewritten after every run; runs already in it are skipped, so
 an interrupted benchmark resumes) holds per run the test accuracy per epoch, the training
-energy per sample and its split, the host FLOPs and pulses per sample, and wall time.
+energy per sample and its split, the host FLOPs, neuron operations and pulses per sample, and wall
+time.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def run_one(card: str, method: str, update: str, *, data_dir, epochs: int, lr: f
         "test_accuracy_history": [h.get("test_accuracy") for h in hist],
         "train_loss_history": [h.get("train_loss") for h in hist],
         "energy_J_per_sample": cost.get("energy_J_per_sample"), "host_flops_per_sample": per.get("host_flops"),
-        "pulses_per_sample": per.get("pulses"), "wall_seconds": wall,
+        "neuron_ops_per_sample": per.get("neuron_ops"), "pulses_per_sample": per.get("pulses"), "wall_seconds": wall,
         "epoch_seconds": [h.get("epoch_seconds") for h in hist],
     }
 
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
             e = r["energy_J_per_sample"]
             print(f"{key}: test accuracy {r['test_accuracy']:.4f}, energy/sample "
                   f"{e['total'] if e else float('nan'):.3g} J, host FLOPs/sample {r['host_flops_per_sample']}, "
-                  f"{r['wall_seconds']:.0f} s", flush=True)
+                  f"neuron ops/sample {r['neuron_ops_per_sample']}, {r['wall_seconds']:.0f} s", flush=True)
     return 0
 
 

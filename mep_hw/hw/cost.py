@@ -8,11 +8,16 @@ Counts (kept by every :class:`~mep_hw.hw.base.Tile` and by the training loop):
   has no converter, e.g. the FPGA datapath);
 * programming pulses (up and down) and refreshes, from the device's ``update``;
 * host FLOPs: the EP estimate's outer products and the host optimizer's update (Adam, Muon's
-  Newton–Schulz, Dion's power iteration and QR), see :mod:`mep_hw.host.flops`;
+  Newton–Schulz, Dion's power iteration and QR), see :mod:`mep_hw.host.flops`, and Tiki-Taka's
+  transfer buffer;
+* neuron operations: the elementwise arithmetic of the neuron circuits beside the arrays, on the
+  converted column outputs — the settle's state update (``NEURON_OPS_PER_UPDATE`` per neuron and
+  field evaluation: leak, integrate, step, clip), the EP neuron's ρ(s⁺) − ρ(s⁻) of signed phases,
+  backprop's activation, loss gradient and ρ' mask. Local to a neuron: no host round trip;
 * settle time per sample and phase, in units of the time constant τ.
 
 Energy (per sample) = E_read + DAC·e_dac + ADC·e_adc + E_write + refreshes·e_refresh
-+ P_static·latency + host FLOPs·e_flop, where
++ P_static·latency + host FLOPs·e_flop + neuron ops·e_neuron_op, where
 
 * E_read, the array's read energy, is computed from what the array holds when the device models
   it (crossbars: V_read²·t_read·Σ_j f(x̃_j)·Σ_i G_ij per read, accumulated by the tile, f = |x̃|
@@ -44,11 +49,20 @@ from typing import Any, NamedTuple
 from mep_hw.errors import ConfigError
 from mep_hw.hw.base import check_range
 
-__all__ = ["CostConstants", "CostCounts", "cost_summary", "HOST_E_FLOP_J", "COST_FIELDS"]
+__all__ = ["CostConstants", "CostCounts", "cost_summary", "HOST_E_FLOP_J", "NEURON_E_OP_J", "NEURON_OPS_PER_UPDATE",
+           "COST_FIELDS"]
 
 # Host energy per FLOP (assumption): an NVIDIA H100 SXM at its 700 W TDP doing its 67 TFLOP/s of
 # FP32 (non-tensor-core) work, 700 / 67e12 = 1.04e-11 J per FLOP (NVIDIA H100 datasheet, 2023).
 HOST_E_FLOP_J = 1.04e-11
+# Neuron-circuit energy per elementwise operation on the converted (8-bit) column outputs: the
+# dearer of an 8-bit integer add (0.03 pJ) and multiply (0.2 pJ) in 45 nm CMOS (Horowitz,
+# "Computing's energy problem", ISSCC 2014, Fig. 1.1.9) — an upper figure for a subtraction, a
+# clip or a 0/1 mask.
+NEURON_E_OP_J = 2.0e-13
+# Operations of one neuron's state update per field evaluation: leak (f − s), integrate (·dt),
+# step (s + …) and clip to the activation's box.
+NEURON_OPS_PER_UPDATE = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +77,7 @@ class CostConstants:
     e_refresh_J: float | None = None  # per refresh of a differential pair
     macs_per_cycle: float | None = None  # clocked datapaths: parallel MAC units
     host_e_flop_J: float = HOST_E_FLOP_J  # the digital host
+    e_neuron_op_J: float = NEURON_E_OP_J  # the neuron circuits' elementwise arithmetic
 
     def __post_init__(self):
         for f in fields(self):
@@ -88,6 +103,7 @@ class CostCounts(NamedTuple):
     read_J: float = 0.0  # read energy from the held conductances (devices that model it)
     write_J: float = 0.0  # pulse energy from the device's write voltages (devices that model it)
     static_W: float = 0.0  # holding power of the arrays (W)
+    neuron_ops: float = 0.0  # the neuron circuits' elementwise operations (see the module docstring)
 
 
 def cost_summary(const: CostConstants | None, c: CostCounts, *, kind: str, clock_hz: float | None = None,
@@ -105,7 +121,7 @@ def cost_summary(const: CostConstants | None, c: CostCounts, *, kind: str, clock
     per = {"macs": c.macs / n, "dac": c.dac / n, "adc": c.adc / n, "pulses": c.pulses / n,
            "refreshes": c.refreshes / n, "host_flops": c.host_flops / n,
            "settle_time_tau": c.settle_time_tau / n, "settle_steps": c.settle_steps / n,
-           "read_J": c.read_J / n, "write_J": c.write_J / n}
+           "read_J": c.read_J / n, "write_J": c.write_J / n, "neuron_ops": c.neuron_ops / n}
     const = const or CostConstants()
     missing = []
 
@@ -122,6 +138,7 @@ def cost_summary(const: CostConstants | None, c: CostCounts, *, kind: str, clock
         "programming": (c.write_J / n if write_energy else per["pulses"] * need("e_pulse_J", per["pulses"] > 0))
         + per["refreshes"] * need("e_refresh_J", per["refreshes"] > 0),
         "host": per["host_flops"] * const.host_e_flop_J,
+        "neurons": per["neuron_ops"] * const.e_neuron_op_J,
     }
     energy_missing = list(missing)
     if kind == "fixed_point":

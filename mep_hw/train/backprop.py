@@ -96,14 +96,16 @@ class BPTrainer:
         self.regime.apply(est)
         sums = {"n": float(B), "loss": float(loss.sum()), "correct": float((pre[-1].argmax(1) == y).sum())}
         self.totals.add(sums)
-        flops = self._elementwise_flops(B)
+        flops = 0
         if self.regime.needs_grads:  # the host's outer products
             flops += sum(2 * B * o * i + 2 * B * o for o, i in (tuple(w.shape) for w in self.model.weights))
         return StepOut(x, _BPResult(_NoSettle(()), loss, pre[-1]), {**dict.fromkeys(StepTotals.KEYS, 0.0), **sums},
-                       self.regime.host_flops(B) + flops)
+                       self.regime.host_flops(B) + flops, self._neuron_ops(B) + self.regime.neuron_ops(B))
 
-    def _elementwise_flops(self, batch: int) -> int:
-        """The digital work of backprop beside the arrays: the loss gradient and δ ⊙ ρ'(a)."""
+    def _neuron_ops(self, batch: int) -> int:
+        """Backprop's work in the neuron circuits beside the arrays, on the converted outputs: the loss
+        gradient (2 per output) and δ ⊙ ρ'(a) (2 per hidden unit); the forward activations are counted
+        with the settles' (:func:`mep_hw.train.cost.settle_neuron_ops`)."""
         sizes = [w.shape[0] for w in self.model.weights]
         return batch * (2 * sizes[-1] + 2 * sum(sizes[:-1]))
 

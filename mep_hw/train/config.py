@@ -210,10 +210,10 @@ class TrainConfig:
         choices=PULSE_APPLICATIONS)
     pulse_phases: str = _opt(
         "separate", "EP in the array: separate (each phase's outer products as its own pulse train, the + phase "
-        "potentiating and the − phase depressing; no arithmetic outside the array) or signed (where both phases share "
-        "the presynaptic activity — the clamped input of the first layer — one signed train of the postsynaptic "
-        "difference ρ(s⁺) − ρ(s⁻) instead, as backprop's update is applied; the neurons hold their first phase's "
-        "activity, the subtraction is counted as host FLOPs)", choices=PULSE_PHASES)
+        "potentiating and the − phase depressing) or signed (where both phases share the presynaptic activity — the "
+        "clamped input of the first layer — one signed train of the postsynaptic difference ρ(s⁺) − ρ(s⁻) instead, "
+        "as backprop's update is applied; each neuron holds its first phase's activity and subtracts, counted as "
+        "neuron operations; fewer pulses and less pulse noise)", choices=PULSE_PHASES)
     transfer_every: int = _opt(1, "tiki-taka: steps between transfers", metavar="N")
     transfer_columns: int = _opt(
         0, "tiki-taka: columns of the fast array read and transferred per transfer (cycling; 0: all)", metavar="N")

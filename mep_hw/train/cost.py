@@ -2,7 +2,10 @@
 
 Training counts (summed over the run) are the tile operations of the training passes (the free
 and nudged settles and nothing else), the pulses and refreshes of the writes, the host FLOPs of
-the EP estimate and the optimizer step, and the settle time and steps of every phase.
+the EP estimate and the optimizer step, the neuron circuits' operations, and the settle time and
+steps of every phase. The neurons' state updates are counted from the settle steps
+(:func:`settle_neuron_ops`); the learning rule's own neuron operations (signed phases'
+subtractions, backprop's loss gradient and ρ' masks) come from the trainer.
 Inference counts are those of the last evaluation pass (the test set, free phase only). See
 :mod:`mep_hw.hw.cost` for the energy and latency model.
 """
@@ -10,10 +13,10 @@ Inference counts are those of the last evaluation pass (the test set, free phase
 from __future__ import annotations
 
 from mep_hw.hw.base import Device
-from mep_hw.hw.cost import CostCounts, cost_summary
+from mep_hw.hw.cost import NEURON_OPS_PER_UPDATE, CostCounts, cost_summary
 from mep_hw.settle import evals_per_step
 
-__all__ = ["CostAccumulator", "field_eval_macs"]
+__all__ = ["CostAccumulator", "field_eval_macs", "settle_neuron_ops"]
 
 
 def field_eval_macs(model) -> tuple[int, int]:
@@ -26,8 +29,16 @@ def field_eval_macs(model) -> tuple[int, int]:
     reads = [p * w.shape[0] * w.shape[1] for w, p in zip(model.weights, model.positions())]
     return 2 * sum(reads[1:]), sum(reads)
 
+def settle_neuron_ops(model, *, samples: float, settle_steps: float, stages: int, init: bool) -> float:
+    """The neurons' operations of the settles: ``NEURON_OPS_PER_UPDATE`` per unit and field
+    evaluation (``settle_steps`` × ``stages`` evaluations), and one (the activation's clip) per unit
+    and sample for the bottom-up pass that initialises the free phase (backprop's forward pass)."""
+    units = sum(model.state_sizes)
+    return settle_steps * stages * units * NEURON_OPS_PER_UPDATE + (samples * units if init else 0)
+
+
 _KEYS = ("samples", "macs", "dac", "adc", "pulses", "refreshes", "host_flops", "settle_time_tau", "settle_steps",
-         "read_J", "write_J", "static_W")
+         "read_J", "write_J", "static_W", "neuron_ops")
 
 
 class CostAccumulator:
@@ -37,7 +48,9 @@ class CostAccumulator:
         self.test = dict.fromkeys(_KEYS, 0)
 
     def add_epoch(self, before: dict, after_train: dict, after_eval: dict, *, n: int, host_flops: int,
-                  settle: tuple[float, float], test: tuple[int, float, float]) -> None:
+                  settle: tuple[float, float], test: tuple[int, float, float], neuron_ops: int = 0) -> None:
+        """One epoch's counts; ``neuron_ops``: the learning rule's neuron operations (the settles'
+        are derived from their steps in :meth:`summary`)."""
         d = {k: after_train[k] - before[k] for k in after_train}
         t = self.train
         t["samples"] += n
@@ -46,25 +59,30 @@ class CostAccumulator:
         t["static_W"] = after_train.get("static_W", 0.0)  # holding power now (not a count)
         t["pulses"] += d["pulses_up"] + d["pulses_down"]
         t["host_flops"] += host_flops
+        t["neuron_ops"] += neuron_ops
         t["settle_time_tau"] += settle[0]
         t["settle_steps"] += settle[1]
         n_test, time_mean, steps_mean = test
         e = {k: after_eval[k] - after_train[k] for k in after_eval}
         self.test = {"samples": n_test, "macs": e["macs"], "dac": e["dac"], "adc": e["adc"], "pulses": 0, "refreshes": 0,
                      "host_flops": 0, "settle_time_tau": time_mean * n_test, "settle_steps": steps_mean * n_test,
-                     "read_J": e.get("read_J", 0.0), "write_J": 0.0, "static_W": after_eval.get("static_W", 0.0)}
+                     "read_J": e.get("read_J", 0.0), "write_J": 0.0, "static_W": after_eval.get("static_W", 0.0),
+                     "neuron_ops": 0}
 
     def summary(self, card, cfg, model) -> dict:
         macs_per_eval, init_macs = field_eval_macs(model)
+        init = cfg.init == "forward"
         stages = evals_per_step(cfg.settle_solver)  # tableau stages; 1 per sweep; 1 per backend (Euler) step
         dev = card.device
         kw = dict(kind=card.kind, clock_hz=getattr(dev, "clock_hz", None), macs_per_eval=macs_per_eval, stages=stages,
                   read_energy=type(dev).read_energy_lines is not Device.read_energy_lines,
                   write_energy=bool(dev.models_write_energy),
-                  init_reads=len(model.weights) if cfg.init == "forward" else 0,
-                  init_macs=init_macs if cfg.init == "forward" else 0)
-        train = cost_summary(card.cost, CostCounts(**self.train, phases=self.phases), **kw)
-        infer = cost_summary(card.cost, CostCounts(**self.test, phases=1), **kw)
+                  init_reads=len(model.weights) if init else 0, init_macs=init_macs if init else 0)
+        train, test = (dict(c, neuron_ops=c["neuron_ops"] + settle_neuron_ops(
+            model, samples=c["samples"], settle_steps=c["settle_steps"], stages=stages, init=init))
+            for c in (self.train, self.test))
+        train = cost_summary(card.cost, CostCounts(**train, phases=self.phases), **kw)
+        infer = cost_summary(card.cost, CostCounts(**test, phases=1), **kw)
         return {"train": train, "inference": infer, "macs_per_field_eval": macs_per_eval,
                 "constants": card.to_dict()["cost"], "missing": sorted(set(train["missing"]) | set(infer["missing"]))}
 

@@ -142,7 +142,7 @@ class EPTrainer:
         self.regime.apply(est)
         sums = batch_sums(res, y)
         self.totals.add(sums)
-        return StepOut(x, res, sums, self.regime.host_flops(x.shape[0]))
+        return StepOut(x, res, sums, self.regime.host_flops(x.shape[0]), self.regime.neuron_ops(x.shape[0]))
 
     def counts(self):
         """Operations of every array of the run: the store's, and a regime's own (tiki-taka's fast arrays)."""

@@ -28,6 +28,7 @@ class StepOut(NamedTuple):
     result: object  # the EPResult
     sums: object  # batch_sums (a BatchSums on the device, or a dict of floats): settle statistics, loss, correct
     host_flops: int  # the host's arithmetic in this step
+    neuron_ops: int = 0  # the learning rule's neuron-circuit operations in this step (not the settles')
 
 
 class CheckpointObserver(Observer):
@@ -142,11 +143,12 @@ class CostObserver(Observer):
 
     def begin_epoch(self, epoch) -> None:
         self.c0 = self.counts()
-        self.flops = 0
+        self.flops = self.neuron_ops = 0
         self.totals = StepTotals()  # settle time and steps, summed on the device, read once per epoch
 
     def on_step(self, step, epoch, batch, out: StepOut) -> None:
         self.flops += out.host_flops
+        self.neuron_ops += out.neuron_ops
         self.totals.add(out.sums)
 
     def end_train(self, epoch) -> None:
@@ -156,7 +158,7 @@ class CostObserver(Observer):
         s = self.totals.sums
         settle = (s["free_time"] + s["nudged_time"], s["free_steps"] + s["nudged_steps"])
         self.acc.add_epoch(self.c0._asdict(), self.c1._asdict(), self.counts()._asdict(), n=self.n_train,
-                           host_flops=self.flops, settle=settle,
+                           host_flops=self.flops, neuron_ops=self.neuron_ops, settle=settle,
                            test=(self.n_test, stats.test_time_mean, stats.test_steps_mean))
 
 

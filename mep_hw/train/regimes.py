@@ -18,7 +18,8 @@ contrast with scale 1/((β_a − β_b)·B), for backprop one phase d = −δ wit
   arithmetic: the biases are analog too (a column driven by 1). With ``pulse_phases = signed``
   the two phases of a matrix whose presynaptic activity they share (the clamped input x of the
   first layer) go as one signed train of d⁺ − d⁻ (Σ_b (d⁺ − d⁻) xᵀ, the same expectation, a
-  fraction of the pulses and of their noise); the neurons' subtractions are counted as host FLOPs.
+  fraction of the pulses and of their noise); each neuron forms its d⁺ − d⁻ in its own circuit,
+  holding its state of the other phase (counted as neuron operations, not host FLOPs).
 * :class:`TikiTakaUpdate` (``--update tiki-taka``): the same in-array update goes to a fast array
   A; a digital buffer H transfers it to the slow array C, which the network reads
   (:mod:`mep_hw.hw.transfer`).
@@ -107,6 +108,9 @@ class HostUpdate:
         """The estimate (outer products of both phases) and the optimizer step."""
         return ep_estimate_flops(batch, self._shapes, self._positions) + self._step_flops
 
+    def neuron_ops(self, batch: int) -> int:
+        return 0
+
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -145,7 +149,7 @@ class AnalogUpdate:
         self.sampling = cfg.pulse_sampling
         self.schedule = _Schedule(cfg.lr, cfg.schedule, steps_total)
         self.signed_phases = cfg.pulse_phases == "signed"
-        self._merge_flops = 0
+        self._merge_ops = 0
         self.gen = torch.Generator(device=model.weights[0].device).manual_seed(
             (cfg.seed if seed is None else seed) * 2_147_483 + 977)
         self._warned = False
@@ -165,13 +169,13 @@ class AnalogUpdate:
         if self.signed_phases and len(trains) == 2:
             (s1, d1, a1), (s2, d2, a2) = trains
             if a1 is a2:
-                self._merge_flops += d1.numel()  # one subtraction per neuron and sample
+                self._merge_ops += d1.numel()  # one subtraction per neuron and sample
                 return [(1.0, s1 * d1 + s2 * d2, a1)], True
         return trains, est.signed
 
     def _pulse(self, est: Estimate) -> None:
         eta = self.schedule.lr * self.lr_gain * est.scale
-        self._merge_flops = 0
+        self._merge_ops = 0
         for k, tile in enumerate(self._targets()):
             n_up = n_down = None
             trains, signed = self._phases(est, k)
@@ -207,8 +211,13 @@ class AnalogUpdate:
         self.schedule.step()
 
     def host_flops(self, batch: int) -> int:
-        """Nothing for the update itself; with signed phases the neurons' subtractions of the last step."""
-        return self._merge_flops
+        """Nothing: the update is applied by the array."""
+        return 0
+
+    def neuron_ops(self, batch: int) -> int:
+        """With signed phases, the last step's subtractions ρ(s⁺) − ρ(s⁻), one per neuron and sample,
+        each in the neuron's own circuit (it holds its state of the other phase); else nothing."""
+        return self._merge_ops
 
     @property
     def lr(self) -> float:
@@ -277,7 +286,7 @@ class TikiTakaUpdate(AnalogUpdate):
 
     def host_flops(self, batch: int) -> int:
         """The transfer's buffer arithmetic of the last step (the update itself is in-array)."""
-        return self._flops + self._merge_flops
+        return self._flops
 
     def trace_values(self) -> dict[str, tuple[Tensor, str]]:
         """Per weight matrix, the fast array A (logical weights as held, its physical state, its

@@ -27,15 +27,19 @@ def test_a_tile_counts_macs_and_conversions_of_each_read():
 
 
 def test_energy_and_latency_follow_the_formulas():
-    const = CostConstants(tau_s=1e-7, e_mac_J=1e-13, e_dac_J=2e-13, e_adc_J=1e-12, e_pulse_J=1e-11, e_refresh_J=1e-10, host_e_flop_J=1e-11)
+    const = CostConstants(tau_s=1e-7, e_mac_J=1e-13, e_dac_J=2e-13, e_adc_J=1e-12, e_pulse_J=1e-11, e_refresh_J=1e-10,
+                          host_e_flop_J=1e-11, e_neuron_op_J=3e-14)
     c = CostCounts(samples=10, macs=1000, dac=100, adc=50, pulses=20, refreshes=2, host_flops=500,
-                   settle_time_tau=60.0, settle_steps=60.0, phases=3)
+                   settle_time_tau=60.0, settle_steps=60.0, phases=3, neuron_ops=2000)
     s = cost_summary(const, c, kind="crossbar")
     e = s["energy_J_per_sample"]
     assert e["array"] == pytest.approx(100 * 1e-13) and e["dac"] == pytest.approx(10 * 2e-13)
     assert e["adc"] == pytest.approx(5 * 1e-12) and e["programming"] == pytest.approx(2 * 1e-11 + 0.2 * 1e-10)
-    assert e["host"] == pytest.approx(50 * 1e-11)
-    assert e["total"] == pytest.approx(1e-11 + 2e-12 + 5e-12 + 4e-11 + 5e-10)
+    assert e["host"] == pytest.approx(50 * 1e-11) and e["neurons"] == pytest.approx(200 * 3e-14)
+    assert e["total"] == pytest.approx(1e-11 + 2e-12 + 5e-12 + 4e-11 + 5e-10 + 6e-12)
+    # the default neuron-op energy: Horowitz (ISSCC 2014), an 8-bit multiply in 45 nm
+    assert cost_summary(CostConstants(), c._replace(host_flops=0), kind="crossbar")["per_sample"]["neuron_ops"] == 200
+    assert CostConstants().e_neuron_op_J == pytest.approx(0.2e-12)
     assert s["latency_s_per_sample"] == pytest.approx(6.0 * 1e-7) and s["latency_s_per_phase"] == pytest.approx(2e-7)
     # a clocked datapath: steps × ⌈MACs per evaluation / MACs per cycle⌉ / clock
     fp = cost_summary(CostConstants(e_mac_J=1e-12, macs_per_cycle=1024), c._replace(dac=0, adc=0, pulses=0, refreshes=0),

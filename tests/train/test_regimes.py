@@ -12,8 +12,10 @@ import torch
 from mep_hw.ep import EPConfig, ep_gradients
 from mep_hw.errors import ConfigError, DeviceError
 from mep_hw.hw import TileStore, load_card
+from mep_hw.hw.cost import NEURON_E_OP_J, NEURON_OPS_PER_UPDATE
 from mep_hw.io.runs import load_checkpoint
 from mep_hw.model import LayeredHopfield, one_hot
+from mep_hw.settle import evals_per_step
 from mep_hw.train import TrainConfig, train
 from mep_hw.train.regimes import AnalogUpdate, Estimate, HostUpdate, TikiTakaUpdate
 from tests.train.runs import metrics, run_interrupted, strip_times
@@ -65,7 +67,8 @@ def test_signed_phases_pulse_the_input_layer_once_with_less_noise(sampling):
     """--pulse-phases signed: the first layer's two phases share the clamped input x, so its
     update Σ_b (d⁺ − d⁻) xᵀ goes as one signed train; the second layer keeps two trains. Same
     expectation (above), fewer pulses and less noise on the first layer: over repeats its
-    deviation from the host step is several times smaller; the subtraction is B·n_out host FLOPs."""
+    deviation from the host step is several times smaller; the B·n_out subtractions are the
+    neurons' (each holds its other phase), no host FLOPs."""
     m, cfg, res, est = setup(dw=1e-3, pulse_sampling=sampling)
     host = [-0.1 * g for g in res.grads]
     expected = torch.cat([host[0], host[1][:, None]], dim=1)
@@ -85,8 +88,9 @@ def test_signed_phases_pulse_the_input_layer_once_with_less_noise(sampling):
             o1 = m.store.tiles[0].op_counts()
             n += float(o1.pulses_up + o1.pulses_down - o0.pulses_up - o0.pulses_down)
             e2 += float((m.store.tiles[0].held() - before - expected).square().sum())
-        err[phases], pulses[phases], flops[phases] = (e2 / 20) ** 0.5, n / 20, regime.host_flops(16)
-    assert flops == {"separate": 0, "signed": 16 * 8}
+        err[phases], pulses[phases], flops[phases] = (e2 / 20) ** 0.5, n / 20, (regime.host_flops(16),
+                                                                                 regime.neuron_ops(16))
+    assert flops == {"separate": (0, 0), "signed": (0, 16 * 8)}  # (host FLOPs, the neurons' subtractions)
     assert pulses["signed"] < pulses["separate"] / 3, pulses  # measured 4.7x fewer
     assert err["signed"] < err["separate"] / 1.6, err  # measured 2.2-2.3x smaller
 
@@ -208,12 +212,31 @@ def test_the_transfer_rate_follows_the_schedule(monkeypatch, scaled):
     assert per_step == pytest.approx(expected, rel=1e-12)
 
 
-def test_the_in_array_ep_update_does_no_host_arithmetic(tmp_path):
+def _settle_ops(m: dict) -> float:
+    """Per training sample, the neurons' state updates the cost model counts: 4 per unit and field
+    evaluation (leak, integrate, step, clip) and one per unit for the bottom-up initialisation."""
+    per = m["cost"]["train"]["per_sample"]
+    units = sum(m["config"]["layers"][1:])  # mse: the hidden and the output units are states
+    solver = TrainConfig.from_dict(m["config"]).settle_solver  # "auto" resolved
+    return units * (NEURON_OPS_PER_UPDATE * per["settle_steps"] * evals_per_step(solver) + 1)
+
+
+@pytest.mark.parametrize("phases", ["separate", "signed"])
+def test_the_in_array_ep_update_does_no_host_arithmetic(tmp_path, phases):
+    """Zero host FLOPs in the analog regime with either phase mode; the neurons' operations are
+    the settles' state updates plus, with signed phases, one subtraction per hidden unit (the
+    first layer's postsynaptic neurons, 32 here) and sample, charged at the neuron-op energy."""
     m, cfg, res, est = setup()
     assert AnalogUpdate(m, cfg, 10).host_flops(16) == 0
-    train(TrainConfig(**SMALL, device="ideal", update="analog", lr=0.05), tmp_path / "a", progress=False)
-    cost = metrics(tmp_path / "a")["cost"]["train"]["per_sample"]
-    assert cost["host_flops"] == 0 and cost["pulses"] > 0
+    train(TrainConfig(**SMALL, device="ideal", update="analog", lr=0.05, pulse_phases=phases), tmp_path / "a",
+          progress=False)
+    mm = metrics(tmp_path / "a")
+    cost = mm["cost"]["train"]
+    per = cost["per_sample"]
+    assert per["host_flops"] == 0 and per["pulses"] > 0 and per["settle_steps"] > 0
+    assert per["neuron_ops"] == pytest.approx(_settle_ops(mm) + (32 if phases == "signed" else 0), rel=1e-9)
+    if cost["energy_J_per_sample"] is not None:
+        assert cost["energy_J_per_sample"]["neurons"] == pytest.approx(per["neuron_ops"] * NEURON_E_OP_J, rel=1e-9)
 
 
 @pytest.mark.parametrize("update", ["analog", "tiki-taka"])
@@ -237,8 +260,14 @@ def test_backprop_on_the_same_store_learns(tmp_path, update):
                       lr=0.25 if update == "analog" else 1e-2, pulse_bl=100)
     res = train(cfg, tmp_path / update, progress=False)
     assert res.test_accuracy > 0.45  # chance is 0.1 (18 steps)
-    h = metrics(tmp_path / update)["history"]
+    m = metrics(tmp_path / update)
+    h = m["history"]
     assert h[-1]["train_loss"] < h[0]["train_loss"]
+    # the neurons' work: forward activations (one per unit), the loss gradient (2 per output) and
+    # δ ⊙ ρ'(a) (2 per hidden unit) per sample; the host works only in the host regime
+    per = m["cost"]["train"]["per_sample"]
+    assert per["neuron_ops"] == pytest.approx((32 + 10) + 2 * 10 + 2 * 32, rel=1e-12)
+    assert (per["host_flops"] == 0) == (update == "analog")
 
 
 def test_in_array_regimes_need_a_pulsed_device(tmp_path):
