@@ -93,6 +93,7 @@ class HostUpdate:
         self._shapes = [tuple(w.shape) for w in model.weights]
         self._positions = model.positions()
         self._step_flops = host_step_flops(cfg.optimizer, self._shapes, [b.numel() for b in model.biases])
+        self._ep_estimate = cfg.method == "ep"  # backprop's trainer counts its own outer products
 
     needs_grads = True
 
@@ -105,8 +106,9 @@ class HostUpdate:
             self.scheduler.step()
 
     def host_flops(self, batch: int) -> int:
-        """The estimate (outer products of both phases) and the optimizer step."""
-        return ep_estimate_flops(batch, self._shapes, self._positions) + self._step_flops
+        """EP's estimate (outer products of both phases) and the optimizer step."""
+        est = ep_estimate_flops(batch, self._shapes, self._positions) if self._ep_estimate else 0
+        return est + self._step_flops
 
     def neuron_ops(self, batch: int) -> int:
         return 0
