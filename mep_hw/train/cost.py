@@ -29,6 +29,7 @@ def field_eval_macs(model) -> tuple[int, int]:
     reads = [p * w.shape[0] * w.shape[1] for w, p in zip(model.weights, model.positions())]
     return 2 * sum(reads[1:]), sum(reads)
 
+
 def settle_neuron_ops(model, *, samples: float, settle_steps: float, stages: int, init: bool) -> float:
     """The neurons' operations of the settles: ``NEURON_OPS_PER_UPDATE`` per unit and field
     evaluation (``settle_steps`` × ``stages`` evaluations), and one (the activation's clip) per unit
