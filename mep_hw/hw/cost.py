@@ -56,9 +56,9 @@ __all__ = ["CostConstants", "CostCounts", "cost_summary", "HOST_E_FLOP_J", "NEUR
 # FP32 (non-tensor-core) work, 700 / 67e12 = 1.04e-11 J per FLOP (NVIDIA H100 datasheet, 2023).
 HOST_E_FLOP_J = 1.04e-11
 # Neuron-circuit energy per elementwise operation on the converted (8-bit) column outputs: the
-# dearer of an 8-bit integer add (0.03 pJ) and multiply (0.2 pJ) in 45 nm CMOS (Horowitz,
-# "Computing's energy problem", ISSCC 2014, Fig. 1.1.9) — an upper figure for a subtraction, a
-# clip or a 0/1 mask.
+# dearer of an 8-bit integer add (0.03 pJ) and multiply (0.2 pJ) at 45 nm, 0.9 V (Horowitz,
+# "Computing's energy problem", ISSCC 2014) — an upper figure for a subtraction, a clip or a
+# 0/1 mask.
 NEURON_E_OP_J = 2.0e-13
 # Operations of one neuron's state update per field evaluation: leak (f − s), integrate (·dt),
 # step (s + …) and clip to the activation's box.
