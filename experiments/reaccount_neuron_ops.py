@@ -24,17 +24,8 @@ from pathlib import Path
 from mep_hw.io.datasets import load_dataset
 from mep_hw.io.runs import write_json
 from mep_hw.train import TrainConfig
-from mep_hw.train.cost import CostAccumulator
+from mep_hw.train.cost import CostAccumulator, learning_rule_neuron_ops
 from mep_hw.train.loop import build_model
-
-
-def learning_rule_ops(cfg: TrainConfig, layers: list[int]) -> int:
-    """Per sample, the learning rule's neuron operations the old accounting counted as host FLOPs."""
-    if cfg.method == "backprop":
-        return 2 * layers[-1] + 2 * sum(layers[1:-1])
-    if cfg.update != "host" and cfg.pulse_phases == "signed":
-        return layers[1]
-    return 0
 
 
 def _counts(rec: dict, moved: float) -> dict:
@@ -42,6 +33,20 @@ def _counts(rec: dict, moved: float) -> dict:
     c = {k: v * n for k, v in per.items()}
     c["host_flops"] -= moved * n
     return {**c, "samples": n, "static_W": rec.get("static_W", 0.0), "neuron_ops": moved * n}
+
+
+def _check(run_dir: Path, old: dict, new: dict, moved: float, const) -> None:
+    """The recomputation changes nothing but the moved operations and the neurons' energy: the
+    recomputed total minus the neurons' part, plus the moved operations at the host's energy per
+    FLOP, is the recorded total (else the card's constants or the solver changed since the run)."""
+    e_old, e_new = old["energy_J_per_sample"], new["energy_J_per_sample"]
+    if e_old is None or e_new is None:
+        return
+    back = e_new["total"] - e_new["neurons"] + moved * const.host_e_flop_J
+    if abs(back - e_old["total"]) > 1e-9 * abs(e_old["total"]):
+        raise ValueError(f"{run_dir}: the recomputed energy does not reduce to the recorded one ({back:.6g} vs "
+                         f"{e_old['total']:.6g} J): the card's cost constants or the run's solver have changed since "
+                         "the run; recompute with the code of the run's time instead")
 
 
 def reaccount(run_dir: Path) -> dict:
@@ -53,11 +58,15 @@ def reaccount(run_dir: Path) -> dict:
     if "neuron_ops" in old["train"]["per_sample"]:  # made with the neuron operations counted: as recorded
         per_moved, new = 0, old
     else:
-        per_moved = learning_rule_ops(cfg, list(model.layers))
+        if cfg.method == "backprop" and cfg.update == "host":
+            raise ValueError(f"{run_dir}: backprop on the host regime was also charged EP's two-phase estimate "
+                             "FLOPs before the neurons were counted; this script does not migrate such runs")
+        per_moved = learning_rule_neuron_ops(cfg, model)
         acc = CostAccumulator(phases=1 + (2 if cfg.estimator == "symmetric" else 1))
         acc.train = _counts(old["train"], per_moved)
         acc.test = _counts(old["inference"], 0)
         new = acc.summary(cfg.card(), cfg, model)
+        _check(run_dir, old["train"], new["train"], per_moved, cfg.card().cost)
     e_old, e_new = old["train"]["energy_J_per_sample"] or {}, new["train"]["energy_J_per_sample"] or {}
     return {
         "label": run_dir.name, "test_accuracy": m["history"][-1]["test_accuracy"] if m["history"] else None,

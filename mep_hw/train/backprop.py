@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mep_hw.model import one_hot
+from mep_hw.train.cost import learning_rule_neuron_ops
 from mep_hw.train.observers import StepOut
 from mep_hw.train.regimes import Estimate
 from mep_hw.train.tracing import StepTotals
@@ -100,14 +101,8 @@ class BPTrainer:
         if self.regime.needs_grads:  # the host's outer products
             flops += sum(2 * B * o * i + 2 * B * o for o, i in (tuple(w.shape) for w in self.model.weights))
         return StepOut(x, _BPResult(_NoSettle(()), loss, pre[-1]), {**dict.fromkeys(StepTotals.KEYS, 0.0), **sums},
-                       self.regime.host_flops(B) + flops, self._neuron_ops(B) + self.regime.neuron_ops(B))
-
-    def _neuron_ops(self, batch: int) -> int:
-        """Backprop's work in the neuron circuits beside the arrays, on the converted outputs: the loss
-        gradient (2 per output) and δ ⊙ ρ'(a) (2 per hidden unit); the forward activations are counted
-        with the settles' (:func:`mep_hw.train.cost.settle_neuron_ops`)."""
-        sizes = [w.shape[0] for w in self.model.weights]
-        return batch * (2 * sizes[-1] + 2 * sum(sizes[:-1]))
+                       self.regime.host_flops(B) + flops,
+                       B * learning_rule_neuron_ops(self.cfg, self.model) + self.regime.neuron_ops(B))
 
     def counts(self):
         c = self.model.store.counts()

@@ -16,7 +16,7 @@ from mep_hw.hw.base import Device
 from mep_hw.hw.cost import NEURON_OPS_PER_UPDATE, CostCounts, cost_summary
 from mep_hw.settle import evals_per_step
 
-__all__ = ["CostAccumulator", "field_eval_macs", "settle_neuron_ops"]
+__all__ = ["CostAccumulator", "field_eval_macs", "settle_neuron_ops", "learning_rule_neuron_ops"]
 
 
 def field_eval_macs(model) -> tuple[int, int]:
@@ -30,12 +30,24 @@ def field_eval_macs(model) -> tuple[int, int]:
     return 2 * sum(reads[1:]), sum(reads)
 
 
-def settle_neuron_ops(model, *, samples: float, settle_steps: float, stages: int, init: bool) -> float:
+def settle_neuron_ops(model, *, samples: float, settle_steps: float, stages: int, init_units: int) -> float:
     """The neurons' operations of the settles: ``NEURON_OPS_PER_UPDATE`` per unit and field
-    evaluation (``settle_steps`` × ``stages`` evaluations), and one (the activation's clip) per unit
-    and sample for the bottom-up pass that initialises the free phase (backprop's forward pass)."""
-    units = sum(model.state_sizes)
-    return settle_steps * stages * units * NEURON_OPS_PER_UPDATE + (samples * units if init else 0)
+    evaluation (``settle_steps`` × ``stages`` evaluations; an Euler step's count, an upper figure
+    for a block sweep's clip), and one (the activation's clip) per unit of ``init_units`` and sample
+    for the bottom-up pass (EP's free-phase initialisation, backprop's forward pass)."""
+    return settle_steps * stages * sum(model.state_sizes) * NEURON_OPS_PER_UPDATE + samples * init_units
+
+
+def learning_rule_neuron_ops(cfg, model) -> int:
+    """Per sample, the learning rule's own neuron operations: backprop's loss gradient (2 per
+    output) and δ ⊙ ρ'(a) (2 per hidden unit); with signed phases in the array, each first-layer
+    neuron's ρ(s⁺) − ρ(s⁻) (one per unit); else none."""
+    if cfg.method == "backprop":
+        sizes = [w.shape[0] for w in model.weights]
+        return 2 * sizes[-1] + 2 * sum(sizes[:-1])
+    if cfg.update != "host" and cfg.pulse_phases == "signed":
+        return model.state_sizes[0]
+    return 0
 
 
 _KEYS = ("samples", "macs", "dac", "adc", "pulses", "refreshes", "host_flops", "settle_time_tau", "settle_steps",
@@ -72,7 +84,10 @@ class CostAccumulator:
 
     def summary(self, card, cfg, model) -> dict:
         macs_per_eval, init_macs = field_eval_macs(model)
-        init = cfg.init == "forward"
+        backprop = cfg.method == "backprop"
+        init = cfg.init == "forward" or backprop  # backprop's forward pass, whatever --init says
+        # the units whose activation the bottom-up pass computes (backprop's output is linear)
+        init_units = (sum(w.shape[0] for w in model.weights[:-1]) if backprop else sum(model.state_sizes)) if init else 0
         stages = evals_per_step(cfg.settle_solver)  # tableau stages; 1 per sweep; 1 per backend (Euler) step
         dev = card.device
         kw = dict(kind=card.kind, clock_hz=getattr(dev, "clock_hz", None), macs_per_eval=macs_per_eval, stages=stages,
@@ -80,7 +95,7 @@ class CostAccumulator:
                   write_energy=bool(dev.models_write_energy),
                   init_reads=len(model.weights) if init else 0, init_macs=init_macs if init else 0)
         train, test = (dict(c, neuron_ops=c["neuron_ops"] + settle_neuron_ops(
-            model, samples=c["samples"], settle_steps=c["settle_steps"], stages=stages, init=init))
+            model, samples=c["samples"], settle_steps=c["settle_steps"], stages=stages, init_units=init_units))
             for c in (self.train, self.test))
         train = cost_summary(card.cost, CostCounts(**train, phases=self.phases), **kw)
         infer = cost_summary(card.cost, CostCounts(**test, phases=1), **kw)
@@ -90,7 +105,15 @@ class CostAccumulator:
     def state_dict(self) -> dict:
         return {"train": dict(self.train), "test": dict(self.test)}
 
-    def load_state_dict(self, d: dict | None) -> None:
+    def load_state_dict(self, d: dict | None, *, learning_rule_ops: int = 0) -> None:
+        """``learning_rule_ops``: per sample, the learning rule's neuron operations
+        (:func:`learning_rule_neuron_ops`), which a checkpoint written before the neurons were
+        counted holds in its host FLOPs: they are moved, so a resumed run is accounted as one."""
         if d:
+            legacy = "neuron_ops" not in d["train"]
             self.train = {**dict.fromkeys(_KEYS, 0), **d["train"]}
             self.test = {**dict.fromkeys(_KEYS, 0), **d["test"]}
+            if legacy:
+                moved = learning_rule_ops * self.train["samples"]
+                self.train["host_flops"] -= moved
+                self.train["neuron_ops"] += moved

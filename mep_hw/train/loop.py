@@ -40,7 +40,7 @@ from mep_hw.io.runs import ensure_dir, write_toml
 from mep_hw.model import LayeredHopfield, build_network, one_hot
 from mep_hw.settle import SettleStatus, remedy
 from mep_hw.train.config import TrainConfig
-from mep_hw.train.cost import CostAccumulator
+from mep_hw.train.cost import CostAccumulator, learning_rule_neuron_ops
 from mep_hw.train.fit import epoch_generator, fit, iterate_batches
 from mep_hw.train.guards import CosineCycles, GuardObserver, RunGuard, cosine_cycle, plan_resume
 from mep_hw.train.health import SettleHealthObserver
@@ -272,7 +272,7 @@ def train(
         if state["hardware"] is not None:
             store.load_state_dict(state["hardware"])
         regime.load_state_dict(state["regime"])
-        cost.load_state_dict(state.get("cost"))
+        cost.load_state_dict(state.get("cost"), learning_rule_ops=learning_rule_neuron_ops(cfg, model))
         history = [EpochStats(**h) for h in state["history"]]
         start = plan.start_epoch
 

@@ -263,10 +263,12 @@ def test_backprop_on_the_same_store_learns(tmp_path, update):
     m = metrics(tmp_path / update)
     h = m["history"]
     assert h[-1]["train_loss"] < h[0]["train_loss"]
-    # the neurons' work: forward activations (one per unit), the loss gradient (2 per output) and
-    # δ ⊙ ρ'(a) (2 per hidden unit) per sample; the host works only in the host regime
+    # the neurons' work: forward activations (one per hidden unit; the output is linear), the loss
+    # gradient (2 per output) and δ ⊙ ρ'(a) (2 per hidden unit) per sample; inference: the forward
+    # activations; the host works only in the host regime
     per = m["cost"]["train"]["per_sample"]
-    assert per["neuron_ops"] == pytest.approx((32 + 10) + 2 * 10 + 2 * 32, rel=1e-12)
+    assert per["neuron_ops"] == pytest.approx(32 + 2 * 10 + 2 * 32, rel=1e-12)
+    assert m["cost"]["inference"]["per_sample"]["neuron_ops"] == pytest.approx(32, rel=1e-12)
     # the host regime: backprop's outer products (one phase: 2·o·i + 2·o per sample) and Adam's
     # step (12 per parameter, over the 6 steps' samples) — not EP's two-phase estimate as well
     shapes = [(32, 64), (10, 32)]
