@@ -25,14 +25,20 @@ Crash safety: each record writes its datasets first and its commit marker (``int
 a file whose committed length is the marker's length; a longer dataset (an interval cut mid-write)
 is ignored by :func:`read_trace` and trimmed by :meth:`TraceWriter.open` on resume. The file is
 kept in HDF5's default (non-SWMR) format because a SWMR writer killed mid-run marks the file as
-open, and plain h5py then refuses to read it.
+open, and plain h5py then refuses to read it. A flush is not atomic, though: a run killed *during*
+one can leave the marker's new length on disk before the file's end-of-allocation that covers the
+record's chunks ("addr overflow" on reading them). :func:`read_trace` then backs off to the longest
+prefix it can read (warning how many records it dropped), and a resume rebuilds the file from that
+prefix (:meth:`TraceWriter.open`), so a kill loses at most the records of the flush it interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -77,6 +83,24 @@ def _open_foreign(path: Path, mode: str):
     return f
 
 
+def _prefix(group, marker: str, datasets: dict, *, upto: int | None = None) -> tuple[int, int, dict]:
+    """(committed, readable, data): the group's committed record count (its marker's length, at
+    most ``upto``), the longest prefix ≤ it whose records every dataset of ``datasets`` can read,
+    and those records. A run killed during a flush can leave the last records' chunks past the
+    file's end-of-allocation; they are dropped (see the module docstring)."""
+    n = group[marker].shape[0] if marker in group else 0
+    if upto is not None:
+        n = min(n, upto)
+    k = n
+    while True:
+        try:
+            return n, k, {name: ds[:k] for name, ds in datasets.items()}
+        except OSError:
+            if k == 0:
+                raise
+            k -= 1
+
+
 def _walk(group, prefix="") -> dict[str, Any]:
     out = {}
     for k, v in group.items():
@@ -115,6 +139,7 @@ class TraceWriter:
                 f.create_group("epochs")
                 f.flush()
                 return cls(f, path)
+            _rebuild_if_cut(path, keep_step, keep_epoch)
             f = _open_foreign(path, "r+")
             w = cls(f, path)
             w._truncate("intervals", "step", lambda steps: int(np.searchsorted(steps, keep_step, side="right")))
@@ -221,14 +246,54 @@ def read_trace(path: str | Path, *, arrays: bool = True) -> Trace:
         out, units = {}, {}
         for group, marker in (("intervals", "step"), ("epochs", "epoch")):
             g = f[group]
-            n = g[marker].shape[0] if marker in g else 0
-            data = {}
-            for name, ds in _walk(g).items():
+            sets = _walk(g)
+            for name, ds in sets.items():
                 units[f"{group}/{name}"] = str(ds.attrs.get("units", ""))
-                if arrays or ds.ndim == 1:
-                    data[name] = ds[:n]
-            out[group] = data
+            n, k, out[group] = _prefix(g, marker, {m: ds for m, ds in sets.items() if arrays or ds.ndim == 1})
+            if k < n:
+                warnings.warn(f"{path}: the last {n - k} of {n} {group} records were cut by a kill during a flush "
+                              f"and are dropped; {k} are read", stacklevel=2)
     return Trace(path, attrs, config, out["intervals"], out["epochs"], units)
+
+
+def _rebuild_if_cut(path: Path, keep_step: int, keep_epoch: int) -> None:
+    """Before a resume appends to ``path``: if the records the resume keeps (intervals with step ≤
+    ``keep_step``, epochs ≤ ``keep_epoch``) cannot all be read back — a kill during a flush — write
+    the readable prefix to a new file and put it in place of the old one (atomically), so the
+    resumed run appends to a consistent file."""
+    groups = (("intervals", "step", keep_step), ("epochs", "epoch", keep_epoch))
+    with _open_foreign(path, "r") as f:
+        try:  # the cheap check: the last kept record and everything after it (a cut is at the end)
+            for group, marker, last in groups:
+                g = f[group]
+                upto = int(np.searchsorted(g[marker][:], last, side="right")) if marker in g else 0
+                for ds in _walk(g).values():
+                    ds[max(upto - 1, 0):]
+            return
+        except OSError:
+            pass
+        keep = {}
+        for group, marker, last in groups:
+            g = f[group]
+            upto = int(np.searchsorted(g[marker][:], last, side="right")) if marker in g else 0
+            sets = _walk(g)
+            _, _, data = _prefix(g, marker, sets, upto=upto)
+            keep[group] = {name: (data[name], ds.attrs.get("units", ""), ds.chunks, ds.compression,
+                                  ds.compression_opts, ds.shuffle) for name, ds in sets.items()}
+        attrs = dict(f.attrs)
+    warnings.warn(f"{path}: records cut by a kill during a flush; rebuilding the trace from what can be read",
+                  stacklevel=3)
+    tmp = path.with_name(path.name + ".rebuild")
+    with _h5py().File(tmp, "w") as out:
+        for k, v in attrs.items():
+            out.attrs[k] = v
+        for group, sets in keep.items():
+            g = out.create_group(group)
+            for name, (a, units, chunks, comp, comp_opts, shuffle) in sets.items():
+                ds = g.create_dataset(name, data=a, maxshape=(None, *a.shape[1:]), chunks=chunks, compression=comp,
+                                      compression_opts=comp_opts, shuffle=shuffle)
+                ds.attrs["units"] = units
+    os.replace(tmp, path)
 
 
 def _size(nbytes: float) -> str:
