@@ -49,24 +49,33 @@ def _check(run_dir: Path, old: dict, new: dict, moved: float, const) -> None:
                          "the run; recompute with the code of the run's time instead")
 
 
-def reaccount(run_dir: Path) -> dict:
+def recompute(run_dir: Path) -> tuple[dict, int, dict]:
+    """(metrics.json, the learning-rule operations moved per sample, the cost summary under today's
+    accounting) of a finished run; a run already made with the neuron operations counted is
+    returned as recorded."""
     m = json.loads((run_dir / "metrics.json").read_text())
+    old = m["cost"]
+    if "neuron_ops" in old["train"]["per_sample"]:
+        return m, 0, old
     cfg = TrainConfig.from_dict(m["config"])
+    if cfg.method == "backprop" and cfg.update == "host":
+        raise ValueError(f"{run_dir}: backprop on the host regime was also charged EP's two-phase estimate "
+                         "FLOPs before the neurons were counted; this script does not migrate such runs")
     ds = load_dataset(cfg.dataset, cfg.data_dir, limit_train=1, limit_test=1)
     model = build_model(cfg, ds.input_shape, ds.n_classes)
+    per_moved = learning_rule_neuron_ops(cfg, model)
+    acc = CostAccumulator(phases=1 + (2 if cfg.estimator == "symmetric" else 1))
+    acc.train = _counts(old["train"], per_moved)
+    acc.test = _counts(old["inference"], 0)
+    card = cfg.card()
+    new = acc.summary(card, cfg, model)
+    _check(run_dir, old["train"], new["train"], per_moved, card.cost)
+    return m, per_moved, new
+
+
+def reaccount(run_dir: Path) -> dict:
+    m, per_moved, new = recompute(run_dir)
     old = m["cost"]
-    if "neuron_ops" in old["train"]["per_sample"]:  # made with the neuron operations counted: as recorded
-        per_moved, new = 0, old
-    else:
-        if cfg.method == "backprop" and cfg.update == "host":
-            raise ValueError(f"{run_dir}: backprop on the host regime was also charged EP's two-phase estimate "
-                             "FLOPs before the neurons were counted; this script does not migrate such runs")
-        per_moved = learning_rule_neuron_ops(cfg, model)
-        acc = CostAccumulator(phases=1 + (2 if cfg.estimator == "symmetric" else 1))
-        acc.train = _counts(old["train"], per_moved)
-        acc.test = _counts(old["inference"], 0)
-        new = acc.summary(cfg.card(), cfg, model)
-        _check(run_dir, old["train"], new["train"], per_moved, cfg.card().cost)
     e_old, e_new = old["train"]["energy_J_per_sample"] or {}, new["train"]["energy_J_per_sample"] or {}
     return {
         "label": run_dir.name, "test_accuracy": m["history"][-1]["test_accuracy"] if m["history"] else None,

@@ -261,22 +261,22 @@ def _rebuild_if_cut(path: Path, keep_step: int, keep_epoch: int) -> None:
     ``keep_step``, epochs ≤ ``keep_epoch``) cannot all be read back — a kill during a flush — write
     the readable prefix to a new file and put it in place of the old one (atomically), so the
     resumed run appends to a consistent file."""
-    groups = (("intervals", "step", keep_step), ("epochs", "epoch", keep_epoch))
     with _open_foreign(path, "r") as f:
+        groups = []  # (group, marker, records kept, datasets)
+        for group, marker, last in (("intervals", "step", keep_step), ("epochs", "epoch", keep_epoch)):
+            g = f[group]
+            upto = int(np.searchsorted(g[marker][:], last, side="right")) if marker in g else 0
+            groups.append((g, marker, upto, _walk(g)))
         try:  # the cheap check: the last kept record and everything after it (a cut is at the end)
-            for group, marker, last in groups:
-                g = f[group]
-                upto = int(np.searchsorted(g[marker][:], last, side="right")) if marker in g else 0
-                for ds in _walk(g).values():
+            for _, _, upto, sets in groups:
+                for ds in sets.values():
                     ds[max(upto - 1, 0):]
             return
         except OSError:
             pass
         keep = {}
-        for group, marker, last in groups:
-            g = f[group]
-            upto = int(np.searchsorted(g[marker][:], last, side="right")) if marker in g else 0
-            sets = _walk(g)
+        for g, marker, upto, sets in groups:
+            group = g.name.strip("/")
             _, _, data = _prefix(g, marker, sets, upto=upto)
             keep[group] = {name: (data[name], ds.attrs.get("units", ""), ds.chunks, ds.compression,
                                   ds.compression_opts, ds.shuffle) for name, ds in sets.items()}

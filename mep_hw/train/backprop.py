@@ -99,7 +99,7 @@ class BPTrainer:
         self.totals.add(sums)
         flops = 0
         if self.regime.needs_grads:  # the host's outer products
-            flops += sum(2 * B * o * i + 2 * B * o for o, i in (tuple(w.shape) for w in self.model.weights))
+            flops = sum(2 * B * o * i + 2 * B * o for o, i in (tuple(w.shape) for w in self.model.weights))
         return StepOut(x, _BPResult(_NoSettle(()), loss, pre[-1]), {**dict.fromkeys(StepTotals.KEYS, 0.0), **sums},
                        self.regime.host_flops(B) + flops,
                        B * learning_rule_neuron_ops(self.cfg, self.model) + self.regime.neuron_ops(B))

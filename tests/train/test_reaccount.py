@@ -60,8 +60,7 @@ def test_an_old_record_recomputes_to_what_the_current_code_records(tmp_path, nam
     for k, v in now["train"]["energy_J_per_sample"].items():
         assert r["energy_split_J_per_sample"][k] == pytest.approx(v, rel=1e-9, abs=1e-21), k
     # the whole recomputed summary, inference and latencies included
-    cfg = TrainConfig.from_dict(metrics(legacy)["config"])
-    full = _recompute(mod, legacy, cfg)
+    full = mod.recompute(legacy)[2]
     for part in ("train", "inference"):
         for key in ("latency_s_per_sample", "latency_s_per_phase"):
             assert full[part][key] == pytest.approx(now[part][key], rel=1e-12), (part, key)
@@ -69,21 +68,6 @@ def test_an_old_record_recomputes_to_what_the_current_code_records(tmp_path, nam
             assert full[part]["per_sample"][k] == pytest.approx(v, rel=1e-9, abs=1e-9), (part, k)
         for k, v in now[part]["energy_J_per_sample"].items():
             assert full[part]["energy_J_per_sample"][k] == pytest.approx(v, rel=1e-9, abs=1e-21), (part, k)
-
-
-def _recompute(mod, run: Path, cfg: TrainConfig) -> dict:
-    """The script's recomputation, returning the whole cost summary."""
-    from mep_hw.io.datasets import load_dataset
-    from mep_hw.train.cost import learning_rule_neuron_ops
-    from mep_hw.train.loop import build_model
-
-    m = metrics(run)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, limit_train=1, limit_test=1)
-    model = build_model(cfg, ds.input_shape, ds.n_classes)
-    acc = CostAccumulator(phases=1 + (2 if cfg.estimator == "symmetric" else 1))
-    acc.train = mod._counts(m["cost"]["train"], learning_rule_neuron_ops(cfg, model))
-    acc.test = mod._counts(m["cost"]["inference"], 0)
-    return acc.summary(cfg.card(), cfg, model)
 
 
 def test_the_script_refuses_what_it_cannot_migrate(tmp_path):
