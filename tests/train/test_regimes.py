@@ -299,6 +299,22 @@ def test_layer_lr_scales_follow_the_wider_side_above_lr_width():
     assert cfg.lr_width == 125 and layer_lr_scales(cfg.layers, cfg.cost, cfg.lr_width) == (1.0, 0.25, 0.25)
 
 
+def test_a_conv_net_takes_the_layer_rule_on_its_state_sizes():
+    """The kernels are (C_out, C_in·k·k) matrices; their rates follow the state sizes (the
+    measured choice, docs/conv.md "Learning rates of a conv net"), biases at lr."""
+    from mep_hw.train.loop import build_model
+
+    cfg = TrainConfig(dataset="fashion-mnist", arch="conv:32:5,pool:2,conv:64:5,pool:2,fc:10", cost="ce")
+    m = build_model(cfg, (1, 28, 28), 10)
+    assert m.layers == (784, 4608, 1024, 10)
+    groups = cfg.param_groups(m)
+    assert [g["lr"] for g in groups] == pytest.approx([0.03, 0.03 * 125 / 4608, 0.03 * 125 / 1024, 0.03])
+    assert [p for g in groups[:3] for p in g["params"]] == list(m.weights)
+    assert groups[3]["params"] == list(m.biases)
+    one = cfg.replace(lr_width=0).param_groups(m)
+    assert len(one) == 1 and one[0]["lr"] == 0.03 and len(one[0]["params"]) == 6
+
+
 def test_the_host_regime_steps_each_matrix_at_its_layer_lr():
     """One Adam step moves every weight by ≈ its group's lr (the first Adam step is lr·sign(g))."""
     m = LayeredHopfield((12, 40, 40, 5), generator=torch.Generator().manual_seed(0))
