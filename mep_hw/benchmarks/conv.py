@@ -9,7 +9,8 @@ training loop, checkpoints and all), then epoch e of the backprop CNN on the sam
 (``epoch_generator``), with the same initial weights, optimizer and schedule. The CNN is the
 feed-forward network of the same energy: conv → pooling → ρ per conv layer, ρ after every
 hidden fc layer, a linear output (cost ``mse``: ½‖out − y‖² against one-hot y; ``ce``: the
-softmax cross-entropy of the readout), ρ the EP run's activation. Writes one JSON file with
+softmax cross-entropy of the readout), ρ the EP run's activation. With ``--augment`` both train
+on the same flipped / shifted images (``mep_hw.train.augment``, one draw stream per epoch). Writes one JSON file with
 both accuracy histories, the per-epoch times, their ratio (median over epochs), and the EP
 run's mean settle steps per sample.
 """
@@ -30,7 +31,9 @@ from mep_hw.io.runs import write_json
 from mep_hw.model import ConvHopfield, build_network
 from mep_hw.train import TrainConfig, train
 from mep_hw.benchmarks._baseline import baseline_optimizer, config_sets, ep_vs_backprop
+from mep_hw.train.augment import augment_generator
 from mep_hw.train.fit import epoch_generator, iterate_batches
+from mep_hw.train.loop import batch_transform
 
 __all__ = ["feedforward_cnn", "run", "main"]
 
@@ -107,6 +110,7 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
     xtr, ytr = torch.as_tensor(ds.x_train).to(dev), torch.as_tensor(ds.y_train).to(dev)
     xte, yte = torch.as_tensor(ds.x_test).to(dev), torch.as_tensor(ds.y_test).to(dev)
     n = xtr.shape[0]
+    transform = batch_transform(cfg, ds)
     opt, sched = baseline_optimizer(cfg, net.parameters(), cfg.epochs * -(-n // cfg.batch_size))
     bp_hist, ep_hist = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,9 +123,12 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path | None = None) -> dict:
             ep_hist = list(res.history)
             _sync(dev)
             t0 = time.perf_counter()
+            aug_gen = augment_generator(cfg.seed, epoch)  # the EP run's augmented images, batch by batch
             for idx in iterate_batches(n, cfg.batch_size, epoch_generator(cfg.seed, epoch)):
                 idx = idx.to(dev)
                 x, y = xtr.index_select(0, idx), ytr.index_select(0, idx)
+                if transform is not None:
+                    x = transform(x, aug_gen)
                 opt.zero_grad(set_to_none=True)
                 pred = net(x)
                 if cfg.cost == "ce":
@@ -156,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--nudged-max-steps", type=int, default=20)
+    p.add_argument("--augment", default="none", help="training-image augmentation, e.g. flip,shift:2 (both nets)")
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -166,7 +174,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cfg = TrainConfig(dataset=a.dataset, data_dir=a.data_dir, arch=a.arch, cost=a.cost, epochs=a.epochs, lr=a.lr,
                       beta=a.beta, batch_size=a.batch_size, nudged_max_steps=a.nudged_max_steps,
-                      limit_train=a.limit_train, limit_test=a.limit_test, seed=a.seed, **config_sets(a.set))
+                      limit_train=a.limit_train, limit_test=a.limit_test, seed=a.seed, augment=a.augment, **config_sets(a.set))
     r = run(cfg, Path(a.out), Path(a.run_dir) if a.run_dir else None)
     print(f"EP test accuracy {r['ep']['test_accuracy']:.4f} (backprop {r['backprop']['test_accuracy']:.4f}); "
           f"EP/backprop epoch time {r['ep_over_backprop_epoch_time']:.1f}; wrote {a.out}")

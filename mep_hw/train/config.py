@@ -24,6 +24,7 @@ from mep_hw.hw.pulses import SAMPLINGS
 from mep_hw.optimizers.host import HOST_OPTIMIZERS
 from mep_hw.settle import SOLVER_NAMES as SOLVERS, SWEEPS, SettleConfig  # tableaus, sweeps and backends (brian2)
 from mep_hw.settle import SOLVERS as ODE_SOLVERS
+from mep_hw.train.augment import parse_augment
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "UPDATES", "SCHEDULES", "DTYPES", "DEFAULT_DT", "SETTLE_TIME", "parse_layers", "parse_cycles",
            "option_names", "layer_lr_scales"]
@@ -168,6 +169,10 @@ class TrainConfig:
     seed: int = _opt(0, "seed of every random generator of the run", metavar="S")
     limit_train: int | None = _opt(None, "use only the first N training samples", metavar="N")
     limit_test: int | None = _opt(None, "use only the first N test samples", metavar="N")
+    augment: str = _opt(
+        "none", "augment the training images: none, or a comma list of flip (left-right mirror, p = 1/2) and "
+        "shift:N (translate by up to N pixels each way, zero fill), e.g. flip,shift:2; image datasets only",
+        metavar="SPEC")
     eval_batch_size: int = _opt(1000, "batch size of evaluation", metavar="B")
     torch_device: str = _opt("cpu", "torch device: cpu, cuda, cuda:1, …", metavar="DEV")
     dtype: str = _opt("float32", "floating-point type of states and weights", choices=tuple(DTYPES))
@@ -267,6 +272,7 @@ class TrainConfig:
                     f"(arch={self.arch!r}); drop --spectral-gamma or use fc layers only"
                 )
         object.__setattr__(self, "cosine_cycles", parse_cycles(self.cosine_cycles))  # [rel11]
+        object.__setattr__(self, "augment", str(parse_augment(self.augment)))
         for name in ("dataset", "activation", "cost", "optimizer", "schedule", "estimator", "solver", "init", "dtype", "update", "method", "pulse_sampling", "pulse_phases",
                      "pulse_application"):
             choices = _field(name).metadata["choices"]

@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mep_hw.train.augment import augment_generator
+
 __all__ = ["Observer", "fit", "epoch_generator", "iterate_batches"]
 
 
@@ -68,6 +70,7 @@ def fit(
     on_batch: Callable[[int, int], None] | None = None,
     progress: bool | None = None,
     stop_errors: dict[type, str] | None = None,
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> list:
     """Train epochs ``start``…``epochs`` of ``trainer`` on (x, y); returns the history.
 
@@ -78,7 +81,9 @@ def fit(
     the run with that status (observers are told, with the message) and is re-raised;
     KeyboardInterrupt ends it as ``interrupted``. Every observer is told how the run stopped: an
     observer failing in ``on_stop`` (e.g. a full disk) does not keep the others from being told;
-    after an error the original exception is the one raised.
+    after an error the original exception is the one raised. ``transform(x, generator)`` (data
+    augmentation) replaces each training batch, drawing from :func:`augment_generator` of the
+    epoch, not from the epoch's generator that shuffles and that the trainer draws from.
     """
     from tqdm.auto import tqdm
 
@@ -100,6 +105,7 @@ def fit(
     try:
         for epoch in range(start, epochs + 1):
             gen = epoch_generator(seed, epoch)
+            aug_gen = augment_generator(seed, epoch) if transform is not None else None
             batches = iterate_batches(n, batch_size, gen)
             trainer.begin_epoch(epoch)
             for ob in observers:
@@ -109,7 +115,10 @@ def fit(
             t0 = time.perf_counter()
             for b, idx in enumerate(bar):
                 idx = idx.to(x.device)
-                out = trainer.step(x.index_select(0, idx), y.index_select(0, idx), gen)
+                xb = x.index_select(0, idx)
+                if transform is not None:
+                    xb = transform(xb, aug_gen)
+                out = trainer.step(xb, y.index_select(0, idx), gen)
                 step = (epoch - 1) * steps_per_epoch + b + 1
                 for ob in observers:
                     ob.on_step(step, epoch, b, out)

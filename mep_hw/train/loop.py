@@ -39,6 +39,7 @@ from mep_hw.io import Dataset, load_dataset
 from mep_hw.io.runs import ensure_dir, write_toml
 from mep_hw.model import LayeredHopfield, build_network, one_hot
 from mep_hw.settle import SettleStatus, remedy
+from mep_hw.train.augment import augment_batch, parse_augment
 from mep_hw.train.config import TrainConfig
 from mep_hw.train.cost import CostAccumulator, learning_rule_neuron_ops
 from mep_hw.train.fit import epoch_generator, fit, iterate_batches
@@ -204,6 +205,21 @@ def _tensors(ds: Dataset, cfg: TrainConfig):
     )
 
 
+def batch_transform(cfg: TrainConfig, ds: Dataset):
+    """``transform(x, generator)`` for :func:`fit`: the run's ``--augment`` of a training batch
+    (None without augmentation). ConfigError if the data are not images."""
+    aug = parse_augment(cfg.augment)
+    if not aug.active:
+        return None
+    if not ds.image_shape or len(ds.image_shape) != 3:
+        raise ConfigError(
+            f"augment={cfg.augment!r} transforms images, but dataset {cfg.dataset!r} holds flat vectors "
+            f"({ds.input_dim} features); use --augment none, or an image dataset (mnist, fashion-mnist, cifar10, digits)"
+        )
+    shape = tuple(int(v) for v in ds.image_shape)
+    return lambda x, gen: augment_batch(x, aug, shape, gen)
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | Path,
@@ -245,6 +261,7 @@ def train(
         )
 
     ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    transform = batch_transform(cfg, ds)  # before anything is written: flat data refuse --augment
     model = build_model(cfg, ds.input_shape, ds.n_classes)
     cfg = cfg.replace(layers=model.layers)
     card = card if card is not None else cfg.card()
@@ -329,6 +346,6 @@ def train(
             trace.tracer.close()
         raise
     history = fit(trainer, xtr, ytr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, start=start,
-                  history=history, observers=observers, on_batch=on_batch, progress=progress,
+                  history=history, observers=observers, on_batch=on_batch, progress=progress, transform=transform,
                   stop_errors={SettleError: "diverged", DivergedError: "diverged", MepHwError: "failed"})
     return TrainResult(run_dir, history[-1].test_accuracy, tuple(history), "completed")
