@@ -10,9 +10,9 @@ training loop, checkpoints and all), then epoch e of the backprop CNN on the sam
 feed-forward network of the same energy: conv → pooling → ρ per conv layer, ρ after every
 hidden fc layer, a linear output (cost ``mse``: ½‖out − y‖² against one-hot y; ``ce``: the
 softmax cross-entropy of the readout), ρ the EP run's activation. With ``--augment`` both train
-on the same flipped / shifted images (``mep_hw.train.augment``, one draw stream per epoch). Writes one JSON file with
-both accuracy histories, the per-epoch times, their ratio (median over epochs), and the EP
-run's mean settle steps per sample.
+on the same flipped / shifted images (``mep_hw.train.augment``, one draw stream per epoch).
+Writes one JSON file with both accuracy histories, the per-epoch times, their ratio (median over
+epochs), and the EP run's mean settle steps per sample.
 """
 
 from __future__ import annotations

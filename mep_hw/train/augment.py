@@ -64,8 +64,8 @@ def parse_augment(spec: str | None) -> Augment:
 
 def augment_generator(seed: int, epoch: int) -> torch.Generator:
     """The augmentation draws of epoch ``epoch`` of a run seeded with ``seed`` (CPU)."""
-    # the CPU generator keeps the low 32 bits of its seed: the offset keeps these streams apart from
-    # epoch_generator's (seed · 1 000 003 + epoch) for every seed and epoch a run will use
+    # the CPU generator keeps the low 32 bits of its seed; the offset (≈ 2.65·10⁹) keeps these streams
+    # apart from the same run's epoch_generator streams (seed · 1 000 003 + epoch) for any epoch count
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch + 0x9E3779B9) % 2**32)
 
 
