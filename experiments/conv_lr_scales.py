@@ -33,7 +33,7 @@ config = importlib.import_module("mep_hw.train.config")
 def given_scales(scales: list[float]):
     """A stand-in for :func:`layer_lr_scales` that returns ``scales`` (checked against the net)."""
 
-    def layer_lr_scales(layers, cost, lr_width) -> tuple[float, ...]:
+    def layer_lr_scales(layers, cost, lr_width, *, conv=False) -> tuple[float, ...]:
         if len(scales) != len(layers) - 1:
             raise SystemExit(f"{len(scales)} multipliers given, the network has {len(layers) - 1} weight matrices")
         return tuple(scales)

@@ -478,11 +478,14 @@ class TrainConfig:
         docs/conv.md): one group at lr stops learning (11.5 % vs 63.6 % after one epoch on 2000
         images); the second kernel at 125/fan_in = 125/800 or at 0.08 learns slower (66.7 vs
         78.85 % after one epoch; 79.85 vs 84.75 % after two), at half the rule's rate too
-        (85.85 vs 86.60 % after three)."""
+        (85.85 vs 86.60 % after three). Layers after the second pooled conv layer count the
+        widest state below them (``layer_lr_scales(conv=True)``): at their two sides' rate a
+        hidden fc or a third conv layer stalls the net."""
         dense = len(model.layers) == len(model.weights) + 1 and all(w.ndim == 2 for w in model.weights)
         if not dense or not self.lr_width:
             return [{"params": list(model.param_list()), "lr": self.lr}]
-        scales = layer_lr_scales(model.layers, model.cost, self.lr_width)
+        conv = self.arch is not None and any(isinstance(L, ConvLayer) for L in parse_arch(self.arch))
+        scales = layer_lr_scales(model.layers, model.cost, self.lr_width, conv=conv)
         groups = [{"params": [w], "lr": self.lr * k} for w, k in zip(model.weights, scales)]
         return groups + [{"params": list(model.biases), "lr": self.lr}]
 
@@ -550,7 +553,7 @@ class TrainConfig:
         return tuple(max(1, round(tau / self.dt)) for tau in SETTLE_TIME[self.activation])
 
 
-def layer_lr_scales(layers, cost: str, lr_width: int | None) -> tuple[float, ...]:
+def layer_lr_scales(layers, cost: str, lr_width: int | None, *, conv: bool = False) -> tuple[float, ...]:
     """Learning-rate multiplier of each weight matrix of a layered Hopfield network.
 
     An Adam step moves every weight by about lr, and the presynaptic states of a hard-sigmoid
@@ -567,6 +570,16 @@ def layer_lr_scales(layers, cost: str, lr_width: int | None) -> tuple[float, ...
     ``lr_width`` 500 / 250 / 125 — 784-500-10 98.20 / 98.23 / 98.44 %, 784-500-500-10 97.90 /
     98.26 / 98.44 %, 784-500-500-500-10 96.80 / 98.22 / 98.17 %; at 500 the deep nets' early
     epochs were unstable (84 % after three epochs with three hidden layers).
+
+    ``conv``: a convolutional net (its kernels held as matrices, ``layers`` its state sizes).
+    There a matrix between state layers counts the widest state at or below it, not only its two
+    sides: after the second pooled conv layer (1024 units) of
+    ``conv:32:5,pool:2,conv:64:5,pool:2`` a hidden ``fc:256`` or a third ``conv:128:3`` at
+    lr·125/1024 stalls the net (Fashion-MNIST, 10k images, one epoch: 28.05 % and 9.70 %); at
+    lr·125/4608 (this rule: the first conv layer's 4608 states) it learns (75.90 % and 74.35 %;
+    the net without the extra layer 77.25 %; benchmarks/results/conv_fashion_probes_10k.json,
+    docs/conv.md). On a net whose states only shrink upwards and end in the readout (two conv
+    layers, then ``fc:classes``) nothing changes.
     """
     layers = tuple(int(n) for n in layers)
     out = []
@@ -575,7 +588,8 @@ def layer_lr_scales(layers, cost: str, lr_width: int | None) -> tuple[float, ...
         if l == 0 or not lr_width:
             out.append(1.0)
             continue
-        n = n_in if (cost == "ce" and l == last) else max(n_in, n_out)
+        widest = max(layers[1:l + 2]) if conv else max(n_in, n_out)
+        n = n_in if (cost == "ce" and l == last) else widest
         out.append(min(1.0, lr_width / n))
     return tuple(out)
 

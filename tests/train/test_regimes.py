@@ -313,6 +313,19 @@ def test_a_conv_net_takes_the_layer_rule_on_its_state_sizes():
     assert groups[3]["params"] == list(m.biases)
     one = cfg.replace(lr_width=0).param_groups(m)
     assert len(one) == 1 and one[0]["lr"] == 0.03 and len(one[0]["params"]) == 6
+    # a layer after the second pooled conv layer counts the widest state below it (4608), not its
+    # own two sides (1024): at lr·125/1024 a hidden fc or a third conv layer stalls the net
+    for arch, layers in (("conv:32:5,pool:2,conv:64:5,pool:2,fc:256,fc:10", (784, 4608, 1024, 256, 10)),
+                         ("conv:32:5,pool:2,conv:64:5,pool:2,conv:128:3,fc:10", (784, 4608, 1024, 512, 10))):
+        deep = cfg.replace(arch=arch)
+        m = build_model(deep, (1, 28, 28), 10)
+        assert m.layers == layers
+        assert [g["lr"] for g in deep.param_groups(m)][:4] == pytest.approx(
+            [0.03, 0.03 * 125 / 4608, 0.03 * 125 / 4608, 0.03 * 125 / layers[3]])
+    # dense nets keep the two sides' rule
+    from mep_hw.train.config import layer_lr_scales
+
+    assert layer_lr_scales((784, 2000, 500, 500, 10), "mse", 125) == (1.0, 125 / 2000, 125 / 500, 125 / 500)
 
 
 def test_the_host_regime_steps_each_matrix_at_its_layer_lr():
