@@ -248,7 +248,7 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "layers", parse_layers(self.layers))
-        conv = self.arch is not None and any(isinstance(L, ConvLayer) for L in parse_arch(self.arch))
+        conv = self.has_convolutions
         if self.estimator is None:  # measured (docs/ep.md): one-sided is the better estimate on exact reads;
             # through noisy reads the free phase stops at the noise floor and only the symmetric contrast
             # cancels its unfinished relaxation
@@ -266,7 +266,7 @@ class TrainConfig:
                     f"arch={self.arch!r} has convolutions, which train with --method ep --update host only so far; "
                     "drop --update/--method or use fc layers (--layers)"
                 )
-            if self.spectral_gamma is not None and any(isinstance(L, ConvLayer) for L in specs):
+            if self.spectral_gamma is not None and conv:
                 raise ConfigError(
                     f"spectral_gamma bounds the coupling of weight matrices and does not yet cover convolutions "
                     f"(arch={self.arch!r}); drop --spectral-gamma or use fc layers only"
@@ -484,8 +484,7 @@ class TrainConfig:
         dense = len(model.layers) == len(model.weights) + 1 and all(w.ndim == 2 for w in model.weights)
         if not dense or not self.lr_width:
             return [{"params": list(model.param_list()), "lr": self.lr}]
-        conv = self.arch is not None and any(isinstance(L, ConvLayer) for L in parse_arch(self.arch))
-        scales = layer_lr_scales(model.layers, model.cost, self.lr_width, conv=conv)
+        scales = layer_lr_scales(model.layers, model.cost, self.lr_width, conv=self.has_convolutions)
         groups = [{"params": [w], "lr": self.lr * k} for w, k in zip(model.weights, scales)]
         return groups + [{"params": list(model.biases), "lr": self.lr}]
 
@@ -499,6 +498,11 @@ class TrainConfig:
         if self.pulse_application != "per_pulse" and isinstance(card.device, CrossbarDevice):
             card = card._replace(device=dataclasses.replace(card.device, pulse_application=self.pulse_application))
         return card
+
+    @property
+    def has_convolutions(self) -> bool:
+        """Whether ``arch`` declares a conv layer (its defaults and learning rates differ)."""
+        return self.arch is not None and any(isinstance(L, ConvLayer) for L in parse_arch(self.arch))
 
     @property
     def torch_dtype(self) -> torch.dtype:
