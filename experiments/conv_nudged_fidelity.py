@@ -22,15 +22,12 @@ from pathlib import Path
 
 import torch
 
+from mep_hw.benchmarks.conv_solvers import _cos, _flat
 from mep_hw.ep import ep_gradients
 from mep_hw.io import load_dataset
 from mep_hw.io.runs import load_checkpoint, read_toml, write_json
 from mep_hw.model import build_network, one_hot
 from mep_hw.train import TrainConfig
-
-
-def _flat(grads) -> torch.Tensor:
-    return torch.cat([g.detach().flatten().double() for g in grads])
 
 
 def main(argv=None) -> dict:
@@ -66,7 +63,7 @@ def main(argv=None) -> dict:
     ref = grads[limits[-1]]
     for lim in limits:
         g = grads[lim]
-        rows[lim]["cos_vs_largest_limit"] = float(g @ ref / (g.norm() * ref.norm()).clamp_min(1e-300))
+        rows[lim]["cos_vs_largest_limit"] = _cos(g, ref)
         rows[lim]["norm_over_largest_limit"] = float(g.norm() / ref.norm().clamp_min(1e-300))
     report = {
         "experiment": "conv_nudged_fidelity",
